@@ -1,0 +1,29 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when absent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install example-plugin bench
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch pinned: this pair is served locally; an unpinned torch pulls a multi-GB build.
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(VENV)/bin/videotuna demo --out demo_out
+
+example-plugin: $(STAMP)
+	$(PIP) install --quiet --no-build-isolation -e hooks/example_scorer
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(PY) $$b; done

@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="videotuna-dpo",
+    version="0.1.0",
+    description="VideoDPO preference alignment (OmniScore pairs + Diffusion-DPO) as a VideoTuna plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["videotuna_dpo", "videotuna_dpo.*"]),
+    include_package_data=True,
+    package_data={"videotuna_dpo": ["toy/*.safetensors", "toy/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "diffusers>=0.32",
+        "lightning>=2.4",
+        "omegaconf>=2.3",
+        "transformers>=4.44",
+        "open_clip_torch>=2.24",
+        "peft>=0.12",
+        "pluggy>=1.5",
+        "av>=12",
+        "safetensors>=0.4",
+        "sentencepiece",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "gpu": ["xformers"],
+    },
+    entry_points={
+        "console_scripts": ["videotuna = videotuna_dpo.cli:main"],
+        "videotuna": ["dpo = videotuna_dpo.plugin"],
+    },
+)

@@ -1,0 +1,5 @@
+import sys
+
+from videotuna_dpo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""The ``videotuna`` command: one verb per step of the VideoDPO loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from videotuna_dpo import __version__
+from videotuna_dpo.config import load_config
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.registry import Registry
+
+EPILOG = """\
+the loop:
+  videotuna generate  prompts -> N videos per prompt
+  videotuna score     videos -> scores.jsonl (OmniScore)
+  videotuna pairs     scores.jsonl -> preference dataset (best vs worst, re-weighted)
+  videotuna cache     preference dataset -> latent shards
+  videotuna train     --strategy dpo: fine-tune on the preference dataset
+  videotuna plugins   what is installed: strategies, scorers, datamodules, models
+"""
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    registry = Registry.load()
+    rows = [
+        {"kind": e.kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution, "version": e.version}
+        for e in registry.entries()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    headers = ["kind", "name", "plugin", "distribution", "version"]
+    widths = {h: max([len(h)] + [len(str(r[h])) for r in rows]) for h in headers}
+    print("  ".join(h.ljust(widths[h]) for h in headers))
+    print("  ".join("-" * widths[h] for h in headers))
+    for r in rows:
+        print("  ".join(str(r[h]).ljust(widths[h]) for h in headers))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    registry = Registry.load(cfg.get("plugins"))
+    strategy = registry.get("strategy", args.strategy)
+    out = strategy.run(cfg, registry, resume=args.resume, source=str(args.config))
+    print(f"run finished: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="videotuna",
+        description="VideoDPO for VideoTuna: generate, score, pair, cache and DPO-train text-to-video models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"videotuna-dpo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "plugins",
+        help="list installed strategies, scorers, datamodules and models",
+        description="List every strategy, scorer, datamodule and model backend of the installed "
+        "`videotuna` plugins, with the distribution and version that provides it.",
+        epilog="example: videotuna plugins --json",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser(
+        "train",
+        help="train with a strategy (e.g. dpo) from a YAML config",
+        description="Train with the named strategy. Any `key=value` after the options overrides the "
+        "config's dotted key (e.g. optimizer.lr=1e-5 lightning.trainer.max_steps=100).",
+        epilog="example: videotuna train --strategy dpo --config configs/dpo/cogvideox_2b.yaml "
+        "data.train_data=data/pairs/train_data.yaml optimizer.lr=1e-5",
+    )
+    p.add_argument("--strategy", required=True, help="strategy name, see `videotuna plugins`")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--resume", default=None, help="Lightning checkpoint to resume from exactly, or 'last'")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"videotuna: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

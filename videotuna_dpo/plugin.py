@@ -1,0 +1,29 @@
+"""This package's own contributions to the ``videotuna`` host (entry point ``dpo``).
+
+Factories are ``"module:attribute"`` references, imported on first use, so that building the
+registry (and ``videotuna plugins``) never imports torch.
+"""
+
+from __future__ import annotations
+
+from videotuna_dpo.hookspecs import hookimpl
+
+
+@hookimpl
+def videotuna_strategies():
+    return {"dpo": "videotuna_dpo.strategy:DPOStrategy"}
+
+
+@hookimpl
+def videotuna_scorers():
+    return {}
+
+
+@hookimpl
+def videotuna_datamodules():
+    return {"preference": "videotuna_dpo.data.datamodule:PreferenceDataModule"}
+
+
+@hookimpl
+def videotuna_models():
+    return {"cogvideox": "videotuna_dpo.models.cogvideox:CogVideoXBackend"}
