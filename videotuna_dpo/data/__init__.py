@@ -1,0 +1,1 @@
+"""Preference datasets, video IO, the latent cache and the Lightning data module."""
