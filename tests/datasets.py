@@ -1,0 +1,45 @@
+"""Small preference datasets in the official VideoDPO layout, written by the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from videotuna_dpo.data.video_io import write_video
+
+
+def moving_square(frames: int = 9, size: int = 32, color=(255, 0, 0), step: int = 2, jitter: bool = False, seed: int = 0) -> torch.Tensor:
+    """uint8 [F, 3, size, size]: a square crossing the frame (jittering when asked)."""
+    g = torch.Generator().manual_seed(seed)
+    video = torch.zeros(frames, 3, size, size, dtype=torch.uint8)
+    for f in range(frames):
+        x = 2 + f * step + (int(torch.randint(-4, 5, (1,), generator=g)) if jitter else 0)
+        x = max(0, min(size - 8, x))
+        for c in range(3):
+            video[f, c, 12:20, x : x + 8] = color[c]
+    return video
+
+
+def write_official_dataset(root: Path, captions: list[str], frames: int = 9, size: int = 32, dirs: int = 1) -> Path:
+    """Per caption a clean (winner) and a jittering (loser) video; returns train_data.yaml."""
+    root.mkdir(parents=True, exist_ok=True)
+    meta_names = []
+    for d in range(dirs):
+        meta = root / f"part{d}"
+        (meta / "videos").mkdir(parents=True, exist_ok=True)
+        metadata, pairs = [], []
+        for i, caption in enumerate(captions):
+            for kind, jitter in (("good", False), ("bad", True)):
+                name = f"videos/{d}_{i}_{kind}.mp4"
+                write_video(meta / name, moving_square(frames, size, jitter=jitter, seed=i), lossless=True)
+                metadata.append({"basic": {"clip_path": name, "clip_duration": frames / 8}, "misc": {"frame_caption": [caption]}})
+            pairs.append({"video1": 2 * i, "video2": 2 * i + 1, "frame_caption": caption, "score": 0.5})
+        (meta / "metadata.json").write_text(json.dumps(metadata))
+        (meta / "pair.json").write_text(json.dumps(pairs))
+        meta_names.append(meta.name)
+    path = root / "train_data.yaml"
+    path.write_text(yaml.safe_dump({"META": meta_names}))
+    return path

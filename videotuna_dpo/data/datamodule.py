@@ -1,0 +1,115 @@
+"""PreferenceDataModule: (winner video, loser video, caption, weight) batches for DPO."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from videotuna_dpo.config import validate
+from videotuna_dpo.data.frames import check_length, frame_indices, frame_span, resize_center_crop, to_model_range
+from videotuna_dpo.data.preference import PairRecord, load_pairs
+from videotuna_dpo.data.video_io import VideoReadError, read_video
+from videotuna_dpo.errors import UserError
+
+
+@dataclass
+class PreferenceDataSchema:
+    name: str = "preference"
+    train_data: str = "???"  # train_data.yaml of the official VideoDPO layout
+    video_length: int = 16
+    frame_stride: int = 1
+    resolution: list[int] = field(default_factory=lambda: [320, 512])  # [H, W]
+    frame_start: str = "random"  # "random" (same start for winner and loser) or "first"
+    weights: str = "auto"  # auto | none | manifest | pair_score
+    alpha: float = 1.0  # exponent of the official pair_score weights
+    batch_size: int = 1
+    num_workers: int = 0
+    shuffle: bool = True
+    cache: Optional[str] = None  # latent cache dir (videotuna cache); training then skips VAE/T5
+
+
+class PreferenceVideoDataset(Dataset):
+    """Decodes both videos of a pair at the same frame positions -> ``[C, F, H, W]`` in [-1, 1]."""
+
+    def __init__(self, pairs: list[PairRecord], video_length: int, frame_stride: int,
+                 resolution: tuple[int, int], frame_start: str = "random"):
+        if frame_start not in ("random", "first"):
+            raise UserError(f"data.frame_start must be 'random' or 'first', got {frame_start!r}")
+        self.pairs = pairs
+        self.video_length, self.frame_stride = video_length, frame_stride
+        self.height, self.width = resolution
+        self.frame_start = frame_start
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _read(self, path: str, pair: PairRecord) -> torch.Tensor:
+        try:
+            frames = read_video(path)
+            check_length(frames.shape[0], self.video_length, self.frame_stride, path)
+        except (VideoReadError, UserError) as exc:
+            # Never substitute another video: the pair names exactly these two.
+            raise UserError(f"{pair.meta_dir}/pair.json row {pair.row}: {exc}") from exc
+        return frames
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        winner, loser = self._read(pair.winner, pair), self._read(pair.loser, pair)
+        latest = min(winner.shape[0], loser.shape[0]) - frame_span(self.video_length, self.frame_stride)
+        start = random.randint(0, latest) if self.frame_start == "random" else 0
+        idx = frame_indices(self.video_length, self.frame_stride, start)
+        out = {}
+        for key, frames in (("winner", winner), ("loser", loser)):
+            x = resize_center_crop(frames[idx], self.height, self.width)  # [F, C, H, W] on 0..255
+            out[key] = to_model_range(x).permute(1, 0, 2, 3).contiguous()  # [C, F, H, W]
+        out.update(caption=pair.caption, weight=torch.tensor(pair.weight, dtype=torch.float32),
+                   pair_id=pair.pair_id, frame_start=start)
+        return out
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Owns the preference dataset and its loader; validation runs in ``setup`` before training."""
+
+    def __init__(self, cfg: PreferenceDataSchema | Any):
+        super().__init__()
+        self.cfg = cfg
+        self.pairs: list[PairRecord] | None = None
+        self.dataset: Dataset | None = None
+
+    @classmethod
+    def from_config(cls, data_cfg: Any, source: str = "<config>") -> "PreferenceDataModule":
+        cfg = validate(data_cfg, PreferenceDataSchema, "data", source)
+        if len(cfg.resolution) != 2:
+            raise UserError(f"{source}: data.resolution must be [height, width], got {list(cfg.resolution)}")
+        return cls(cfg)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        cfg = self.cfg
+        if cfg.cache:
+            from videotuna_dpo.data.latent_cache import CachedPreferenceDataset
+
+            self.dataset = CachedPreferenceDataset.open(cfg)
+            self.pairs = self.dataset.pairs
+            return
+        self.pairs = load_pairs(cfg.train_data, weights=cfg.weights, alpha=cfg.alpha)
+        self.dataset = PreferenceVideoDataset(
+            self.pairs, cfg.video_length, cfg.frame_stride, tuple(cfg.resolution), cfg.frame_start
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return DataLoader(
+            self.dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=self.cfg.shuffle,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+            drop_last=False,
+        )

@@ -1,0 +1,192 @@
+"""The official VideoDPO preference layout: train_data.yaml -> META dirs -> metadata.json + pair.json.
+
+Indices in pair.json are local to their dir. Everything is validated before training starts; a
+problem is reported with the dir, the pair row and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from videotuna_dpo.errors import UserError
+
+OFFICIAL_WEIGHT_BETA = 0.72  # weight = (0.72 / p) ** alpha, p = the pair probability in pair.json
+MAX_LISTED_PROBLEMS = 20
+
+
+class DataError(UserError):
+    """A preference dataset is malformed; the message lists every problem found (dir, row, what)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        shown = problems[:MAX_LISTED_PROBLEMS]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        super().__init__(f"{len(problems)} problem(s) in the preference data:\n  " + "\n  ".join(shown) + more)
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One preference pair, resolved to files."""
+
+    meta_dir: str
+    row: int
+    winner: str  # video file path
+    loser: str
+    caption: str
+    score: float | None  # pair.json `score` (the pair probability), when present
+    weight: float
+
+    @property
+    def pair_id(self) -> str:
+        return f"{self.meta_dir}#{self.row}"
+
+
+def _load_json(path: Path, problems: list[str]) -> Any:
+    if not path.is_file():
+        problems.append(f"{path}: file not found")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problems.append(f"{path}: malformed JSON ({exc})")
+        return None
+
+
+def meta_dirs(train_data: str | Path) -> list[Path]:
+    """The ``META`` dirs of a train_data.yaml (relative ones resolved against the yaml's folder)."""
+    train_data = Path(train_data)
+    if not train_data.is_file():
+        raise DataError([f"{train_data}: train_data.yaml not found"])
+    try:
+        doc = yaml.safe_load(train_data.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise DataError([f"{train_data}: malformed YAML ({exc})"]) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("META"), list) or not doc["META"]:
+        raise DataError([f"{train_data}: expected a mapping with a non-empty list `META: [dir, ...]`"])
+    dirs, seen, problems = [], {}, []
+    for i, entry in enumerate(doc["META"]):
+        d = Path(str(entry))
+        d = d if d.is_absolute() else (train_data.parent / d)
+        key = d.resolve()
+        if key in seen:
+            problems.append(f"{train_data}: META[{i}] {entry} is listed twice (also META[{seen[key]}])")
+            continue
+        seen[key] = i
+        dirs.append(d)
+    if problems:
+        raise DataError(problems)
+    return dirs
+
+
+def _caption(value: Any) -> str:
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return value.strip() if isinstance(value, str) else ""
+
+
+def load_pairs(
+    train_data: str | Path,
+    weights: str = "auto",
+    alpha: float = 1.0,
+    check_files: bool = True,
+) -> list[PairRecord]:
+    """Read and validate every pair of a train_data.yaml.
+
+    ``weights``: ``"none"`` (all ones), ``"manifest"`` (manifest.json's per-pair weights),
+    ``"pair_score"`` ((0.72 / score) ** alpha, the official formula), ``"auto"`` (manifest when
+    every dir has one, else ones).
+    """
+    if weights not in ("auto", "none", "manifest", "pair_score"):
+        raise UserError(f"data.weights must be auto, none, manifest or pair_score, got {weights!r}")
+    problems: list[str] = []
+    records: list[PairRecord] = []
+    dirs = meta_dirs(train_data)
+    use_manifest = weights == "manifest" or (weights == "auto" and all((d / "manifest.json").is_file() for d in dirs))
+    for d in dirs:
+        metadata = _load_json(d / "metadata.json", problems)
+        pairs = _load_json(d / "pair.json", problems)
+        if metadata is None or pairs is None:
+            continue
+        if not isinstance(metadata, list) or not isinstance(pairs, list):
+            problems.append(f"{d}: metadata.json and pair.json must each hold a JSON list")
+            continue
+        manifest_weights = None
+        if use_manifest:
+            manifest = _load_json(d / "manifest.json", problems)
+            if manifest is not None:
+                manifest_weights = [p.get("weight") for p in manifest.get("pairs", [])]
+                if len(manifest_weights) != len(pairs):
+                    problems.append(f"{d}/manifest.json: {len(manifest_weights)} pair weights for {len(pairs)} rows of pair.json")
+                    manifest_weights = None
+        paths: list[Path | None] = []
+        seen_clips: dict[str, int] = {}
+        for i, item in enumerate(metadata):
+            clip = item.get("basic", {}).get("clip_path") if isinstance(item, dict) else None
+            if not isinstance(clip, str) or not clip:
+                problems.append(f"{d}/metadata.json row {i}: missing basic.clip_path")
+                paths.append(None)
+                continue
+            if clip in seen_clips:
+                problems.append(f"{d}/metadata.json row {i}: duplicate video {clip} (also row {seen_clips[clip]})")
+            seen_clips[clip] = i
+            path = Path(clip) if Path(clip).is_absolute() else d / clip
+            paths.append(path)
+        for row, pair in enumerate(pairs):
+            where = f"{d}/pair.json row {row}"
+            if not isinstance(pair, dict):
+                problems.append(f"{where}: not a JSON object")
+                continue
+            idx = []
+            for key in ("video1", "video2"):
+                v = pair.get(key)
+                if not isinstance(v, int) or isinstance(v, bool):
+                    problems.append(f"{where}: {key} must be an integer index, got {v!r}")
+                elif not 0 <= v < len(metadata):
+                    problems.append(f"{where}: {key}={v} out of range (metadata.json has {len(metadata)} entries)")
+                else:
+                    idx.append(v)
+            caption = _caption(pair.get("frame_caption"))
+            if not caption:
+                problems.append(f"{where}: empty caption (frame_caption)")
+            score = pair.get("score")
+            if score is not None and (not isinstance(score, (int, float)) or not math.isfinite(score)):
+                problems.append(f"{where}: score {score!r} is not a finite number")
+                continue
+            if len(idx) != 2:
+                continue
+            if idx[0] == idx[1]:
+                problems.append(f"{where}: winner and loser are the same video (index {idx[0]})")
+                continue
+            winner, loser = paths[idx[0]], paths[idx[1]]
+            if winner is None or loser is None:
+                continue
+            if check_files:
+                bad = [p for p in (winner, loser) if not p.is_file()]
+                if bad:
+                    problems.append(f"{where}: video file(s) not found: {', '.join(map(str, bad))}")
+                    continue
+            weight = 1.0
+            if manifest_weights is not None:
+                weight = manifest_weights[row]
+            elif weights == "pair_score":
+                if score is None or score <= 0:
+                    problems.append(f"{where}: data.weights=pair_score needs a positive score, got {score!r}")
+                    continue
+                weight = (OFFICIAL_WEIGHT_BETA / float(score)) ** alpha
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                problems.append(f"{where}: weight {weight!r} is not a finite non-negative number")
+                continue
+            if caption:
+                records.append(PairRecord(str(d), row, str(winner), str(loser), caption,
+                                          None if score is None else float(score), float(weight)))
+    if problems:
+        raise DataError(problems)
+    if not records:
+        raise DataError([f"{train_data}: no preference pairs"])
+    return records

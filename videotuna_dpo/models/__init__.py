@@ -1,0 +1,1 @@
+"""Model backends: one protocol for every family, one file per family."""

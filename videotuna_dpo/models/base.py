@@ -1,0 +1,92 @@
+"""The backend protocol the DPO strategy trains through; it never knows which family it trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+
+# predict(noisy [B, ...latent], t [B], cond) -> prediction shaped like noisy
+PredictFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a model family provides. Latent layouts are the family's own; shapes are per method."""
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, H, W]`` in [-1, 1] -> latents (the family's layout)."""
+
+    def encode_prompt(self, prompts: list[str]) -> Any:
+        """Captions -> the conditioning ``predict`` takes."""
+
+    def sample_timesteps(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """``n`` training timesteps ``[n]`` drawn as the family trains."""
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion q(x_t | x_0) with the family's schedule (and input scaling)."""
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of ``predict``: eps, v or flow velocity."""
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The policy's prediction (gradients flow into the trainable parameters)."""
+
+    def reference(self) -> AbstractContextManager[PredictFn]:
+        """Context yielding the frozen reference model's ``predict``."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Exactly the parameters the optimizer updates."""
+
+    def save_trainable(self, directory: str | Path) -> Path:
+        """Write the trainable weights (safetensors) atomically to ``directory``."""
+
+    def load_trainable(self, directory: str | Path) -> None:
+        """Load what ``save_trainable`` wrote."""
+
+    def generate(self, prompts: list[str], num_frames: int, steps: int, guidance: float, seed: int, **kwargs: Any) -> torch.Tensor:
+        """Sample videos: float ``[B, F, C, H, W]`` in [0, 1]."""
+
+
+TRAINABLE_META = "trainable.json"
+
+
+def atomic_directory(target: str | Path, write: Callable[[Path], None], meta: dict) -> Path:
+    """Run ``write(tmpdir)`` then swap ``tmpdir`` into ``target``: readers never see half a save."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        (tmp / TRAINABLE_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_trainable_meta(directory: str | Path) -> dict:
+    from videotuna_dpo.errors import UserError
+
+    path = Path(directory) / TRAINABLE_META
+    if not path.is_file():
+        raise UserError(
+            f"{directory}: not a trainable-weights directory ({TRAINABLE_META} missing); point at a "
+            f"run's weights/last or weights/step-N folder"
+        )
+    return json.loads(path.read_text())

@@ -1,0 +1,335 @@
+"""CogVideoX through diffusers' own classes, loaded from a local diffusers-layout directory.
+
+Latent layout: ``[B, F', C', H', W']`` (diffusers' CogVideoX transformer input), prompt
+conditioning ``[B, L, D]`` from the T5 encoder. The prediction type (v for CogVideoX) comes from
+the checkpoint's scheduler config.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from videotuna_dpo.config import validate
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.base import PredictFn, atomic_directory, read_trainable_meta
+
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoraSchema:
+    rank: int = 128
+    alpha: float = 128.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class CogVideoXSchema:
+    name: str = "cogvideox"
+    pretrained: str = "???"  # diffusers layout: transformer/ vae/ text_encoder/ tokenizer/ scheduler/
+    finetune: str = "lora"  # "lora" (reference = adapters disabled) or "full" (frozen copy)
+    lora: LoraSchema = field(default_factory=LoraSchema)
+    reference_on_cpu: bool = False  # full fine-tune: keep the frozen copy on CPU, move it per step
+    weight_dtype: str = "bf16"  # frozen weights (VAE, T5, LoRA base, reference copy): fp32|bf16|fp16
+    gradient_checkpointing: bool = False
+    vae_slicing: bool = True
+    vae_tiling: bool = False
+    max_sequence_length: Optional[int] = None  # default: transformer.config.max_text_seq_length
+    trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
+    load_text_and_vae: bool = True  # false when training on a latent cache
+
+
+class CogVideoXBackend(nn.Module):
+    """CogVideoX (2B, 5B) as a DPO backend: v-prediction, LoRA by default, full fine-tune optional."""
+
+    family = "cogvideox"
+
+    def __init__(self, cfg: CogVideoXSchema | Any):
+        super().__init__()
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.cfg = cfg
+        root = Path(cfg.pretrained)
+        missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
+        if missing:
+            raise UserError(
+                f"model.pretrained={root}: not a diffusers CogVideoX directory; missing subfolder(s) "
+                f"{', '.join(missing)}. Expected {', '.join(SUBFOLDERS)} (e.g. a local copy of "
+                f"THUDM/CogVideoX-2b at checkpoints/cogvideo/CogVideoX-2b)."
+            )
+        if cfg.finetune not in ("lora", "full"):
+            raise UserError(f"model.finetune must be 'lora' or 'full', got {cfg.finetune!r}")
+        if cfg.weight_dtype not in DTYPES:
+            raise UserError(f"model.weight_dtype must be one of {', '.join(DTYPES)}, got {cfg.weight_dtype!r}")
+        weight_dtype = DTYPES[cfg.weight_dtype]
+        local = dict(local_files_only=True)
+        self.scheduler = CogVideoXDDIMScheduler.from_pretrained(root, subfolder="scheduler", **local)
+        # LoRA keeps the frozen base in weight_dtype; a full fine-tune trains fp32 master weights.
+        self.transformer = CogVideoXTransformer3DModel.from_pretrained(
+            root, subfolder="transformer", torch_dtype=weight_dtype if cfg.finetune == "lora" else torch.float32, **local
+        )
+        self.vae = self.tokenizer = self.text_encoder = None
+        if cfg.load_text_and_vae:
+            self.vae = AutoencoderKLCogVideoX.from_pretrained(root, subfolder="vae", torch_dtype=weight_dtype, **local)
+            self.text_encoder = T5EncoderModel.from_pretrained(root, subfolder="text_encoder", dtype=weight_dtype, **local)
+            self.tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer", **local)
+            for module in (self.vae, self.text_encoder):
+                module.requires_grad_(False).eval()
+            if cfg.vae_slicing:
+                self.vae.enable_slicing()
+            if cfg.vae_tiling:
+                self.vae.enable_tiling()
+        self.max_sequence_length = cfg.max_sequence_length or self.transformer.config.max_text_seq_length
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("v_prediction", "epsilon"):
+            raise UserError(f"{root}/scheduler: unsupported prediction_type {self.prediction_type!r}")
+
+        self.transformer.requires_grad_(False)
+        self._ref_cpu: list[nn.Module] = []  # a CPU-resident reference is kept out of .to(device)
+        self.ref_transformer: nn.Module | None = None
+        if cfg.finetune == "lora":
+            from peft import LoraConfig
+
+            self.transformer.add_adapter(
+                LoraConfig(
+                    r=cfg.lora.rank,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=list(cfg.lora.target_modules),
+                    init_lora_weights=True,
+                )
+            )
+            # Adapters train in fp32 on top of the low-precision frozen base.
+            for p in self.transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            reference = copy.deepcopy(self.transformer).to(weight_dtype).requires_grad_(False).eval()
+            if cfg.reference_on_cpu:
+                self._ref_cpu.append(reference)
+            else:
+                self.ref_transformer = reference
+            self.transformer.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        if cfg.trainable_weights:
+            self.load_trainable(cfg.trainable_weights)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, model_cfg: Any, source: str = "<config>") -> "CogVideoXBackend":
+        return cls(validate(model_cfg, CogVideoXSchema, "model", source))
+
+    @property
+    def vae_scale_factor_spatial(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+
+    # -- the protocol -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, H, W]`` in [-1, 1] -> latents ``[B, F', C', H', W']`` (scaled)."""
+        self._require_vae("encode videos")
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
+        latents = latents * self.vae.config.scaling_factor
+        return latents.permute(0, 2, 1, 3, 4).contiguous().float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, F', C', H', W']`` -> pixels ``[B, C, F, H, W]`` in [-1, 1]."""
+        self._require_vae("decode latents")
+        z = latents.permute(0, 2, 1, 3, 4).to(self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(z).sample.float()
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Captions -> T5 embeddings ``[B, L, D]``."""
+        self._require_vae("encode prompts")
+        embeds, _ = self._pipeline().encode_prompt(
+            list(prompts),
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+            device=self.text_encoder.device,
+            dtype=self.text_encoder.dtype,
+        )
+        return embeds.float()
+
+    def sample_timesteps(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """Uniform integer timesteps in [0, num_train_timesteps), as CogVideoX was trained."""
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=device, dtype=torch.long)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t)
+        return noise
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self._predict_with(self.transformer, noisy, t, cond)
+
+    @contextmanager
+    def reference(self) -> Iterator[PredictFn]:
+        """LoRA: the same network with adapters disabled; full: the frozen copy (moved in if on CPU)."""
+        if self.cfg.finetune == "lora":
+            self.transformer.disable_adapters()
+            try:
+                yield self.predict
+            finally:
+                self.transformer.enable_adapters()
+            return
+        if self.ref_transformer is not None:
+            yield partial(self._predict_with, self.ref_transformer)
+            return
+        reference = self._ref_cpu[0]
+        device = next(self.transformer.parameters()).device
+        reference.to(device)
+        try:
+            yield partial(self._predict_with, reference)
+        finally:
+            reference.to("cpu")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors by their name in this module (what a Lightning checkpoint keeps)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def save_trainable(self, directory: str | Path) -> Path:
+        """LoRA: diffusers' ``pytorch_lora_weights.safetensors``; full: ``transformer/`` safetensors."""
+        from diffusers import CogVideoXPipeline
+
+        meta = {"family": self.family, "finetune": self.cfg.finetune, "base": str(self.cfg.pretrained)}
+        if self.cfg.finetune == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            meta["lora"] = {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
+                            "target_modules": list(self.cfg.lora.target_modules)}
+            layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
+
+            def write(tmp: Path) -> None:
+                CogVideoXPipeline.save_lora_weights(tmp, transformer_lora_layers=layers, safe_serialization=True)
+        else:
+            def write(tmp: Path) -> None:
+                self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+
+        return atomic_directory(directory, write, meta)
+
+    def load_trainable(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = read_trainable_meta(directory)
+        if meta.get("finetune") != self.cfg.finetune:
+            raise UserError(
+                f"{directory}: holds {meta.get('finetune')!r} weights but model.finetune is "
+                f"{self.cfg.finetune!r}; set model.finetune={meta.get('finetune')}"
+            )
+        if self.cfg.finetune == "lora":
+            from peft.utils import set_peft_model_state_dict
+
+            lora = meta.get("lora", {})
+            if lora and int(lora["rank"]) != self.cfg.lora.rank:
+                raise UserError(f"{directory}: LoRA rank {lora['rank']} but model.lora.rank={self.cfg.lora.rank}")
+            state = load_file(str(directory / LORA_FILE))
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            result = set_peft_model_state_dict(self.transformer, state, adapter_name="default")
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:
+                raise UserError(f"{directory / LORA_FILE}: keys not in this model's LoRA: {unexpected[:5]}")
+        else:
+            from diffusers import CogVideoXTransformer3DModel
+
+            loaded = CogVideoXTransformer3DModel.from_pretrained(directory, subfolder="transformer", local_files_only=True)
+            self.transformer.load_state_dict(loaded.state_dict(), strict=True)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        num_frames: int = 49,
+        steps: int = 50,
+        guidance: float = 6.0,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | None = None,
+    ) -> torch.Tensor:
+        """Sample with diffusers' CogVideoX pipeline -> float ``[B, F, C, H, W]`` in [0, 1]."""
+        self._require_vae("generate")
+        pipe = self._pipeline()
+        device = next(self.transformer.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+        height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
+        width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            out = pipe(
+                prompt=list(prompts),
+                negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                num_frames=num_frames,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generator,
+                height=height,
+                width=width,
+                output_type="pt",
+                max_sequence_length=self.max_sequence_length,
+            ).frames
+        finally:
+            self.transformer.train(was_training)
+        return out.float().clamp(0, 1)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _predict_with(self, transformer: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        rope = None
+        if transformer.config.use_rotary_positional_embeddings:
+            _, frames, _, h, w = noisy.shape
+            rope = self._pipeline()._prepare_rotary_positional_embeddings(
+                height=h * self.vae_scale_factor_spatial,
+                width=w * self.vae_scale_factor_spatial,
+                num_frames=frames,
+                device=noisy.device,
+            )
+        dtype = next(transformer.parameters()).dtype
+        out = transformer(
+            hidden_states=noisy.to(dtype),
+            encoder_hidden_states=cond.to(dtype),
+            timestep=t,
+            image_rotary_emb=rope,
+            return_dict=False,
+        )[0]
+        return out.float()
+
+    def _pipeline(self):
+        from diffusers import CogVideoXPipeline
+
+        # Built per call: a cheap container over our modules, so it follows .to(device) moves.
+        return CogVideoXPipeline(
+            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder,
+            vae=self.vae,
+            transformer=self.transformer,
+            scheduler=copy.deepcopy(self.scheduler),
+        )
+
+    def _require_vae(self, what: str) -> None:
+        if self.vae is None:
+            raise UserError(
+                f"cannot {what}: the VAE and text encoder were not loaded (model.load_text_and_vae=false, "
+                f"as when training from a latent cache)"
+            )

@@ -1,0 +1,121 @@
+"""The scorer contract: videos ``[B, F, C, H, W]`` in [0, 1] plus prompts -> ``[B]`` raw scores.
+
+Weights of model-based scorers come from an explicit path (a scorer option, i.e. a config key) or
+from one directory named by the environment variable ``VIDEOTUNA_WEIGHTS``. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from videotuna_dpo.errors import UserError
+
+WEIGHTS_ENV = "VIDEOTUNA_WEIGHTS"
+
+
+class MissingWeightsError(UserError):
+    """A scorer's weights file is not where it looked; the message says what to put there."""
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What ``videotuna score`` needs from a scorer registered under the hook ``videotuna_scorers``."""
+
+    kind: str  # "quality" or "semantic"
+    needs_weights: bool
+    weights_hint: str  # where it looks for weights, "" when it needs none
+    version: str
+
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Float ``[B, F, C, H, W]`` in [0, 1] and B prompts -> float ``[B]`` raw scores."""
+        ...
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class BaseScorer:
+    """Checks the input contract, runs without gradients and reports its weights.
+
+    Subclasses set ``name``, ``kind``, ``version``, ``min_frames`` and implement ``score``.
+    """
+
+    name = "base"
+    kind = "quality"
+    needs_weights = False
+    weights_hint = ""
+    version = "0"
+    min_frames = 1
+
+    def __init__(self, device: str | None = None):
+        self.device = torch.device(device or default_device())
+        self.weights_used: dict[str, str] = {}
+
+    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement score(videos, prompts)")
+
+    @torch.no_grad()
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if videos.ndim != 5 or videos.shape[2] != 3:
+            raise ValueError(f"{self.name}: videos must be [B, F, 3, H, W], got shape {tuple(videos.shape)}")
+        if len(prompts) != videos.shape[0]:
+            raise ValueError(f"{self.name}: {videos.shape[0]} videos but {len(prompts)} prompts")
+        if videos.shape[1] < self.min_frames:
+            raise ValueError(f"{self.name}: needs at least {self.min_frames} frames, got {videos.shape[1]}")
+        scores = self.score(videos.to(self.device, torch.float32), list(prompts))
+        return scores.detach().float().cpu().reshape(videos.shape[0])
+
+    def describe(self) -> dict:
+        """The record written next to every score: version and the weight files actually used."""
+        return {"version": self.version, "weights": dict(self.weights_used) or None}
+
+
+def find_weights(scorer: str, explicit: str | os.PathLike | None, relative: str, what: str, option: str) -> Path:
+    """Resolve a weights file: ``explicit`` if given, else ``$VIDEOTUNA_WEIGHTS/relative``.
+
+    Raises :class:`MissingWeightsError` naming the scorer, the file looked for and what belongs there.
+    """
+    how = (
+        f"Put {what} there, or point the scorer option `{option}` at the file "
+        f"(videotuna score --option {scorer}.{option}=PATH)."
+    )
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.is_file():
+            return path
+        raise MissingWeightsError(f"{scorer}: weights file {path} (option `{option}`) not found. {how}")
+    root = os.environ.get(WEIGHTS_ENV)
+    if not root:
+        raise MissingWeightsError(
+            f"{scorer}: needs {relative} in the weights directory, but ${WEIGHTS_ENV} is not set. "
+            f"Set {WEIGHTS_ENV}=DIR with DIR/{relative}. {how}"
+        )
+    path = Path(root).expanduser() / relative
+    if not path.is_file():
+        raise MissingWeightsError(f"{scorer}: weights file {path} (${WEIGHTS_ENV}/{relative}) not found. {how}")
+    return path
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (unwrapping ``state_dict``/``model`` keys)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "params"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def to_uint8_levels(videos: torch.Tensor) -> torch.Tensor:
+    """Float ``[..]`` in [0, 1] -> float on 0..255 rounded to 8-bit levels, as VBench reads files."""
+    return (videos.clamp(0, 1) * 255.0).round()

@@ -1,0 +1,27 @@
+"""``temporal_flickering`` (VBench): one minus the mean absolute change between consecutive frames."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from videotuna_dpo.scoring.base import BaseScorer, to_uint8_levels
+
+
+def flickering_score(videos: torch.Tensor) -> torch.Tensor:
+    """Float ``[B, F, C, H, W]`` on 0..255 -> ``[B]``: (255 - mean_i mean|F_i - F_i+1|) / 255."""
+    mae = (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(2, 3, 4))  # [B, F-1]
+    return (255.0 - mae.double().mean(dim=1)) / 255.0
+
+
+class TemporalFlickering(BaseScorer):
+    """Exact VBench temporal flickering on 8-bit levels; needs no weights."""
+
+    name = "temporal_flickering"
+    kind = "quality"
+    version = "vbench-temporal_flickering-1"
+    min_frames = 2
+
+    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return flickering_score(to_uint8_levels(videos))

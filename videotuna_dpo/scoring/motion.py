@@ -1,0 +1,132 @@
+"""Flow-based VBench dimensions: ``dynamic_degree`` and ``motion_smoothness``.
+
+VBench uses RAFT (dynamic degree) and the AMT interpolator (motion smoothness). Here both run on
+OpenCV DIS flow by default, so they need no weights; RAFT runs from a local torchvision checkpoint
+(``flow="raft"``). AMT is not included: ``interpolator="amt"`` is refused with that message.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.scoring.base import BaseScorer, to_uint8_levels
+from videotuna_dpo.scoring.flow import FlowEstimator, resize_for_flow, warp
+
+
+def to_frames_uint8(video: torch.Tensor) -> np.ndarray:
+    """Float ``[F, C, H, W]`` in [0, 1] -> uint8 ``[F, H, W, C]`` numpy (8-bit, as read from a file)."""
+    return to_uint8_levels(video).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def top_magnitude(flow: np.ndarray, fraction: float = 0.05) -> np.ndarray:
+    """Flow ``[N, H, W, 2]`` -> ``[N]``: mean of the largest ``fraction`` of per-pixel flow magnitudes."""
+    mag = np.sqrt(np.square(flow[..., 0]) + np.square(flow[..., 1])).reshape(flow.shape[0], -1)
+    k = max(1, int(mag.shape[1] * fraction))
+    top = np.partition(mag, mag.shape[1] - k, axis=1)[:, mag.shape[1] - k:]
+    return top.mean(axis=1)
+
+
+def dynamic_threshold(height: int, width: int, fps: float = 8.0) -> float:
+    """VBench's per-pair magnitude threshold: 6 px per 256 px of the short side (x 8/fps below 8 fps)."""
+    return max(1.0, 8.0 / fps) * 6.0 * min(height, width) / 256.0
+
+
+def required_pairs(num_frames: int) -> int:
+    """How many pairs must exceed the threshold: round(4 N / 16), at least one."""
+    return max(1, round(4 * num_frames / 16))
+
+
+def is_dynamic(magnitudes: Sequence[float], height: int, width: int, num_frames: int, fps: float = 8.0) -> bool:
+    """VBench's rule: dynamic when at least ``required_pairs`` pair magnitudes exceed the threshold."""
+    threshold = dynamic_threshold(height, width, fps)
+    return sum(1 for m in magnitudes if m > threshold) >= required_pairs(num_frames)
+
+
+class DynamicDegree(BaseScorer):
+    """1 when the clip moves (VBench rule on top-5% flow magnitudes), else 0."""
+
+    name = "dynamic_degree"
+    kind = "quality"
+    min_frames = 2
+
+    def __init__(self, device: str | None = None, flow: str = "dis", raft_weights: str | None = None,
+                 fps: float = 8.0, flow_short_side: int | None = 256):
+        super().__init__(device)
+        self.flow = FlowEstimator(flow, self.name, raft_weights, self.device)
+        self.needs_weights = flow == "raft"
+        self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
+        if self.flow.weights:
+            self.weights_used["raft"] = str(self.flow.weights)
+        self.fps = float(fps)
+        self.flow_short_side = flow_short_side
+        self.version = f"vbench-dynamic_degree-1/{self.flow.label}"
+
+    def pair_magnitudes(self, video: torch.Tensor) -> tuple[np.ndarray, tuple[int, int], int]:
+        """Float ``[F, C, H, W]`` -> (top-5% magnitude per consecutive pair ``[F'-1]``, flow (H, W), F')."""
+        frames = to_frames_uint8(video)
+        frames = frames[:: max(1, round(self.fps / 8.0))]  # VBench samples about 8 frames per second
+        # The threshold scales with min(H, W), so measuring flow on a downscaled clip keeps the rule.
+        frames = resize_for_flow(frames, self.flow_short_side)
+        flow = self.flow(frames[:-1], frames[1:])
+        return top_magnitude(flow), frames.shape[1:3], frames.shape[0]
+
+    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for video in videos:
+            mags, (h, w), n = self.pair_magnitudes(video)
+            out.append(1.0 if is_dynamic(mags.tolist(), h, w, n, self.fps) else 0.0)
+        return torch.tensor(out, dtype=torch.float64)
+
+
+def interpolate_midframes(frames: np.ndarray, flow: FlowEstimator) -> np.ndarray:
+    """uint8 ``[K, H, W, 3]`` key frames -> uint8 ``[K-1, H, W, 3]`` frames halfway between neighbours.
+
+    Bidirectional flow, linear-motion approximation of the flow from the middle frame to each end,
+    both ends warped there and averaged.
+    """
+    f01 = flow(frames[:-1], frames[1:])
+    f10 = flow(frames[1:], frames[:-1])
+    out = np.empty((frames.shape[0] - 1,) + frames.shape[1:], dtype=np.uint8)
+    for j in range(out.shape[0]):
+        ft0 = 0.25 * (f10[j] - f01[j])  # middle -> start
+        ft1 = -ft0  # middle -> end
+        mid = 0.5 * (warp(frames[j].astype(np.float32), ft0) + warp(frames[j + 1].astype(np.float32), ft1))
+        out[j] = np.clip(np.rint(mid), 0, 255).astype(np.uint8)
+    return out
+
+
+class MotionSmoothness(BaseScorer):
+    """VBench motion smoothness: odd frames interpolated from even ones, (255 - MAE) / 255."""
+
+    name = "motion_smoothness"
+    kind = "quality"
+    min_frames = 3
+
+    def __init__(self, device: str | None = None, interpolator: str = "flow", flow: str = "dis",
+                 raft_weights: str | None = None):
+        super().__init__(device)
+        if interpolator != "flow":
+            raise UserError(
+                f"{self.name}: interpolator {interpolator!r} is not available; videotuna-dpo ships only the "
+                f"flow-based interpolator (interpolator='flow'); VBench's AMT is not included"
+            )
+        self.flow = FlowEstimator(flow, self.name, raft_weights, self.device)
+        self.needs_weights = flow == "raft"
+        self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
+        if self.flow.weights:
+            self.weights_used["raft"] = str(self.flow.weights)
+        self.version = f"vbench-motion_smoothness-1/flow-interp-{self.flow.label}"
+
+    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for video in videos:
+            frames = to_frames_uint8(video)
+            mids = interpolate_midframes(frames[0::2], self.flow)
+            odd = frames[1::2][: mids.shape[0]]
+            mae = np.abs(mids.astype(np.float64) - odd.astype(np.float64)).mean()
+            out.append((255.0 - mae) / 255.0)
+        return torch.tensor(out, dtype=torch.float64)

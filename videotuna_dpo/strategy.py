@@ -1,0 +1,233 @@
+"""The DPO strategy: a LightningModule over any backend, and the run that trains it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from videotuna_dpo.config import check_kwargs, validate
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
+
+
+@dataclass
+class DPOSchema:
+    beta: float = 5000.0
+    loss_type: str = "sigmoid"  # sigmoid (Diffusion-DPO) | hinge | ipo
+    sft_weight: float = 0.0
+    share_noise: bool = True  # winner and loser share noise and timestep; false = official code
+
+
+@dataclass
+class OptimizerSchema:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    warmup_steps: int = 0
+
+
+@dataclass
+class CheckpointSchema:
+    every_n_train_steps: int = 500  # Lightning checkpoint (exact resume) and weights export cadence
+    save_top_k: int = -1
+    export_weights: bool = True  # also write weights/step-N (safetensors) that `generate` loads
+
+
+@dataclass
+class LightningSchema:
+    trainer: dict[str, Any] = field(default_factory=dict)  # passed to lightning.Trainer
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+
+
+@dataclass
+class TrainSchema:
+    plugins: Optional[list[str]] = None
+    seed: int = 42
+    output_dir: str = "runs/dpo"
+    model: dict[str, Any] = field(default_factory=dict)  # validated by the chosen backend
+    data: dict[str, Any] = field(default_factory=dict)  # validated by the chosen datamodule
+    dpo: DPOSchema = field(default_factory=DPOSchema)
+    optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    lightning: LightningSchema = field(default_factory=LightningSchema)
+
+
+class DPOModule(L.LightningModule):
+    """One step: encode the pair, shared noise and timestep, policy and reference errors, DPO loss."""
+
+    def __init__(self, backend: Any, dpo: DPOSchema | Any, optimizer: OptimizerSchema | Any):
+        super().__init__()
+        if dpo.loss_type not in LOSS_TYPES:
+            raise UserError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {dpo.loss_type!r}")
+        self.backend = backend
+        self.dpo = dpo
+        self.optim = optimizer
+        # Only trainable tensors go into checkpoints; frozen weights come from model.pretrained.
+        self.strict_loading = False
+
+    # Latents and conditioning; a latent-cache batch carries them already.
+    def _encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        if "winner_latents" in batch:
+            return batch["winner_latents"], batch["loser_latents"], batch["prompt_embeds"]
+        latents = self.backend.encode_video(torch.cat([batch["winner"], batch["loser"]]))
+        lat_w, lat_l = latents.chunk(2)
+        return lat_w, lat_l, self.backend.encode_prompt(list(batch["caption"]))
+
+    def dpo_step(self, batch: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The loss output and the tensors the step used (noise, timesteps, errors) for one batch."""
+        lat_w, lat_l, cond = self._encode(batch)
+        b = lat_w.shape[0]
+        noise_w = torch.randn_like(lat_w)
+        t_w = self.backend.sample_timesteps(b, lat_w.device)
+        if self.dpo.share_noise:
+            noise_l, t_l = noise_w, t_w
+        else:
+            noise_l, t_l = torch.randn_like(lat_l), self.backend.sample_timesteps(b, lat_l.device)
+        # Winners in the first half, losers in the second: one policy and one reference pass.
+        x0 = torch.cat([lat_w, lat_l])
+        noise = torch.cat([noise_w, noise_l])
+        t = torch.cat([t_w, t_l])
+        cond2 = torch.cat([cond, cond]) if isinstance(cond, torch.Tensor) else cond + cond
+        noisy = self.backend.add_noise(x0, noise, t)
+        target = self.backend.target(x0, noise, t)
+
+        model_err = per_sample_mse(self.backend.predict(noisy, t, cond2), target)
+        with torch.no_grad(), self.backend.reference() as reference:
+            ref_err = per_sample_mse(reference(noisy, t, cond2), target)
+        model_err_w, model_err_l = model_err.chunk(2)
+        ref_err_w, ref_err_l = ref_err.chunk(2)
+        weights = batch.get("weight")
+        out = preference_loss(
+            model_err_w, model_err_l, ref_err_w, ref_err_l, beta=self.dpo.beta,
+            loss_type=self.dpo.loss_type, weights=weights, sft_weight=self.dpo.sft_weight,
+        )
+        used = {"noise": noise, "t": t, "model_err_w": model_err_w.detach(), "model_err_l": model_err_l.detach(),
+                "ref_err_w": ref_err_w, "ref_err_l": ref_err_l}
+        return out, used
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out, used = self.dpo_step(batch)
+        b = used["t"].shape[0] // 2
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=b)
+        self.log("train/implicit_acc", out.implicit_acc, prog_bar=True, batch_size=b)
+        self.log("train/reward_margin", out.reward_margin, prog_bar=True, batch_size=b)
+        self.log_dict(
+            {
+                "train/reward_w": out.reward_w,
+                "train/reward_l": out.reward_l,
+                "train/sft_loss": out.sft_loss,
+                "train/model_err_w": used["model_err_w"].mean(),
+                "train/model_err_l": used["model_err_l"].mean(),
+                "train/ref_err_w": used["ref_err_w"].mean(),
+                "train/ref_err_l": used["ref_err_l"].mean(),
+                "train/lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
+            },
+            batch_size=b,
+        )
+        return out.loss
+
+    def configure_optimizers(self):
+        params = self.backend.trainable_parameters()
+        if not params:
+            raise UserError("the backend has no trainable parameters (check model.finetune / model.lora)")
+        opt = torch.optim.AdamW(params, lr=self.optim.lr, betas=tuple(self.optim.betas),
+                                weight_decay=self.optim.weight_decay, eps=self.optim.eps)
+        warmup = max(0, int(self.optim.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        have, want = set(checkpoint["state_dict"]), self.trainable_names()
+        if have != want:
+            missing, extra = sorted(want - have), sorted(have - want)
+            raise UserError(
+                "the checkpoint does not hold this model's trainable weights "
+                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}); "
+                "resume with the same model config it was trained with"
+            )
+
+
+class ExportTrainableWeights(L.Callback):
+    """Writes ``weights/step-N`` every N steps and ``weights/last`` at the end (safetensors)."""
+
+    def __init__(self, directory: Path, every_n_steps: int):
+        self.directory = Path(directory)
+        self.every = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step > 0 and step % self.every == 0 and trainer.is_global_zero:
+            pl_module.backend.save_trainable(self.directory / f"step-{step}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            pl_module.backend.save_trainable(self.directory / "last")
+
+
+class DPOStrategy:
+    """Strategy ``dpo``: Diffusion-DPO on a preference dataset with any registered backend."""
+
+    schema = TrainSchema
+
+    @classmethod
+    def build(cls, cfg: Any, registry: Any, source: str = "<config>") -> tuple[Any, DPOModule, L.LightningDataModule]:
+        """Validated config, the LightningModule and the DataModule of a run."""
+        top = validate(cfg, TrainSchema, "", source)
+        model_cfg, data_cfg = cfg.get("model") or {}, cfg.get("data") or {}
+        if "name" not in model_cfg:
+            raise UserError(f"{source}: missing required key model.name (installed: {', '.join(registry.names('model'))})")
+        data_name = data_cfg.get("name", "preference")
+        datamodule = registry.get("datamodule", data_name).from_config(data_cfg, source)
+        model_cfg = OmegaConf.merge(model_cfg, {"load_text_and_vae": False}) if data_cfg.get("cache") else model_cfg
+        backend = registry.get("model", model_cfg["name"]).from_config(model_cfg, source)
+        return top, DPOModule(backend, top.dpo, top.optimizer), datamodule
+
+    @classmethod
+    def run(cls, cfg: Any, registry: Any, resume: str | None = None, source: str = "<config>") -> Path:
+        top, module, datamodule = cls.build(cfg, registry, source)
+        L.seed_everything(top.seed, workers=True)
+        out = Path(top.output_dir)
+        trainer_kwargs = check_kwargs(OmegaConf.to_container(top.lightning.trainer, resolve=True),
+                                      L.Trainer.__init__, "lightning.trainer", source)
+        ck = top.lightning.checkpoint
+        callbacks = [
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=out / "checkpoints", filename="step-{step}", every_n_train_steps=ck.every_n_train_steps,
+                save_top_k=ck.save_top_k, save_last=True, auto_insert_metric_name=False,
+            )
+        ]
+        if ck.export_weights:
+            callbacks.append(ExportTrainableWeights(out / "weights", ck.every_n_train_steps))
+        trainer_kwargs.setdefault("max_steps", 1000)
+        trainer_kwargs.setdefault("log_every_n_steps", 1)
+        trainer = L.Trainer(
+            default_root_dir=str(out),
+            logger=L.pytorch.loggers.CSVLogger(str(out), name="logs"),
+            callbacks=callbacks,
+            **trainer_kwargs,
+        )
+        ckpt_path = None
+        if resume:
+            ckpt_path = out / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+            if not ckpt_path.is_file():
+                raise UserError(f"--resume: checkpoint not found: {ckpt_path}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        # weights_only: resuming never runs pickled code from the checkpoint.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        (out / "run.json").write_text(json.dumps({"global_step": trainer.global_step, "output_dir": str(out)}))
+        return out
