@@ -1,0 +1,15 @@
+"""Video scorers (the seven VBench dimensions of VideoDPO's OmniScore) and the OmniScore aggregate.
+
+Scorer classes live in one module per family and are registered by ``videotuna_dpo.plugin`` as
+``"module:attribute"`` references, so importing this package does not import torch.
+"""
+
+SCORERS = {
+    "temporal_flickering": "videotuna_dpo.scoring.flickering:TemporalFlickering",
+    "dynamic_degree": "videotuna_dpo.scoring.motion:DynamicDegree",
+    "motion_smoothness": "videotuna_dpo.scoring.motion:MotionSmoothness",
+    "subject_consistency": "videotuna_dpo.scoring.dino:SubjectConsistency",
+    "aesthetic_quality": "videotuna_dpo.scoring.clip_scorers:AestheticQuality",
+    "imaging_quality": "videotuna_dpo.scoring.imaging:ImagingQuality",
+    "overall_consistency": "videotuna_dpo.scoring.clip_scorers:OverallConsistency",
+}
