@@ -36,3 +36,30 @@ def example_scorer_site(tmp_path_factory) -> Path:
         check=True,
     )
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_cogvideox(tmp_path_factory) -> Path:
+    """A tiny random-weight CogVideoX saved in the diffusers layout users load from."""
+    from videotuna_dpo.models.tiny import build_tiny_cogvideox
+
+    return build_tiny_cogvideox(tmp_path_factory.mktemp("tiny_cogvideox") / "CogVideoX-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    from tests.datasets import write_official_dataset
+
+    return write_official_dataset(
+        tmp_path_factory.mktemp("prefs"), ["a red square moving right", "a blue square moving right"]
+    )
+
+
+def make_backend(pretrained, **overrides):
+    from omegaconf import OmegaConf
+
+    from videotuna_dpo.models.cogvideox import CogVideoXBackend
+
+    cfg = {"name": "cogvideox", "pretrained": str(pretrained), "weight_dtype": "fp32", "lora": {"rank": 4, "alpha": 4}}
+    cfg.update(overrides)
+    return CogVideoXBackend.from_config(OmegaConf.create(cfg))

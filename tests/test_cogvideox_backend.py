@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+
+from tests.conftest import make_backend
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.base import Backend
+from videotuna_dpo.models.checkpoint_io import UntrustedCheckpointError, load_weights
+
+
+def _inputs(backend, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(2, 3, 9, 32, 32, generator=g) * 2 - 1
+    latents = backend.encode_video(pixels)
+    cond = backend.encode_prompt(["a red square moving right", "a cat"])
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.tensor([100, 900])
+    return latents, noise, t, cond
+
+
+def _perturb_lora(backend, scale=0.5):
+    with torch.no_grad():
+        for name, p in backend.transformer.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def test_loads_from_diffusers_layout_and_follows_the_protocol(tiny_cogvideox):
+    backend = make_backend(tiny_cogvideox)
+    assert isinstance(backend, Backend)
+    latents, noise, t, cond = _inputs(backend)
+    # 9 frames of 32x32 -> [B, 3 latent frames, 4 channels, 8, 8]
+    assert latents.shape == (2, 3, 4, 8, 8)
+    assert cond.shape == (2, 16, 32)
+    assert backend.prediction_type == "v_prediction"
+    noisy = backend.add_noise(latents, noise, t)
+    a = backend.scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
+    assert torch.allclose(noisy, a.sqrt() * latents + (1 - a).sqrt() * noise, atol=1e-5)
+    assert torch.allclose(backend.target(latents, noise, t), a.sqrt() * noise - (1 - a).sqrt() * latents, atol=1e-5)
+    assert backend.predict(noisy, t, cond).shape == latents.shape
+
+
+def test_missing_subfolders_are_named(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    with pytest.raises(UserError, match=r"missing subfolder\(s\) vae, text_encoder, tokenizer, scheduler"):
+        make_backend(tmp_path)
+
+
+def test_lora_reference_is_the_base_network_without_a_second_copy(tiny_cogvideox):
+    backend = make_backend(tiny_cogvideox)
+    latents, noise, t, cond = _inputs(backend)
+    noisy = backend.add_noise(latents, noise, t)
+    base = backend.predict(noisy, t, cond).detach()
+    _perturb_lora(backend)
+    tuned = backend.predict(noisy, t, cond).detach()
+    assert not torch.allclose(base, tuned, atol=1e-4)
+    with backend.reference() as reference:
+        assert torch.allclose(reference(noisy, t, cond), base, atol=1e-6)
+    assert torch.allclose(backend.predict(noisy, t, cond), tuned, atol=1e-6), "adapters re-enabled after"
+    # Storage: exactly one transformer (base + LoRA) plus VAE and T5, no reference copy.
+    fresh = make_backend(tiny_cogvideox, finetune="full")
+    transformer_numel = sum(p.numel() for n, p in fresh.transformer.named_parameters())
+    lora_numel = sum(p.numel() for n, p in backend.transformer.named_parameters() if "lora_" in n)
+    other = sum(p.numel() for p in backend.vae.parameters()) + sum(p.numel() for p in backend.text_encoder.parameters())
+    storages = {p.untyped_storage().data_ptr(): p.numel() for p in backend.parameters()}
+    assert sum(storages.values()) == transformer_numel + lora_numel + other
+    assert backend.ref_transformer is None and not backend._ref_cpu
+    assert {n for n, p in backend.named_parameters() if p.requires_grad} == {
+        n for n, _ in backend.named_parameters() if "lora_" in n
+    }
+
+
+@pytest.mark.parametrize("on_cpu", [False, True])
+def test_full_finetune_reference_is_a_frozen_copy(tiny_cogvideox, on_cpu):
+    backend = make_backend(tiny_cogvideox, finetune="full", reference_on_cpu=on_cpu)
+    latents, noise, t, cond = _inputs(backend)
+    noisy = backend.add_noise(latents, noise, t)
+    base = backend.predict(noisy, t, cond).detach()
+    with torch.no_grad():
+        for p in backend.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with backend.reference() as reference:
+        assert torch.allclose(reference(noisy, t, cond), base, atol=1e-5)
+    reference_module = backend._ref_cpu[0] if on_cpu else backend.ref_transformer
+    assert all(not p.requires_grad for p in reference_module.parameters())
+    in_module = {id(p) for p in backend.parameters()}
+    # On CPU the copy stays outside the module, so Lightning never moves it to the GPU.
+    assert any(id(p) in in_module for p in reference_module.parameters()) is (not on_cpu)
+
+
+def test_lora_weights_roundtrip_and_generate_with_them(tiny_cogvideox, tmp_path):
+    backend = make_backend(tiny_cogvideox)
+    _perturb_lora(backend, 0.2)
+    out = backend.save_trainable(tmp_path / "w")
+    meta = json.loads((out / "trainable.json").read_text())
+    assert meta["finetune"] == "lora" and meta["lora"]["rank"] == 4
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    loaded = make_backend(tiny_cogvideox, trainable_weights=str(out))
+    for (n1, p1), (n2, p2) in zip(backend.transformer.named_parameters(), loaded.transformer.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    base_video = make_backend(tiny_cogvideox).generate(["a red square"], num_frames=9, steps=2, guidance=1.0, seed=3)
+    tuned_video = loaded.generate(["a red square"], num_frames=9, steps=2, guidance=1.0, seed=3)
+    assert tuned_video.shape == (1, 9, 3, 32, 32)
+    assert 0 <= tuned_video.min() and tuned_video.max() <= 1
+    assert not torch.allclose(base_video, tuned_video), "the tuned weights change the samples"
+
+
+def test_full_weights_roundtrip(tiny_cogvideox, tmp_path):
+    backend = make_backend(tiny_cogvideox, finetune="full")
+    with torch.no_grad():
+        backend.transformer.proj_out.weight.add_(1.0)
+    backend.save_trainable(tmp_path / "w")
+    loaded = make_backend(tiny_cogvideox, finetune="full", trainable_weights=str(tmp_path / "w"))
+    assert torch.equal(loaded.transformer.proj_out.weight, backend.transformer.proj_out.weight)
+    with pytest.raises(UserError, match="holds 'full' weights but model.finetune is 'lora'"):
+        make_backend(tiny_cogvideox, trainable_weights=str(tmp_path / "w"))
+
+
+def test_generate_is_deterministic_per_seed(tiny_cogvideox):
+    backend = make_backend(tiny_cogvideox)
+    a = backend.generate(["a red square", "a blue square"], num_frames=9, steps=2, guidance=2.0, seed=7)
+    b = backend.generate(["a red square", "a blue square"], num_frames=9, steps=2, guidance=2.0, seed=7)
+    assert a.shape == (2, 9, 3, 32, 32) and torch.equal(a, b)
+
+
+class Opaque:
+    """A Python object that only full unpickling can rebuild."""
+
+
+def test_pickled_checkpoints_are_refused_unless_trusted(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+    assert torch.equal(load_weights(tmp_path / "plain.pt", "model.trust_pickles")["w"], torch.ones(2))
+    torch.save({"w": torch.ones(2), "obj": Opaque()}, tmp_path / "pickled.pt")
+    with pytest.raises(UntrustedCheckpointError) as info:
+        load_weights(tmp_path / "pickled.pt", "model.trust_pickles")
+    assert "pickled.pt" in str(info.value) and "`model.trust_pickles=true`" in str(info.value)
+    assert load_weights(tmp_path / "pickled.pt", "model.trust_pickles", trusted=True)["w"].sum() == 2

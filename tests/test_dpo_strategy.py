@@ -1,0 +1,104 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import make_backend
+from videotuna_dpo.data.datamodule import PreferenceDataModule
+from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
+
+
+def _batch(tiny_dataset):
+    dm = PreferenceDataModule.from_config(OmegaConf.create(
+        {"train_data": str(tiny_dataset), "video_length": 9, "resolution": [32, 32], "batch_size": 2,
+         "shuffle": False, "frame_start": "first"}))
+    return next(iter(dm.train_dataloader()))
+
+
+def _module(backend, **dpo):
+    return DPOModule(backend, OmegaConf.structured(DPOSchema(**{"beta": 500.0, **dpo})),
+                     OmegaConf.structured(OptimizerSchema(lr=1e-3, weight_decay=0.0)))
+
+
+def _spy_add_noise(backend, calls):
+    original = backend.add_noise
+
+    def spy(x0, noise, t):
+        calls.append((noise.clone(), t.clone()))
+        return original(x0, noise, t)
+
+    backend.add_noise = spy
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_winner_and_loser_share_noise_and_timestep(tiny_cogvideox, tiny_dataset, share):
+    backend = make_backend(tiny_cogvideox)
+    calls = []
+    _spy_add_noise(backend, calls)
+    torch.manual_seed(0)
+    _, used = _module(backend, share_noise=share).dpo_step(_batch(tiny_dataset))
+    (noise, t), = calls  # one forward-noising call for the whole batch of winners + losers
+    assert noise.shape[0] == 4 and torch.equal(noise, used["noise"])
+    noise_w, noise_l = noise.chunk(2)
+    t_w, t_l = t.chunk(2)
+    assert torch.equal(noise_w, noise_l) is share
+    if share:
+        assert torch.equal(t_w, t_l)
+    else:
+        assert not torch.equal(t_w, t_l) or not torch.equal(noise_w, noise_l)
+
+
+def _train(module, batch, steps):
+    optimizer = module.configure_optimizers()["optimizer"]
+    for _ in range(steps):
+        out, _ = module.dpo_step(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_only_trainable_parameters_change_and_reference_stays_frozen(tiny_cogvideox, tiny_dataset, finetune):
+    backend = make_backend(tiny_cogvideox, finetune=finetune)
+    module = _module(backend)
+    batch = _batch(tiny_dataset)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    reference = backend.ref_transformer
+    torch.manual_seed(1)
+    _train(module, batch, 2)
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    assert len(changed) >= len(trainable) // 2
+    frozen = [p for n, p in module.named_parameters() if n not in trainable]
+    assert all(p.grad is None for p in frozen)
+    if finetune == "full":
+        assert all(torch.equal(p, before["backend.ref_transformer." + n]) and p.grad is None
+                   for n, p in reference.named_parameters())
+    else:
+        assert all("lora_" in n for n in trainable)
+
+
+def test_overfitting_two_pairs_drives_implicit_accuracy_to_one(tiny_cogvideox, tiny_dataset):
+    """Memorise two pairs under one fixed draw of noise and timesteps (a classic overfit check)."""
+    backend = make_backend(tiny_cogvideox, lora={"rank": 8, "alpha": 8})
+    module = _module(backend, beta=2000.0)
+    batch = _batch(tiny_dataset)
+    optimizer = module.configure_optimizers()["optimizer"]
+
+    def step():
+        torch.manual_seed(123)  # the same noise and timesteps every time
+        return module.dpo_step(batch)[0]
+
+    start = step()
+    assert start.reward_margin.item() == pytest.approx(0.0, abs=1e-6), "policy == reference at the start"
+    assert start.loss.item() == pytest.approx(0.6931, abs=1e-3), "-logsigmoid(0) = log 2"
+    for _ in range(30):
+        out = step()
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    end = step()
+    assert end.implicit_acc.item() == 1.0
+    assert end.reward_margin.item() > 3.0
+    assert end.loss.item() < 0.05

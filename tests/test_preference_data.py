@@ -1,0 +1,138 @@
+import json
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.datasets import moving_square, write_official_dataset
+from videotuna_dpo.data.datamodule import PreferenceDataModule, PreferenceVideoDataset
+from videotuna_dpo.data.preference import DataError, load_pairs
+from videotuna_dpo.data.video_io import write_video
+from videotuna_dpo.errors import UserError
+
+CAPTIONS = ["a red square moving right", "a blue square moving right", "a green square moving right"]
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    return write_official_dataset(tmp_path / "ds", CAPTIONS)
+
+
+def _edit_pairs(train_data, edit):
+    path = train_data.parent / "part0" / "pair.json"
+    pairs = json.loads(path.read_text())
+    edit(pairs)
+    path.write_text(json.dumps(pairs))
+    return str(train_data.parent / "part0")
+
+
+def test_reads_the_official_layout_with_local_indices(tmp_path):
+    train_data = write_official_dataset(tmp_path / "ds", CAPTIONS, dirs=2)
+    pairs = load_pairs(train_data)
+    assert len(pairs) == 6
+    second_dir = [p for p in pairs if p.meta_dir.endswith("part1")]
+    # Row 1 of part1 names that dir's own videos 2 and 3.
+    assert second_dir[1].winner.endswith("part1/videos/1_1_good.mp4")
+    assert second_dir[1].loser.endswith("part1/videos/1_1_bad.mp4")
+    assert second_dir[1].caption == CAPTIONS[1]
+    assert all(p.weight == 1.0 for p in pairs)
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda p: p[1].update(video2=17), "pair.json row 1: video2=17 out of range (metadata.json has 6 entries)"),
+        (lambda p: p[2].update(video2=4), "pair.json row 2: winner and loser are the same video (index 4)"),
+        (lambda p: p[0].update(frame_caption="  "), "pair.json row 0: empty caption"),
+        (lambda p: p[1].update(score=float("nan")), "pair.json row 1: score nan is not a finite number"),
+        (lambda p: p[1].update(score=float("inf")), "pair.json row 1: score inf is not a finite number"),
+        (lambda p: p[0].update(video1="0"), "pair.json row 0: video1 must be an integer index, got '0'"),
+    ],
+)
+def test_each_validation_error_names_dir_row_and_problem(dataset, edit, problem):
+    meta_dir = _edit_pairs(dataset, edit)
+    with pytest.raises(DataError) as info:
+        load_pairs(dataset)
+    assert f"{meta_dir}/{problem}" in str(info.value)
+
+
+def test_missing_video_file_is_named(dataset):
+    missing = dataset.parent / "part0" / "videos" / "0_1_good.mp4"
+    missing.unlink()
+    with pytest.raises(DataError) as info:
+        load_pairs(dataset)
+    assert f"part0/pair.json row 1: video file(s) not found: {missing}" in str(info.value)
+
+
+def test_all_problems_are_reported_together(dataset):
+    _edit_pairs(dataset, lambda p: (p[0].update(video1=99), p[2].update(frame_caption="")))
+    with pytest.raises(DataError) as info:
+        load_pairs(dataset)
+    assert "2 problem(s)" in str(info.value)
+    assert "row 0: video1=99" in str(info.value) and "row 2: empty caption" in str(info.value)
+
+
+def test_dir_listed_twice_and_malformed_json_are_errors(dataset):
+    (dataset.parent / "train_data.yaml").write_text("META: [part0, ./part0]\n")
+    with pytest.raises(DataError, match=r"META\[1\] ./part0 is listed twice \(also META\[0\]\)"):
+        load_pairs(dataset)
+    (dataset.parent / "train_data.yaml").write_text("META: [part0]\n")
+    (dataset.parent / "part0" / "pair.json").write_text("[{\"video1\": 0,")
+    with pytest.raises(DataError, match=r"part0/pair.json: malformed JSON"):
+        load_pairs(dataset)
+
+
+def test_official_pair_score_weights(dataset):
+    _edit_pairs(dataset, lambda p: [q.update(score=s) for q, s in zip(p, [0.72, 0.36, 0.18])])
+    weights = [p.weight for p in load_pairs(dataset, weights="pair_score", alpha=0.5)]
+    assert weights == pytest.approx([1.0, 2 ** 0.5, 2.0])
+    manifest = {"pairs": [{"weight": 0.5}, {"weight": 1.5}, {"weight": 2.5}]}
+    (dataset.parent / "part0" / "manifest.json").write_text(json.dumps(manifest))
+    assert [p.weight for p in load_pairs(dataset)] == [0.5, 1.5, 2.5]
+    assert [p.weight for p in load_pairs(dataset, weights="none")] == [1.0, 1.0, 1.0]
+
+
+def test_winner_and_loser_use_the_same_frame_positions(tmp_path):
+    root = tmp_path / "ds"
+    train_data = write_official_dataset(root, CAPTIONS[:1], frames=20)
+    # Frame f of both videos encodes f in its brightness, so sampled positions are readable.
+    for name in ("0_0_good", "0_0_bad"):
+        video = torch.stack([torch.full((3, 32, 32), 10 * f, dtype=torch.uint8) for f in range(20)])
+        write_video(root / "part0" / "videos" / f"{name}.mp4", video, lossless=True)
+    ds = PreferenceVideoDataset(load_pairs(train_data), video_length=4, frame_stride=3, resolution=(16, 16))
+    for _ in range(5):
+        item = ds[0]
+        assert item["winner"].shape == (3, 4, 16, 16)
+        levels_w = ((item["winner"][0, :, 0, 0] + 1) * 127.5).round().tolist()
+        levels_l = ((item["loser"][0, :, 0, 0] + 1) * 127.5).round().tolist()
+        start = item["frame_start"]
+        assert levels_w == levels_l == [10 * (start + 3 * i) for i in range(4)]
+
+
+def test_undecodable_or_short_video_is_an_error_never_a_substitute(dataset):
+    ds = PreferenceVideoDataset(load_pairs(dataset), video_length=9, frame_stride=1, resolution=(32, 32))
+    bad = dataset.parent / "part0" / "videos" / "0_1_bad.mp4"
+    bad.write_bytes(b"not a video at all")
+    assert ds[0]["caption"] == CAPTIONS[0]
+    with pytest.raises(UserError) as info:
+        ds[1]
+    assert f"part0/pair.json row 1: {bad}: cannot decode" in str(info.value)
+    short = PreferenceVideoDataset(load_pairs(dataset), video_length=9, frame_stride=2, resolution=(32, 32))
+    with pytest.raises(UserError, match=r"row 0: .*0_0_good.mp4: 9 frames, but video_length=9 at frame_stride=2 needs 17"):
+        short[0]
+
+
+def test_datamodule_is_registered_and_validates_its_config(dataset):
+    from videotuna_dpo.config import ConfigError
+    from videotuna_dpo.registry import Registry
+
+    cls = Registry.load().get("datamodule", "preference")
+    assert cls is PreferenceDataModule
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.video_lenght'\. Did you mean 'data\.video_length'"):
+        cls.from_config(OmegaConf.create({"train_data": str(dataset), "video_lenght": 9}))
+    dm = cls.from_config(OmegaConf.create({"train_data": str(dataset), "video_length": 9, "resolution": [24, 24], "batch_size": 3}))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["winner"].shape == (3, 3, 9, 24, 24)
+    assert batch["winner"].min() >= -1 and batch["winner"].max() <= 1
+    assert sorted(batch["caption"]) == sorted(CAPTIONS)

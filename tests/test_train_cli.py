@@ -1,0 +1,77 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, make_backend
+
+CONFIG = ROOT / "configs" / "dpo" / "cogvideox_tiny.yaml"
+
+
+def _train(tiny_cogvideox, tiny_dataset, out, *extra):
+    cmd = [sys.executable, "-m", "videotuna_dpo", "train", "--strategy", "dpo", "--config", str(CONFIG),
+           f"model.pretrained={tiny_cogvideox}", f"data.train_data={tiny_dataset}", f"output_dir={out}", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _metrics(out):
+    rows = []
+    for path in sorted((out / "logs").glob("version_*/metrics.csv")):
+        with path.open() as f:
+            rows += [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return rows
+
+
+def test_train_from_cli_checkpoints_resumes_and_weights_generate(tiny_cogvideox, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = _train(tiny_cogvideox, tiny_dataset, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["global_step"] == 6
+    for name in ("step-3.ckpt", "step-6.ckpt", "last.ckpt"):
+        assert (out / "checkpoints" / name).is_file()
+    # Checkpoints hold the trainable (LoRA) tensors only, never the frozen model.
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all("lora_" in k for k in state)
+    lora = load_file(out / "weights" / "last" / "pytorch_lora_weights.safetensors")
+    assert len(lora) == len(state)
+    rows = _metrics(out)
+    assert [int(r["step"]) for r in rows] == list(range(6))
+    for key in ("train/implicit_acc", "train/reward_margin", "train/model_err_w", "train/ref_err_l", "train/lr"):
+        assert rows[-1][key] != ""
+    assert float(rows[0]["train/lr"]) == pytest.approx(1e-3)
+
+    resumed = _train(tiny_cogvideox, tiny_dataset, out, "lightning.trainer.max_steps=9", "--resume", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
+    assert json.loads((out / "run.json").read_text())["global_step"] == 9
+    assert [int(r["step"]) for r in _metrics(out)] == list(range(9))  # continued at step 6, not 0
+
+    backend = make_backend(tiny_cogvideox, lora={"rank": 8, "alpha": 8}, trainable_weights=str(out / "weights" / "last"))
+    video = backend.generate(["a red square moving right"], num_frames=9, steps=2, guidance=1.0, seed=0)
+    assert video.shape == (1, 9, 3, 32, 32)
+
+
+def test_cli_reports_a_mistyped_key_with_its_dotted_path(tiny_cogvideox, tiny_dataset, tmp_path):
+    proc = _train(tiny_cogvideox, tiny_dataset, tmp_path / "r", "dpo.betta=10")
+    assert proc.returncode == 2
+    assert "unknown key 'dpo.betta'. Did you mean 'dpo.beta'?" in proc.stderr
+    proc = _train(tiny_cogvideox, tiny_dataset, tmp_path / "r", "model.lora.rnak=2")
+    assert "unknown key 'model.lora.rnak'. Did you mean 'model.lora.rank'?" in proc.stderr
+    proc = _train(tiny_cogvideox, tiny_dataset, tmp_path / "r", "lightning.trainer.max_step=2")
+    assert "unknown key 'lightning.trainer.max_step'. Did you mean 'lightning.trainer.max_steps'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_reports_bad_data_before_training(tiny_cogvideox, tmp_path):
+    from tests.datasets import write_official_dataset
+
+    ds = write_official_dataset(tmp_path / "ds", ["a red square moving right"])
+    (ds.parent / "part0" / "pair.json").write_text(json.dumps([{"video1": 0, "video2": 5, "frame_caption": "x"}]))
+    proc = _train(tiny_cogvideox, ds, tmp_path / "r")
+    assert proc.returncode == 2
+    assert "pair.json row 0: video2=5 out of range (metadata.json has 2 entries)" in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
