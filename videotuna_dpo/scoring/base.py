@@ -68,7 +68,7 @@ class BaseScorer:
         if videos.shape[1] < self.min_frames:
             raise ValueError(f"{self.name}: needs at least {self.min_frames} frames, got {videos.shape[1]}")
         scores = self.score(videos.to(self.device, torch.float32), list(prompts))
-        return scores.detach().float().cpu().reshape(videos.shape[0])
+        return scores.detach().double().cpu().reshape(videos.shape[0])
 
     def describe(self) -> dict:
         """The record written next to every score: version and the weight files actually used."""

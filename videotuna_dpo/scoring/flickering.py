@@ -24,4 +24,4 @@ class TemporalFlickering(BaseScorer):
     min_frames = 2
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return flickering_score(to_uint8_levels(videos))
+        return flickering_score(to_uint8_levels(videos.double()))

@@ -1,0 +1,1 @@
+"""The steps behind the `videotuna` verbs: generate, score, pairs, eval."""

@@ -1,0 +1,512 @@
+"""``videotuna score``: videos -> scores.jsonl, one OmniScore record per video, resumable.
+
+Each line is appended whole and fsynced; a trailing partial line (a killed run) is dropped on the
+next start, videos already in the file are skipped, and unreadable or too-short videos are written
+as ``"status": "failed"`` lines with the reason, never scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from videotuna_dpo.errors import UserError
+
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"}
+LIST_SUFFIXES = {".txt", ".lst"}
+DEFAULT_SCORERS = (
+    "subject_consistency",
+    "temporal_flickering",
+    "motion_smoothness",
+    "dynamic_degree",
+    "aesthetic_quality",
+    "imaging_quality",
+    "overall_consistency",
+)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def list_videos(spec: str | os.PathLike) -> list[Path]:
+    """A directory (searched recursively), a .txt list (one path per line) or one video -> sorted paths."""
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(
+            p for p in path.rglob("*")
+            if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file() and not p.name.startswith(".")
+        )
+        if not found:
+            raise UserError(f"--videos {path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) in this directory")
+        return found
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        found = [(path.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines if ln and not ln.startswith("#")]
+        if not found:
+            raise UserError(f"--videos {path}: the list names no videos")
+        return found
+    if path.is_file():
+        return [path]
+    raise UserError(f"--videos {path}: not a directory, a .txt list of videos, or a video file")
+
+
+def _sidecar(video: Path) -> dict:
+    """The record a generator wrote next to ``video``: ``<video>.json`` (e.g. a.mp4.json) or ``<stem>.json``."""
+    for candidate in (video.with_name(video.name + ".json"), video.with_suffix(".json")):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{candidate}: not valid JSON ({exc})") from exc
+            if not isinstance(data, dict):
+                raise UserError(f"{candidate}: expected a JSON object with a \"prompt\" key")
+            return data
+    return {}
+
+
+def _prompt_entries(prompts_file: Path) -> list[tuple[str, Any]] | list[str]:
+    """Entries of a prompts file: (video key, prompt or record) pairs, or for .txt a plain prompt list."""
+    text = prompts_file.read_text(encoding="utf-8")
+    if prompts_file.suffix.lower() == ".txt":
+        return [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if prompts_file.suffix.lower() == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{prompts_file}:{i}: not valid JSON ({exc})") from exc
+        data: Any = rows
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{prompts_file}: not valid JSON ({exc})") from exc
+    if isinstance(data, dict):
+        return list(data.items())
+    if isinstance(data, list):
+        entries = []
+        for i, row in enumerate(data):
+            key = row.get("path", row.get("video")) if isinstance(row, dict) else None
+            if key is None or "prompt" not in row:
+                raise UserError(f"{prompts_file}: entry {i} needs \"path\" (or \"video\") and \"prompt\" keys, got {row!r}")
+            entries.append((str(key), row))
+    else:
+        raise UserError(f"{prompts_file}: expected an object {{video: prompt}} or a list of {{path, prompt}}")
+    return entries
+
+
+def load_prompts(videos: Sequence[Path], prompts_file: str | os.PathLike | None = None) -> dict[Path, tuple[str, dict]]:
+    """Each video -> (prompt, sidecar metadata).
+
+    ``prompts_file``: .json ``{video path, file name or stem: prompt}`` or a list of ``{path, prompt}``,
+    .jsonl of ``{path, prompt}``, or .txt with one prompt per line in the order of the sorted videos.
+    Without it (or for videos it omits) the sidecar ``<video>.json``'s ``"prompt"`` is used.
+    """
+    meta = {v: _sidecar(v) for v in videos}
+    prompts: dict[Path, str] = {v: m["prompt"] for v, m in meta.items() if isinstance(m.get("prompt"), str)}
+    if prompts_file is not None:
+        pf = Path(prompts_file)
+        if not pf.is_file():
+            raise UserError(f"--prompts {pf}: file not found")
+        entries = _prompt_entries(pf)
+        if entries and isinstance(entries[0], str):
+            if len(entries) != len(videos):
+                raise UserError(
+                    f"--prompts {pf}: {len(entries)} prompt lines for {len(videos)} videos; a .txt file gives one "
+                    f"prompt per video in sorted path order (or use .json {{video: prompt}})"
+                )
+            prompts.update(zip(videos, entries))
+        else:
+            index: dict[str, Path] = {}
+            for v in videos:
+                for key in (str(v.resolve()), str(v), v.name, v.stem):
+                    index.setdefault(key, v)
+            for key, value in entries:
+                prompt = value.get("prompt") if isinstance(value, dict) else value
+                if not isinstance(prompt, str):
+                    raise UserError(f"--prompts {pf}: the prompt of {key!r} is not a string: {prompt!r}")
+                target = index.get(str((pf.parent / key).resolve())) or index.get(key) or index.get(Path(key).name)
+                if target is not None:
+                    prompts[target] = prompt
+    missing = [v for v in videos if v not in prompts]
+    if missing:
+        shown = ", ".join(str(v) for v in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UserError(
+            f"no prompt for {len(missing)} video(s): {shown}. Give --prompts FILE (.json {{file name: prompt}}, "
+            f".jsonl, or .txt one per sorted video) or write <video>.json with a \"prompt\" key next to each video"
+        )
+    return {v: (prompts[v], {k: x for k, x in meta[v].items() if k != "prompt"}) for v in videos}
+
+
+# ---------------------------------------------------------------- the output file
+
+
+class ScoresFile:
+    """Append-only JSONL with whole-line, fsynced appends; recovers from a killed writer."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.dropped_bytes = 0
+
+    def recover(self) -> list[dict]:
+        """Drop a trailing partial line (truncating the file) and return the complete records."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            self.dropped_bytes = len(data) - end
+            with open(self.path, "r+b") as fh:
+                fh.truncate(end)
+                fh.flush()
+                os.fsync(fh.fileno())
+        return parse_records(data[:end], self.path)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def parse_records(data: bytes, path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not a JSON record ({exc}); remove or fix that line") from exc
+        if not isinstance(record, dict) or "path" not in record or "status" not in record:
+            raise UserError(f"{path}:{number}: a score record needs \"path\" and \"status\" keys")
+        records.append(record)
+    return records
+
+
+def read_scores(path: str | os.PathLike) -> dict[str, dict]:
+    """scores.jsonl -> {video path: its last record}; ignores a trailing partial line, leaves the file as is."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: scores file not found")
+    data = path.read_bytes()
+    return {r["path"]: r for r in parse_records(data[: data.rfind(b"\n") + 1], path)}
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_options(items: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``["aesthetic_quality.clip_weights=/w/ViT-L-14.pt", ...]`` -> ``{scorer: {key: value}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        scorer, dot, option = key.partition(".")
+        if not sep or not dot or not scorer or not option:
+            raise UserError(f"--option {item!r}: expected SCORER.KEY=VALUE, e.g. dynamic_degree.fps=16")
+        options.setdefault(scorer, {})[option] = _parse_value(value)
+    return options
+
+
+def parse_weights(items: Iterable[str]) -> dict[str, float]:
+    """``["dynamic_degree=0.5"]`` -> ``{"dynamic_degree": 0.5}``."""
+    weights = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UserError(f"--weight {item!r}: expected DIMENSION=NUMBER, e.g. dynamic_degree=0.5") from None
+        if not sep or weights[name] < 0:
+            raise UserError(f"--weight {item!r}: expected DIMENSION=NUMBER >= 0")
+    return weights
+
+
+def build_scorers(names: Sequence[str], device: str, options: Mapping[str, Mapping[str, Any]], registry=None) -> dict:
+    """Create every named scorer; all missing-weights problems are reported together."""
+    from videotuna_dpo.registry import Registry
+    from videotuna_dpo.scoring.base import MissingWeightsError, Scorer
+
+    registry = registry or Registry.load()
+    unknown_opts = sorted(set(options) - set(names))
+    if unknown_opts:
+        raise UserError(f"--option given for scorer(s) not being run: {', '.join(unknown_opts)}; running: {', '.join(names)}")
+    scorers, problems = {}, []
+    for name in names:
+        factory = registry.get("scorer", name)
+        kwargs = dict(options.get(name, {}))
+        params = inspect.signature(factory).parameters
+        if "device" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            kwargs.setdefault("device", device)
+        try:
+            scorer = factory(**kwargs)
+        except MissingWeightsError as exc:
+            problems.append(str(exc))
+            continue
+        except TypeError as exc:
+            raise UserError(f"scorer {name}: bad options {sorted(kwargs)}: {exc}") from exc
+        if not isinstance(scorer, Scorer) or scorer.kind not in ("quality", "semantic"):
+            raise UserError(
+                f"scorer {name} ({type(scorer).__module__}.{type(scorer).__qualname__}) does not follow the scorer "
+                f"contract: it needs kind ('quality'/'semantic'), needs_weights, weights_hint, version and __call__"
+            )
+        scorers[name] = scorer
+    if problems:
+        free = "temporal_flickering,dynamic_degree,motion_smoothness,imaging_quality"
+        raise UserError(
+            "missing scorer weights:\n  " + "\n  ".join(problems)
+            + f"\nOr score only the dimensions that need no weights: --scorers {free}"
+        )
+    return scorers
+
+
+def _describe(scorer) -> dict:
+    if hasattr(scorer, "describe"):
+        return scorer.describe()
+    return {"version": str(scorer.version), "weights": scorer.weights_hint or None}
+
+
+def _check_resume(records: list[dict], scorers: Mapping[str, Any], out: Path) -> None:
+    current = {name: str(s.version) for name, s in scorers.items()}
+    for record in reversed(records):
+        if record.get("status") == "ok":
+            before = {name: str(d.get("version")) for name, d in record.get("scorers", {}).items()}
+            if before != current:
+                raise UserError(
+                    f"{out} holds scores made with scorers {before}, but this run uses {current}; "
+                    f"scores of different scorers do not mix: pass the same --scorers/--option, or a new --out"
+                )
+            return
+
+
+def _prefetch(fn, items: Sequence, depth: int) -> Iterator[tuple[Any, Future]]:
+    """Yield (item, future of fn(item)) in order, keeping ``depth`` decodes ahead in a thread."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        queue: deque = deque()
+        it = iter(items)
+        for item in it:
+            queue.append((item, pool.submit(fn, item)))
+            if len(queue) > depth:
+                yield queue.popleft()
+        while queue:
+            yield queue.popleft()
+
+
+def score_videos(
+    videos: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    prompts: str | os.PathLike | None = None,
+    scorers: Sequence[str] | None = None,
+    batch_size: int = 4,
+    device: str | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    weights: Mapping[str, float] | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+    registry=None,
+) -> dict:
+    """Score videos into ``out`` (JSONL); returns ``{"scored", "failed", "skipped", "recovered_bytes", "out"}``."""
+    import torch
+    from tqdm import tqdm
+
+    from videotuna_dpo.data.video_io import VideoReadError, read_video
+    from videotuna_dpo.scoring.base import default_device
+    from videotuna_dpo.scoring.omniscore import OmniScoreConfig, omniscore
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    paths = list_videos(videos) if isinstance(videos, (str, os.PathLike)) else [Path(v) for v in videos]
+    prompt_map = load_prompts(paths, prompts)
+    names = list(scorers or DEFAULT_SCORERS)
+    if len(set(names)) != len(names):
+        raise UserError(f"--scorers lists a scorer twice: {','.join(names)}")
+    device = device or default_device()
+    models = build_scorers(names, device, options or {}, registry)
+    config = OmniScoreConfig()
+    for name, scorer in models.items():
+        config.kinds.setdefault(name, scorer.kind)
+    config = config.with_weights(weights or {})
+    described = {name: _describe(s) for name, s in models.items()}
+    min_frames = max([int(getattr(s, "min_frames", 1)) for s in models.values()] + [1])
+
+    store = ScoresFile(out)
+    records = store.recover()
+    _check_resume(records, models, store.path)
+    latest = {r["path"]: r for r in records}
+    done = {p for p, r in latest.items() if r["status"] == "ok" or not retry_failed}
+    todo = [p for p in paths if str(p.resolve()) not in done]
+    summary = {"scored": 0, "failed": 0, "skipped": len(paths) - len(todo),
+               "recovered_bytes": store.dropped_bytes, "out": str(store.path)}
+    if store.dropped_bytes:
+        print(f"{store.path}: dropped a partial last line ({store.dropped_bytes} bytes) left by an interrupted run",
+              file=sys.stderr)
+
+    def fail(path: Path, reason: str) -> None:
+        store.append({"path": str(path.resolve()), "prompt": prompt_map[path][0], "status": "failed", "reason": reason})
+        summary["failed"] += 1
+
+    def flush(batch: list[tuple[Path, Any]]) -> None:
+        clip = torch.stack([frames for _, frames in batch]).to(device).float().div_(255.0)  # [B, F, C, H, W]
+        texts = [prompt_map[p][0] for p, _ in batch]
+        raw = {name: scorer(clip, texts).detach().double().cpu().reshape(len(batch)) for name, scorer in models.items()}
+        for i, (path, frames) in enumerate(batch):
+            values = {name: float(raw[name][i]) for name in names}
+            bad = [n for n, v in values.items() if v != v or v in (float("inf"), float("-inf"))]
+            if bad:
+                fail(path, f"scorer(s) {', '.join(bad)} returned a non-finite value")
+                continue
+            agg = omniscore(values, config)
+            store.append({
+                "path": str(path.resolve()), "prompt": texts[i], "status": "ok", "raw": values,
+                "normalized": agg["normalized"], "quality": agg["quality"], "semantic": agg["semantic"],
+                "omniscore": agg["omniscore"], "dimensions_used": agg["dimensions_used"],
+                "weights": agg["weights"], "scorers": described,
+                "frames": int(frames.shape[0]), "height": int(frames.shape[2]), "width": int(frames.shape[3]),
+                "meta": prompt_map[path][1],
+            })
+            summary["scored"] += 1
+        bar.update(len(batch))
+
+    def decode(path: Path):
+        try:
+            return read_video(path)
+        except VideoReadError as exc:
+            return exc
+
+    batch: list[tuple[Path, Any]] = []
+    with tqdm(total=len(todo), unit="video", desc="score", disable=not progress) as bar:
+        for path, future in _prefetch(decode, todo, depth=max(2, batch_size)):
+            frames = future.result()
+            if isinstance(frames, VideoReadError):
+                fail(path, frames.reason)
+                bar.update(1)
+                continue
+            if frames.shape[0] < min_frames:
+                fail(path, f"too short: {frames.shape[0]} frame(s); the scorers need at least {min_frames}")
+                bar.update(1)
+                continue
+            if batch and batch[0][1].shape != frames.shape:
+                flush(batch)
+                batch = []
+            batch.append((path, frames))
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    return summary
+
+
+# ---------------------------------------------------------------- CLI
+
+EXAMPLE = (
+    "example: videotuna score --videos samples/ --prompts samples/prompts.json --out scores.jsonl "
+    "--scorers temporal_flickering,dynamic_degree,motion_smoothness,imaging_quality --batch-size 4"
+)
+DESCRIPTION = """\
+Score every video on VBench dimensions and their OmniScore; one JSON line per video in --out.
+A rerun skips videos already in --out; unreadable or too-short videos become "failed" lines.
+
+prompts: --prompts FILE as .json {"a.mp4" (path, file name or stem): "prompt", ...} or a list of
+{"path": ..., "prompt": ...}, .jsonl of those, or .txt with one prompt per sorted video; without it,
+a sidecar <video>.json (a.mp4.json or a.json) with a "prompt" key, as `videotuna generate` writes.
+
+weights: model-based scorers (subject_consistency, aesthetic_quality, overall_consistency; MUSIQ and
+RAFT options) read local files from $VIDEOTUNA_WEIGHTS or --option SCORER.KEY=PATH:
+  $VIDEOTUNA_WEIGHTS/dino/dino_vitbase16_pretrain.pth        subject_consistency  (weights=)
+  $VIDEOTUNA_WEIGHTS/clip/ViT-L-14.pt                        aesthetic_quality, overall_consistency (clip_weights=)
+  $VIDEOTUNA_WEIGHTS/aesthetic/sa_0_4_vit_l_14_linear.pth    aesthetic_quality    (head_weights=)
+  $VIDEOTUNA_WEIGHTS/musiq/musiq_spaq_ckpt-358bb6af.pth      imaging_quality, else a NIQE proxy (musiq_weights=)
+  $VIDEOTUNA_WEIGHTS/raft/raft_large_C_T_V2-1bb1363a.pth     dynamic_degree/motion_smoothness flow=raft (raft_weights=)
+"""
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    summary = score_videos(
+        videos=args.videos,
+        out=args.out,
+        prompts=args.prompts,
+        scorers=[s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None,
+        batch_size=args.batch_size,
+        device=args.device,
+        options=parse_options(args.option),
+        weights=parse_weights(args.weight),
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+    )
+    print(
+        f"scored {summary['scored']}, failed {summary['failed']}, skipped {summary['skipped']} "
+        f"(already in {summary['out']})"
+    )
+    if summary["failed"]:
+        print(f"{summary['failed']} video(s) failed; their reasons are the \"failed\" lines of {summary['out']}",
+              file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``score`` verb on the ``videotuna`` subparsers."""
+    p = subparsers.add_parser(
+        "score",
+        help="score videos on VBench dimensions -> scores.jsonl (OmniScore)",
+        description=DESCRIPTION,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--videos", required=True, help="a directory of videos (recursive), a .txt list of paths, or one video")
+    p.add_argument("--prompts", default=None, help="prompts file (.json, .jsonl or .txt); default: <video>.json sidecars")
+    p.add_argument("--out", required=True, help="the JSONL file to append to (resumed if it exists)")
+    p.add_argument("--scorers", default=None,
+                   help=f"comma-separated scorer names (default: all seven: {','.join(DEFAULT_SCORERS)})")
+    p.add_argument("--batch-size", type=int, default=4, help="videos per batch (default 4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
+                   help="a scorer option, e.g. dynamic_degree.fps=16 or aesthetic_quality.clip_weights=PATH (repeatable)")
+    p.add_argument("--weight", action="append", default=[], metavar="DIMENSION=W",
+                   help="OmniScore weight of a dimension, e.g. dynamic_degree=0.5 (repeatable; 0 leaves it out)")
+    p.add_argument("--retry-failed", action="store_true", help="score again the videos recorded as failed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_score)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m videotuna_dpo.pipeline.score score ...`` (the same verb without the full CLI)."""
+    parser = argparse.ArgumentParser(prog="videotuna")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"videotuna: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
