@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from videotuna_dpo import __version__
@@ -50,6 +51,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from videotuna_dpo.pipeline.demo import run_demo
+
+    summary = run_demo(Path(args.out), steps=args.steps)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="videotuna",
@@ -84,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="Lightning checkpoint to resume from exactly, or 'last'")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser(
+        "demo",
+        help="run DPO end to end on a tiny model, offline, on a CPU",
+        description="Build a tiny CogVideoX and a preference dataset of procedural videos, DPO-train "
+        "it through the `dpo` strategy and sample with the tuned weights.",
+        epilog="example: videotuna demo --out demo_out",
+    )
+    p.add_argument("--out", default="demo_out", help="output directory")
+    p.add_argument("--steps", type=int, default=30, help="DPO steps")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

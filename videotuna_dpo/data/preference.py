@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,3 +192,51 @@ def load_pairs(
     if not records:
         raise DataError([f"{train_data}: no preference pairs"])
     return records
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary sibling and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_official_layout(
+    meta_dir: str | Path,
+    clips: list[dict[str, Any]],
+    pairs: list[dict[str, Any]],
+    manifest: dict[str, Any] | None = None,
+) -> Path:
+    """Write one META dir (metadata.json, pair.json, optional manifest.json) and its train_data.yaml.
+
+    ``clips``: ``{"clip_path", "caption", "duration"}``; ``pairs``: ``{"winner", "loser", "caption",
+    "score"}`` with indices into ``clips``. The official VideoDPO loader reads the result unchanged.
+    """
+    meta_dir = Path(meta_dir)
+    metadata = [
+        {"basic": {"clip_path": c["clip_path"], "clip_duration": float(c.get("duration", 0.0))},
+         "misc": {"frame_caption": [c["caption"]]}}
+        for c in clips
+    ]
+    pair_rows = [
+        {"video1": int(p["winner"]), "video2": int(p["loser"]), "frame_caption": p["caption"], "score": float(p["score"])}
+        for p in pairs
+    ]
+    write_json_atomic(meta_dir / "metadata.json", metadata)
+    write_json_atomic(meta_dir / "pair.json", pair_rows)
+    if manifest is not None:
+        write_json_atomic(meta_dir / "manifest.json", manifest)
+    train_data = meta_dir.parent / "train_data.yaml"
+    tmp = train_data.with_name(f".{train_data.name}.tmp")
+    tmp.write_text(yaml.safe_dump({"META": [meta_dir.name]}))
+    os.replace(tmp, train_data)
+    return train_data

@@ -1,0 +1,1 @@
+"""The embedded demo's world: procedural captioned videos and a tiny text-to-video model."""
