@@ -23,12 +23,13 @@ class FlowEstimator:
     """Flow for many frame pairs at once; ``method`` is one of :data:`FLOW_METHODS`."""
 
     def __init__(self, method: str = "dis", scorer: str = "flow", raft_weights: str | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", raft_iters: int = 20):
         if method not in FLOW_METHODS:
             raise UserError(f"{scorer}: unknown flow method {method!r}; choose one of {', '.join(FLOW_METHODS)}")
         self.method = method
         self.device = torch.device(device)
         self.weights: Path | None = None
+        self.raft_iters = raft_iters  # VBench runs RAFT with 20 refinement iterations
         if method == "raft":
             self.weights = find_weights(
                 scorer, raft_weights, RAFT_FILE,
@@ -63,14 +64,14 @@ class FlowEstimator:
     @torch.no_grad()
     def _raft_flow(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         n, h, w, _ = first.shape
-        # RAFT needs sides divisible by 8; pad by replication and crop the flow back.
-        ph, pw = (-h) % 8, (-w) % 8
+        # RAFT needs sides divisible by 8 and at least 128; pad by replication and crop the flow back.
+        ph, pw = max(128, h + (-h) % 8) - h, max(128, w + (-w) % 8) - w
 
         def prep(x: np.ndarray) -> torch.Tensor:
             t = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             return torch.nn.functional.pad(t, (0, pw, 0, ph), mode="replicate")
 
-        flows = self._raft(prep(first), prep(second), num_flow_updates=20)[-1]
+        flows = self._raft(prep(first), prep(second), num_flow_updates=self.raft_iters)[-1]
         return flows[:, :, :h, :w].permute(0, 2, 3, 1).float().cpu().numpy()
 
 

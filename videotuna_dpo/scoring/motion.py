@@ -54,9 +54,9 @@ class DynamicDegree(BaseScorer):
     min_frames = 2
 
     def __init__(self, device: str | None = None, flow: str = "dis", raft_weights: str | None = None,
-                 fps: float = 8.0, flow_short_side: int | None = 256):
+                 fps: float = 8.0, flow_short_side: int | None = 256, raft_iters: int = 20):
         super().__init__(device)
-        self.flow = FlowEstimator(flow, self.name, raft_weights, self.device)
+        self.flow = FlowEstimator(flow, self.name, raft_weights, self.device, raft_iters)
         self.needs_weights = flow == "raft"
         self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
         if self.flow.weights:
@@ -107,14 +107,14 @@ class MotionSmoothness(BaseScorer):
     min_frames = 3
 
     def __init__(self, device: str | None = None, interpolator: str = "flow", flow: str = "dis",
-                 raft_weights: str | None = None):
+                 raft_weights: str | None = None, raft_iters: int = 20):
         super().__init__(device)
         if interpolator != "flow":
             raise UserError(
                 f"{self.name}: interpolator {interpolator!r} is not available; videotuna-dpo ships only the "
                 f"flow-based interpolator (interpolator='flow'); VBench's AMT is not included"
             )
-        self.flow = FlowEstimator(flow, self.name, raft_weights, self.device)
+        self.flow = FlowEstimator(flow, self.name, raft_weights, self.device, raft_iters)
         self.needs_weights = flow == "raft"
         self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
         if self.flow.weights:

@@ -1,0 +1,164 @@
+"""Model-based scorers end to end on random-weight models loaded from a weights directory; missing weights."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.scoring.base import WEIGHTS_ENV, MissingWeightsError
+from videotuna_dpo.scoring.clip_scorers import (
+    AESTHETIC_FILE,
+    CLIP_FILE,
+    AestheticQuality,
+    OverallConsistency,
+    clip_preprocess,
+    middle_frame_indices,
+)
+from videotuna_dpo.scoring.dino import DINO_FILE, SubjectConsistency, consistency_from_features, dino_preprocess
+from videotuna_dpo.scoring.imaging import ImagingQuality
+from videotuna_dpo.scoring.motion import DynamicDegree
+
+TINY_CLIP = "videotuna-test-tiny-clip"
+TINY_DINO = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    """A $VIDEOTUNA_WEIGHTS tree of random weights: a tiny ViT (DINO slot), a tiny CLIP and its head."""
+    import open_clip
+    import timm
+
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    (root / "dino").mkdir()
+    dino = timm.create_model(TINY_DINO, pretrained=False, num_classes=0)
+    torch.save(dino.state_dict(), root / DINO_FILE)
+
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    (root / f"{TINY_CLIP}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(root / f"{TINY_CLIP}.json")
+    clip = open_clip.create_model(TINY_CLIP, pretrained=None)
+    (root / "clip").mkdir()
+    torch.save(clip.state_dict(), root / CLIP_FILE)
+    (root / "aesthetic").mkdir()
+    torch.save(torch.nn.Linear(32, 1).state_dict(), root / AESTHETIC_FILE)
+    return root
+
+
+def video_batch(seed=0) -> torch.Tensor:
+    """[2, 5, 3, 40, 48]: a static video and a noisy one."""
+    g = torch.Generator().manual_seed(seed)
+    still = torch.rand(1, 1, 3, 40, 48, generator=g).expand(1, 5, 3, 40, 48)
+    noisy = torch.rand(1, 5, 3, 40, 48, generator=g)
+    return torch.cat([still, noisy]).contiguous()
+
+
+def test_consistency_from_features_matches_hand_computation():
+    feats = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]]])
+    # i=1: cos(f0,f1)=cos(f0,f1)=0.7071 -> 0.7071; i=2: cos(f1,f2)=-0.7071 -> 0, cos(f0,f2)=-1 -> 0.
+    expected = (2 ** -0.5 + 0.0) / 2
+    assert consistency_from_features(feats).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_subject_consistency_runs_on_a_random_vit_from_the_weights_dir(weights_dir, monkeypatch):
+    monkeypatch.setenv(WEIGHTS_ENV, str(weights_dir))
+    scorer = SubjectConsistency(device="cpu", model_name=TINY_DINO)
+    assert scorer.needs_weights and scorer.describe()["weights"] == {"dino": str(weights_dir / DINO_FILE)}
+    videos = video_batch()
+    scores = scorer(videos, ["a", "b"])
+    assert scores[0].item() == pytest.approx(1.0, abs=1e-6)  # identical frames
+    feats = scorer.model(dino_preprocess(videos[1], 224, 16)).reshape(1, 5, -1)
+    assert scores[1].item() == pytest.approx(consistency_from_features(feats).item(), abs=1e-6)
+    assert scores[1].item() < 1.0
+    # 40x48 -> short side 224 -> 224x269, cut to whole 16 px patches.
+    assert dino_preprocess(videos[0], 224, 16).shape[-2:] == (224, 256)
+
+
+def test_aesthetic_quality_is_the_head_over_normalised_clip_features(weights_dir, monkeypatch):
+    monkeypatch.setenv(WEIGHTS_ENV, str(weights_dir))
+    scorer = AestheticQuality(device="cpu", model_name=TINY_CLIP)
+    videos = video_batch(1)
+    got = scorer(videos, ["a", "b"])
+    frames = videos.reshape(10, 3, 40, 48)
+    feats = F.normalize(scorer.model.encode_image(clip_preprocess(frames, 32)), dim=-1)
+    head = torch.load(weights_dir / AESTHETIC_FILE)
+    expected = ((feats @ head["weight"].T + head["bias"]).reshape(2, 5) / 10).mean(1)
+    assert torch.allclose(got.float(), expected, atol=1e-5)
+    assert set(scorer.describe()["weights"]) == {"clip", "aesthetic_head"}
+
+
+def test_overall_consistency_is_text_video_cosine_over_eight_middle_frames(weights_dir, monkeypatch):
+    monkeypatch.setenv(WEIGHTS_ENV, str(weights_dir))
+    scorer = OverallConsistency(device="cpu", model_name=TINY_CLIP)
+    assert scorer.kind == "semantic"
+    # Loaded once per process: aesthetic_quality and overall_consistency share the CLIP model.
+    assert scorer.model is AestheticQuality(device="cpu", model_name=TINY_CLIP).model
+    assert middle_frame_indices(8, 16) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert middle_frame_indices(8, 5) == [0, 1, 2, 3, 4]
+    videos = video_batch(2)
+    prompts = ["a red fox in snow", "a city at night"]
+    got = scorer(videos, prompts)
+    image = F.normalize(scorer.model.encode_image(clip_preprocess(videos.reshape(10, 3, 40, 48), 32)), dim=-1)
+    video = F.normalize(image.reshape(2, 5, -1).mean(1), dim=-1)
+    text = F.normalize(scorer.model.encode_text(scorer.tokenizer(prompts)), dim=-1)
+    assert torch.allclose(got.float(), (video * text).sum(-1), atol=1e-5)
+    swapped = scorer(videos, prompts[::-1])
+    assert not torch.allclose(got, swapped)
+
+
+def test_missing_weights_name_the_scorer_the_file_and_what_to_put_there(tmp_path, monkeypatch):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    with pytest.raises(MissingWeightsError) as info:
+        SubjectConsistency(device="cpu")
+    message = str(info.value)
+    assert message.startswith("subject_consistency:") and WEIGHTS_ENV in message and DINO_FILE in message
+    assert "dino_vitbase16_pretrain.pth" in message
+
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path))
+    with pytest.raises(MissingWeightsError) as info:
+        AestheticQuality(device="cpu")
+    assert str(tmp_path / AESTHETIC_FILE) in str(info.value) and "LAION aesthetic predictor" in str(info.value)
+    (tmp_path / "aesthetic").mkdir()
+    torch.save(torch.nn.Linear(768, 1).state_dict(), tmp_path / AESTHETIC_FILE)
+    with pytest.raises(MissingWeightsError, match=r"aesthetic_quality: weights file .*clip/ViT-L-14\.pt"):
+        AestheticQuality(device="cpu")
+    with pytest.raises(MissingWeightsError, match=r"overall_consistency: weights file /nope/clip\.pt \(option `clip_weights`\)"):
+        OverallConsistency(device="cpu", clip_weights="/nope/clip.pt")
+    with pytest.raises(MissingWeightsError, match=r"imaging_quality: .*musiq_spaq_ckpt"):
+        ImagingQuality(device="cpu", backend="musiq")
+    with pytest.raises(MissingWeightsError, match=r"dynamic_degree: .*raft/raft_large_C_T_V2-1bb1363a\.pth"):
+        DynamicDegree(device="cpu", flow="raft")
+    with pytest.raises(UserError, match="unknown backend 'brisque'"):
+        ImagingQuality(device="cpu", backend="brisque")
+
+
+def test_musiq_backend_needs_pyiqa_when_its_checkpoint_is_present(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("pyiqa") is not None:
+        pytest.skip("pyiqa is installed; this checks the message shown without it")
+    ckpt = tmp_path / "musiq.pth"
+    torch.save({}, ckpt)
+    with pytest.raises(MissingWeightsError, match="pip install pyiqa"):
+        ImagingQuality(device="cpu", backend="auto", musiq_weights=str(ckpt))
+
+
+def test_dynamic_degree_with_raft_from_a_local_checkpoint(tmp_path):
+    from torchvision.models.optical_flow import raft_large
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "raft.pth"
+    torch.save(raft_large(weights=None).state_dict(), ckpt)
+    scorer = DynamicDegree(device="cpu", flow="raft", raft_weights=str(ckpt), raft_iters=2)
+    assert scorer.needs_weights and scorer.version.endswith("raft-large")
+    assert scorer.describe()["weights"] == {"raft": str(ckpt)}
+    # 60x68 frames are padded to RAFT's 128 px minimum and the flow cropped back.
+    mags, (h, w), n = scorer.pair_magnitudes(torch.rand(3, 3, 60, 68))
+    assert mags.shape == (2,) and (h, w, n) == (60, 68, 3)
+    assert bool((mags >= 0).all())
