@@ -24,6 +24,9 @@ setup(
         "safetensors>=0.4",
         "sentencepiece",
         "tqdm",
+        "opencv-python-headless",  # optical flow for dynamic_degree / motion_smoothness
+        "matplotlib",  # PNG plots of datasets and evaluations
+        "pyyaml",
     ],
     extras_require={
         "test": ["pytest>=7"],

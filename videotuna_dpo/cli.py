@@ -11,6 +11,7 @@ from typing import Sequence
 from videotuna_dpo import __version__
 from videotuna_dpo.config import load_config
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.pipeline import score as score_parser
 from videotuna_dpo.registry import Registry
 
 EPILOG = """\
@@ -48,6 +49,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     strategy = registry.get("strategy", args.strategy)
     out = strategy.run(cfg, registry, resume=args.resume, source=str(args.config))
     print(f"run finished: {out}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from videotuna_dpo.pipeline.generate import generate_videos
+
+    cfg = load_config(args.config, args.overrides)
+    registry = Registry.load(cfg.get("plugins"))
+    summary = generate_videos(cfg, registry, args.prompts, args.out, num_samples=args.num_samples,
+                              seed=args.seed, weights=args.weights, source=str(args.config))
+    print(f"generated {summary['generated']}, kept {summary['kept']} already complete, in {args.out}")
+    return 0
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    from videotuna_dpo.pipeline.pairs import build_pairs_dataset
+
+    summary = build_pairs_dataset(args.scores, args.out, strategy=args.strategy, min_gap=args.min_gap,
+                                  alpha=args.alpha, beta=args.beta, bin_width=args.bin_width, mode=args.mode)
+    if summary["failed_videos_left_out"]:
+        print(f"{summary['failed_videos_left_out']} video(s) failed scoring and are left out "
+              f"(listed in {args.out}/pairs/manifest.json)", file=sys.stderr)
+    print(f"{summary['pairs']} pairs from {summary['prompts']} prompts "
+          f"({summary['prompts_without_pair']} without a pair); weights {summary['weight_min']:.3g}.."
+          f"{summary['weight_max']:.3g}; train with data.train_data={summary['train_data']}")
     return 0
 
 
@@ -93,6 +119,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="Lightning checkpoint to resume from exactly, or 'last'")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser(
+        "generate",
+        help="sample N videos per prompt with a backend -> mp4 + a JSON record each",
+        description="Generate --num-samples videos per prompt with the config's `model:` backend and its "
+        "`generate:` settings (num_frames, steps, guidance, height, width, fps, batch_size). Resumable: "
+        "complete videos are kept, partial files never survive a kill.",
+        epilog="example: videotuna generate --config configs/dpo/cogvideox_2b.yaml --prompts prompts.txt "
+        "--num-samples 4 --out samples/ --seed 0",
+    )
+    p.add_argument("--config", required=True, help="YAML config with a `model:` block")
+    p.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {id: prompt})")
+    p.add_argument("--num-samples", type=int, default=4, help="videos per prompt (default 4, as the paper)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="base seed; video k of prompt i uses seed + i*N + k")
+    p.add_argument("--weights", default=None, help="tuned weights (a run's weights/last) to sample with")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    p.set_defaults(func=_cmd_generate)
+
+    score_parser.add_parser(sub)
+
+    p = sub.add_parser(
+        "pairs",
+        help="scores.jsonl -> preference dataset (best vs worst, re-weighted)",
+        description="Group scored videos by prompt, pair them and write the official VideoDPO layout plus "
+        "manifest.json and PNG plots. Pair weight = (beta / p) ** alpha with p the pair probability from "
+        "the OmniScore histogram (bin width 0.01); --mode sqrt uses sqrt(p_w p_l) (the paper, default), "
+        "product uses p_w p_l (the official code).",
+        epilog="example: videotuna pairs --scores scores.jsonl --out data/pairs --strategy best-worst --alpha 1.0",
+    )
+    p.add_argument("--scores", required=True, help="scores.jsonl from `videotuna score`")
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument("--strategy", default="best-worst", choices=["best-worst", "all-gap"],
+                   help="best-worst: one pair per prompt (paper); all-gap: every pair above --min-gap")
+    p.add_argument("--min-gap", type=float, default=0.0, help="minimum OmniScore gap of a pair (ties never pair)")
+    p.add_argument("--alpha", type=float, default=1.0, help="re-weighting exponent; 0 = plain DPO (all ones)")
+    p.add_argument("--beta", type=float, default=0.72, help="re-weighting constant (default 0.72)")
+    p.add_argument("--bin-width", type=float, default=0.01, help="OmniScore histogram bin width")
+    p.add_argument("--mode", default="sqrt", choices=["sqrt", "product"], help="pair probability (default sqrt)")
+    p.set_defaults(func=_cmd_pairs)
+
     p = sub.add_parser(
         "demo",
         help="run DPO end to end on a tiny model, offline, on a CPU",

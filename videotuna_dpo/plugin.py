@@ -16,7 +16,9 @@ def videotuna_strategies():
 
 @hookimpl
 def videotuna_scorers():
-    return {}
+    from videotuna_dpo.scoring import SCORERS
+
+    return dict(SCORERS)
 
 
 @hookimpl

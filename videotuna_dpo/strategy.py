@@ -54,6 +54,7 @@ class TrainSchema:
     output_dir: str = "runs/dpo"
     model: dict[str, Any] = field(default_factory=dict)  # validated by the chosen backend
     data: dict[str, Any] = field(default_factory=dict)  # validated by the chosen datamodule
+    generate: dict[str, Any] = field(default_factory=dict)  # sampler settings of `videotuna generate`
     dpo: DPOSchema = field(default_factory=DPOSchema)
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     lightning: LightningSchema = field(default_factory=LightningSchema)

@@ -263,16 +263,24 @@ class CogVideoXBackend(nn.Module):
         num_frames: int = 49,
         steps: int = 50,
         guidance: float = 6.0,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         height: int | None = None,
         width: int | None = None,
         negative_prompt: str | None = None,
     ) -> torch.Tensor:
-        """Sample with diffusers' CogVideoX pipeline -> float ``[B, F, C, H, W]`` in [0, 1]."""
+        """Sample with diffusers' CogVideoX pipeline -> float ``[B, F, C, H, W]`` in [0, 1].
+
+        ``seed`` as a list gives each prompt its own generator, so a video never depends on its batch.
+        """
         self._require_vae("generate")
         pipe = self._pipeline()
         device = next(self.transformer.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(int(seed))
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != len(prompts):
+                raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
+            generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+        else:
+            generator = torch.Generator(device=device).manual_seed(int(seed))
         height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
         width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
         was_training = self.transformer.training

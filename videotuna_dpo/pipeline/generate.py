@@ -1,0 +1,114 @@
+"""``videotuna generate``: N samples per prompt through a backend, as mp4 + a JSON record each.
+
+A video counts as done when both ``<id>_s<k>.mp4`` and its record ``<id>_s<k>.json`` exist; both
+are written atomically, the record last, so a rerun keeps every complete video and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from videotuna_dpo.config import validate
+from videotuna_dpo.data.preference import write_json_atomic
+from videotuna_dpo.data.video_io import write_video
+from videotuna_dpo.pipeline.prompts import load_prompt_file
+
+
+@dataclass
+class GenerateSchema:
+    num_frames: int = 49
+    steps: int = 50
+    guidance: float = 6.0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    fps: int = 8
+    negative_prompt: Optional[str] = None
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_id: str
+    prompt: str
+    sample: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.prompt_id}_s{self.sample}"
+
+
+def plan_jobs(prompts: list[tuple[str, str]], num_samples: int, seed: int) -> list[Job]:
+    """Every (prompt, sample) with its own seed: ``seed + prompt_index * num_samples + sample``."""
+    return [Job(pid, text, k, seed + i * num_samples + k) for i, (pid, text) in enumerate(prompts) for k in range(num_samples)]
+
+
+def is_done(out: Path, job: Job) -> bool:
+    return (out / f"{job.name}.mp4").is_file() and (out / f"{job.name}.json").is_file()
+
+
+def load_backend(cfg: Any, registry: Any, weights: str | None = None, source: str = "<config>"):
+    """The config's ``model:`` backend, with tuned weights when given, on the GPU when there is one."""
+    model_cfg = cfg.model
+    if weights:
+        model_cfg = OmegaConf.merge(model_cfg, {"trainable_weights": str(weights)})
+    backend = registry.get("model", model_cfg.name).from_config(model_cfg, source)
+    if torch.cuda.is_available():
+        backend.to("cuda")
+    return backend.eval()
+
+
+def generate_videos(
+    cfg: Any,
+    registry: Any,
+    prompts_file: str | Path,
+    out: str | Path,
+    num_samples: int = 4,
+    seed: int = 0,
+    weights: str | None = None,
+    backend: Any = None,
+    source: str = "<config>",
+) -> dict[str, int]:
+    """Generate what is missing under ``out``; returns counts of generated and kept videos."""
+    settings = validate(cfg.get("generate"), GenerateSchema, "generate", source)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = plan_jobs(load_prompt_file(prompts_file), num_samples, seed)
+    todo = [j for j in jobs if not is_done(out, j)]
+    if todo and backend is None:
+        backend = load_backend(cfg, registry, weights, source)
+    sampler = {k: settings[k] for k in ("num_frames", "steps", "guidance", "height", "width", "fps", "negative_prompt")}
+    model = {"name": cfg.model.name, "pretrained": str(cfg.model.get("pretrained", "")), "weights": weights}
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="video")
+    for start in range(0, len(todo), settings.batch_size):
+        batch = todo[start : start + settings.batch_size]
+        videos = backend.generate(
+            [j.prompt for j in batch],
+            num_frames=settings.num_frames,
+            steps=settings.steps,
+            guidance=settings.guidance,
+            seed=[j.seed for j in batch],
+            **{k: settings[k] for k in ("height", "width", "negative_prompt") if settings[k] is not None},
+        )  # [B, F, C, H, W] in [0, 1]
+        for job, video in zip(batch, videos):
+            write_video(out / f"{job.name}.mp4", video, fps=settings.fps)
+            record = {"prompt": job.prompt, "prompt_id": job.prompt_id, "sample": job.sample, "seed": job.seed,
+                      "sampler": sampler, "model": model, "video": f"{job.name}.mp4"}
+            write_json_atomic(out / f"{job.name}.json", record)
+            bar.update(1)
+    bar.close()
+    write_json_atomic(out / "prompts.json", {f"{j.name}.mp4": j.prompt for j in jobs})
+    return {"generated": len(todo), "kept": len(jobs) - len(todo), "total": len(jobs)}
+
+
+def read_record(video: Path) -> dict:
+    """The generation record next to ``video`` (empty when there is none)."""
+    path = video.with_suffix(".json")
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -1,0 +1,175 @@
+"""``videotuna pairs``: scores.jsonl -> a preference dataset (best vs worst, re-weighted by rarity).
+
+Writes the official VideoDPO layout (train_data.yaml, metadata.json, pair.json with ``score`` = the
+pair probability) plus manifest.json (every video's dimensions, the pair weights, the parameters)
+and PNG plots.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from videotuna_dpo.data.preference import write_json_atomic, write_official_layout
+from videotuna_dpo.errors import UserError
+
+PAIR_STRATEGIES = ("best-worst", "all-gap")
+PROBABILITY_MODES = ("sqrt", "product")
+
+
+def bin_probabilities(scores: Sequence[float], all_scores: Sequence[float], bin_width: float = 0.01) -> np.ndarray:
+    """Each score's bin frequency in the histogram of ``all_scores`` (bins ``[k w, (k+1) w)``)."""
+    if bin_width <= 0:
+        raise ValueError(f"bin_width must be positive, got {bin_width}")
+    all_bins = np.floor(np.asarray(all_scores, dtype=np.float64) / bin_width + 1e-9).astype(np.int64)
+    values, counts = np.unique(all_bins, return_counts=True)
+    freq = dict(zip(values.tolist(), (counts / len(all_bins)).tolist()))
+    bins = np.floor(np.asarray(scores, dtype=np.float64) / bin_width + 1e-9).astype(np.int64)
+    missing = [float(s) for s, b in zip(scores, bins) if int(b) not in freq]
+    if missing:
+        raise ValueError(f"scores {missing[:5]} are not among all_scores")
+    return np.array([freq[int(b)] for b in bins], dtype=np.float64)
+
+
+def pair_probabilities(scores_w, scores_l, all_scores, bin_width: float = 0.01, mode: str = "sqrt") -> np.ndarray:
+    """Pair probability from the two videos' bin probabilities: sqrt(p_w p_l) or p_w p_l."""
+    if mode not in PROBABILITY_MODES:
+        raise ValueError(f"mode must be one of {', '.join(PROBABILITY_MODES)}, got {mode!r}")
+    p_w = bin_probabilities(scores_w, all_scores, bin_width)
+    p_l = bin_probabilities(scores_l, all_scores, bin_width)
+    return np.sqrt(p_w * p_l) if mode == "sqrt" else p_w * p_l
+
+
+def pair_weights(scores_w, scores_l, all_scores, alpha, beta=0.72, bin_width=0.01, mode="sqrt") -> np.ndarray:
+    """VideoDPO re-weighting: ``(beta / p) ** alpha`` with p the pair probability; alpha = 0 gives ones."""
+    p = pair_probabilities(scores_w, scores_l, all_scores, bin_width, mode)
+    return (beta / p) ** alpha
+
+
+@dataclass
+class Pair:
+    prompt: str
+    winner: dict
+    loser: dict
+
+    @property
+    def gap(self) -> float:
+        return self.winner["omniscore"] - self.loser["omniscore"]
+
+
+def select_pairs(records: list[dict], strategy: str = "best-worst", min_gap: float = 0.0) -> tuple[list[Pair], dict]:
+    """Group scored videos by prompt and pair them; ties are never pairs. Returns pairs and counts."""
+    if strategy not in PAIR_STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(PAIR_STRATEGIES)}, got {strategy!r}")
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["prompt"]].append(r)
+    pairs: list[Pair] = []
+    stats = {"prompts": len(groups), "prompts_without_pair": 0}
+    for prompt, group in groups.items():
+        group = sorted(group, key=lambda r: (-r["omniscore"], r["path"]))
+        found = []
+        if strategy == "best-worst":
+            best, worst = group[0], group[-1]
+            if len(group) >= 2 and best["omniscore"] - worst["omniscore"] > max(min_gap, 0.0):
+                found.append(Pair(prompt, best, worst))
+        else:
+            for i, w in enumerate(group):
+                for l in group[i + 1 :]:
+                    if w["omniscore"] - l["omniscore"] > max(min_gap, 0.0):
+                        found.append(Pair(prompt, w, l))
+        if not found:
+            stats["prompts_without_pair"] += 1
+        pairs.extend(found)
+    return pairs, stats
+
+
+def read_scored(scores_path: str | Path) -> tuple[list[dict], list[dict]]:
+    """The ``ok`` and the ``failed`` records of a scores.jsonl (last record per video)."""
+    from videotuna_dpo.pipeline.score import read_scores
+
+    records = list(read_scores(scores_path).values())
+    ok, failed = [], []
+    for r in records:
+        if r.get("status") != "ok":
+            failed.append(r)
+            continue
+        s = r.get("omniscore")
+        if not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise UserError(f"{scores_path}: record for {r['path']} has a non-finite omniscore {s!r}")
+        if not r.get("prompt"):
+            raise UserError(f"{scores_path}: record for {r['path']} has no prompt")
+        ok.append(r)
+    return ok, failed
+
+
+def build_pairs_dataset(
+    scores_path: str | Path,
+    out: str | Path,
+    strategy: str = "best-worst",
+    min_gap: float = 0.0,
+    alpha: float = 1.0,
+    beta: float = 0.72,
+    bin_width: float = 0.01,
+    mode: str = "sqrt",
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Pair, weight and write a dataset; returns a summary (counts, weight range, paths)."""
+    out = Path(out)
+    ok, failed = read_scored(scores_path)
+    if not ok:
+        raise UserError(f"{scores_path}: no successfully scored videos")
+    pairs, stats = select_pairs(ok, strategy, min_gap)
+    if not pairs:
+        raise UserError(f"{scores_path}: no pairs (every prompt's samples tie or differ by <= {min_gap})")
+    all_scores = [r["omniscore"] for r in ok]
+    s_w = [p.winner["omniscore"] for p in pairs]
+    s_l = [p.loser["omniscore"] for p in pairs]
+    probability = pair_probabilities(s_w, s_l, all_scores, bin_width, mode)
+    weights = (beta / probability) ** alpha
+
+    meta_dir = out / "pairs"
+    index: dict[str, int] = {}
+    clips, videos = [], []
+    for r in (v for p in pairs for v in (p.winner, p.loser)):
+        if r["path"] in index:
+            continue
+        index[r["path"]] = len(clips)
+        meta = r.get("meta") or {}
+        clips.append({"clip_path": os.path.relpath(r["path"], meta_dir), "caption": r["prompt"],
+                      "duration": r.get("frames", 0) / max(1, meta.get("sampler", {}).get("fps", 8))})
+        videos.append({"clip_path": clips[-1]["clip_path"], "path": r["path"], "prompt": r["prompt"],
+                       "omniscore": r["omniscore"], "quality": r.get("quality"), "semantic": r.get("semantic"),
+                       "raw": r.get("raw", {}), "normalized": r.get("normalized", {}),
+                       "seed": meta.get("seed"), "model": meta.get("model")})
+    rows = [{"winner": index[p.winner["path"]], "loser": index[p.loser["path"]], "caption": p.prompt,
+             "score": float(prob)} for p, prob in zip(pairs, probability)]
+    manifest = {
+        "source_scores": str(Path(scores_path).resolve()),
+        "strategy": strategy, "min_gap": min_gap,
+        "reweighting": {"alpha": alpha, "beta": beta, "bin_width": bin_width, "mode": mode,
+                        "formula": "weight = (beta / p) ** alpha, p = " + ("sqrt(p_w * p_l)" if mode == "sqrt" else "p_w * p_l")},
+        "videos": videos,
+        "pairs": [{"winner": row["winner"], "loser": row["loser"], "prompt": p.prompt, "gap": p.gap,
+                   "probability": float(prob), "weight": float(w)}
+                  for row, p, prob, w in zip(rows, pairs, probability, weights)],
+        "failed_videos": [{"path": r["path"], "reason": r.get("reason", "")} for r in failed],
+    }
+    train_data = write_official_layout(meta_dir, clips, rows, manifest)
+    summary = {
+        "train_data": str(train_data), "pairs": len(pairs), "videos": len(clips), "scored": len(ok),
+        "failed_videos_left_out": len(failed), **stats,
+        "weight_min": float(weights.min()), "weight_max": float(weights.max()), "weight_mean": float(weights.mean()),
+    }
+    if plots:
+        from videotuna_dpo.pipeline.plots import pair_plots
+
+        summary["plots"] = pair_plots(out / "plots", ok, pairs, weights)
+    write_json_atomic(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,80 @@
+"""PNG figures of a preference dataset (the VideoDPO paper's figure 2 panels) and of evaluations."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> str:
+    """Save ``fig`` as PNG atomically and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _pyplot().close(fig)
+    return str(path)
+
+
+def histogram(path: Path, values: Sequence[float], title: str, xlabel: str, bins: Any = 30) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(np.asarray(values, dtype=float), bins=bins, color="#4c72b0", edgecolor="white")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    return save_figure(fig, path)
+
+
+def correlation_heatmap(path: Path, columns: dict[str, Sequence[float]], title: str) -> str:
+    """Pearson correlations between named columns (constant columns show as blank)."""
+    plt = _pyplot()
+    names = list(columns)
+    data = np.asarray([columns[n] for n in names], dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(data) if len(names) > 1 else np.ones((1, 1))
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(names), 0.8 + 0.6 * len(names)))
+    im = ax.imshow(corr, vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if np.isfinite(corr[i, j]):
+                ax.text(j, i, f"{corr[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def pair_plots(out: Path, records: list[dict], pairs: list, weights: np.ndarray) -> dict[str, str]:
+    """OmniScore histogram, pair-gap histogram, weight histogram, dimension correlation heatmap."""
+    scores = [r["omniscore"] for r in records]
+    dims = sorted({d for r in records for d in r.get("normalized", {})})
+    columns = {d: [r.get("normalized", {}).get(d, np.nan) for r in records] for d in dims}
+    columns["omniscore"] = scores
+    return {
+        "omniscore_hist": histogram(out / "omniscore_hist.png", scores, "OmniScore of all samples", "OmniScore",
+                                    bins=np.arange(np.floor(min(scores) * 100) / 100, max(scores) + 0.02, 0.01)),
+        "gap_hist": histogram(out / "pair_gap_hist.png", [p.gap for p in pairs], "OmniScore gap of pairs", "winner - loser"),
+        "weight_hist": histogram(out / "weight_hist.png", weights, "Pair weights", "weight"),
+        "dimension_correlation": correlation_heatmap(out / "dimension_correlation.png", columns,
+                                                     "Correlation of normalised dimensions"),
+    }
