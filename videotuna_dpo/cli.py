@@ -77,6 +77,18 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from videotuna_dpo.pipeline.cache import cache_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    registry = Registry.load(cfg.get("plugins"))
+    s = cache_dataset(cfg, registry, args.data, args.out, shard_size=args.shard_size, source=str(args.config))
+    print(f"encoded {s['encoded']}, kept {s['kept']}, skipped {s['skipped_total']} unreadable video(s); "
+          f"{s['shards']} shard(s), {s['bytes'] / max(1, s['videos'] - s['skipped_total']):.0f} bytes per video; "
+          f"train with data.cache={args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from videotuna_dpo.pipeline.demo import run_demo
 
@@ -158,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bin-width", type=float, default=0.01, help="OmniScore histogram bin width")
     p.add_argument("--mode", default="sqrt", choices=["sqrt", "product"], help="pair probability (default sqrt)")
     p.set_defaults(func=_cmd_pairs)
+
+    p = sub.add_parser(
+        "cache",
+        help="encode a preference dataset's videos and captions once -> latent shards",
+        description="Encode every video of the dataset with the backend's VAE (at data.resolution, "
+        "data.video_length and data.frame_stride, from the first frame) and every caption with its text "
+        "encoder, into safetensors shards. Resumable; unreadable videos are skipped and reported, and "
+        "training from the cache leaves out exactly their pairs. Train with data.cache=CACHE.",
+        epilog="example: videotuna cache --config configs/dpo/cogvideox_2b.yaml --data data/pairs --out data/cache",
+    )
+    p.add_argument("--config", required=True, help="the training config (model and data settings)")
+    p.add_argument("--data", required=True, help="dataset dir (with train_data.yaml) or the train_data.yaml")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--shard-size", type=int, default=32, help="videos per shard")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser(
         "demo",

@@ -194,6 +194,9 @@ class DPOStrategy:
         data_name = data_cfg.get("name", "preference")
         datamodule = registry.get("datamodule", data_name).from_config(data_cfg, source)
         model_cfg = OmegaConf.merge(model_cfg, {"load_text_and_vae": False}) if data_cfg.get("cache") else model_cfg
+        if data_cfg.get("cache"):
+            datamodule.setup("fit")
+            datamodule.dataset.check_model(OmegaConf.create(model_cfg))
         backend = registry.get("model", model_cfg["name"]).from_config(model_cfg, source)
         return top, DPOModule(backend, top.dpo, top.optimizer), datamodule
 

@@ -138,12 +138,17 @@ class CogVideoXBackend(nn.Module):
 
     # -- the protocol -----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, C, F, H, W]`` in [-1, 1] -> latents ``[B, F', C', H', W']`` (scaled)."""
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, C, F, H, W]`` in [-1, 1] -> VAE posterior (mean, std), each ``[B, F', C', H', W']``, scaled."""
         self._require_vae("encode videos")
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
-        latents = latents * self.vae.config.scaling_factor
-        return latents.permute(0, 2, 1, 3, 4).contiguous().float()
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        scale = self.vae.config.scaling_factor
+        return tuple((x * scale).permute(0, 2, 1, 3, 4).contiguous().float() for x in (dist.mean, dist.std))
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, H, W]`` in [-1, 1] -> a posterior sample ``[B, F', C', H', W']`` (scaled)."""
+        mean, std = self.latent_distribution(pixels)
+        return mean + std * torch.randn_like(mean)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

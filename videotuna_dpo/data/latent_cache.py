@@ -1,0 +1,249 @@
+"""The latent cache: every video's VAE posterior and every caption's embedding, encoded once.
+
+Layout of a cache directory: ``shard-00000.safetensors``... (tensors ``v/<n>/mean``,
+``v/<n>/std`` ``[F', C', H', W']`` and ``c/<n>`` ``[L, D]``) and ``index.json`` mapping video ids
+and captions to shard keys, with the settings the cache was built at. Shards and the index are
+written atomically, one shard at a time, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from videotuna_dpo.data.frames import check_length, frame_indices, resize_center_crop, to_model_range
+from videotuna_dpo.data.preference import PairRecord, load_pairs, write_json_atomic
+from videotuna_dpo.data.video_io import VideoReadError, read_video
+from videotuna_dpo.errors import UserError
+
+INDEX = "index.json"
+CACHE_VERSION = 1
+STORE_DTYPE = torch.float16
+
+
+def resolve_train_data(data: str | Path) -> Path:
+    """A dataset dir (holding train_data.yaml) or the yaml itself -> the yaml."""
+    data = Path(data)
+    return data / "train_data.yaml" if data.is_dir() else data
+
+
+def cache_settings(model_cfg: Any, data_cfg: Any) -> dict[str, Any]:
+    """What a cache depends on; a cache built with other settings is refused."""
+    return {
+        "backend": str(model_cfg.name),
+        "pretrained": str(Path(str(model_cfg.get("pretrained", ""))).resolve()),
+        "resolution": [int(x) for x in data_cfg.resolution],
+        "video_length": int(data_cfg.video_length),
+        "frame_stride": int(data_cfg.frame_stride),
+        "frame_start": 0,
+    }
+
+
+def video_id(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
+def _load_index(out: Path) -> dict[str, Any] | None:
+    path = out / INDEX
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: malformed cache index ({exc})") from None
+
+
+def check_settings(index: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
+    """Refuse a cache whose settings differ, naming each setting that does."""
+    built = index.get("settings", {})
+    diffs = [f"{k}: cache has {built.get(k)!r}, config has {v!r}" for k, v in expected.items() if built.get(k) != v]
+    if diffs:
+        raise UserError(f"latent cache {where} was built with other settings ({'; '.join(diffs)}); "
+                        f"build a new cache with `videotuna cache` or use the matching config")
+
+
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _clip(path: str, data_cfg: Any) -> torch.Tensor:
+    """First ``video_length`` frames at ``frame_stride`` -> ``[C, F, H, W]`` in [-1, 1]."""
+    frames = read_video(path)
+    check_length(frames.shape[0], data_cfg.video_length, data_cfg.frame_stride, path)
+    idx = frame_indices(data_cfg.video_length, data_cfg.frame_stride, 0)
+    x = resize_center_crop(frames[idx], *[int(v) for v in data_cfg.resolution])
+    return to_model_range(x).permute(1, 0, 2, 3)
+
+
+def build_cache(model_cfg: Any, data_cfg: Any, backend: Any, data: str | Path, out: str | Path,
+                shard_size: int = 32, batch_size: int = 4) -> dict[str, Any]:
+    """Encode what the cache at ``out`` lacks; unreadable videos are skipped and recorded."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_data = resolve_train_data(data)
+    pairs = load_pairs(train_data, weights="none")
+    settings = cache_settings(model_cfg, data_cfg)
+    index = _load_index(out) or {"version": CACHE_VERSION, "settings": settings, "train_data": str(train_data.resolve()),
+                                 "videos": {}, "captions": {}, "skipped": {}, "shards": []}
+    check_settings(index, settings, out)
+    videos = list(OrderedDict.fromkeys(p for pair in pairs for p in (pair.winner, pair.loser)))
+    captions = list(OrderedDict.fromkeys(pair.caption for pair in pairs))
+    todo_videos = [v for v in videos if video_id(v) not in index["videos"] and video_id(v) not in index["skipped"]]
+    todo_captions = [c for c in captions if c not in index["captions"]]
+    summary = {"videos": len(videos), "encoded": 0, "skipped_now": 0, "kept": len(videos) - len(todo_videos)}
+
+    pending: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, str]] = {"videos": {}, "captions": {}}
+
+    def flush() -> None:
+        if not pending:
+            return
+        name = f"shard-{len(index['shards']):05d}.safetensors"
+        _save_shard(out / name, pending)
+        for kind in ("videos", "captions"):
+            for key, tensor_key in entries[kind].items():
+                index[kind][key] = {"shard": name, "key": tensor_key}
+        index["shards"].append(name)
+        write_json_atomic(out / INDEX, index)  # the shard exists before the index names it
+        pending.clear()
+        entries["videos"].clear()
+        entries["captions"].clear()
+
+    bar = tqdm(total=len(todo_videos) + len(todo_captions), desc="cache", unit="item")
+    for start in range(0, len(todo_captions), batch_size):
+        chunk = todo_captions[start : start + batch_size]
+        embeds = backend.encode_prompt(chunk).to(STORE_DTYPE).cpu()  # [B, L, D]
+        for caption, e in zip(chunk, embeds):
+            n = len(pending)
+            pending[f"c/{n}"] = e
+            entries["captions"][caption] = f"c/{n}"
+        bar.update(len(chunk))
+    for start in range(0, len(todo_videos), batch_size):
+        chunk, clips = [], []
+        for path in todo_videos[start : start + batch_size]:
+            try:
+                clips.append(_clip(path, data_cfg))
+                chunk.append(path)
+            except (VideoReadError, UserError) as exc:
+                reason = exc.reason if isinstance(exc, VideoReadError) else str(exc)
+                index["skipped"][video_id(path)] = reason
+                summary["skipped_now"] += 1
+                print(f"skipped {path}: {reason}", file=sys.stderr)
+                bar.update(1)
+        if clips:
+            mean, std = backend.latent_distribution(torch.stack(clips).to(_device(backend)))
+            for path, m, s in zip(chunk, mean.to(STORE_DTYPE).cpu(), std.to(STORE_DTYPE).cpu()):
+                n = len(pending)
+                pending[f"v/{n}/mean"], pending[f"v/{n}/std"] = m, s
+                entries["videos"][video_id(path)] = f"v/{n}"
+                summary["encoded"] += 1
+                bar.update(1)
+        if len(entries["videos"]) >= shard_size:
+            flush()
+    flush()
+    bar.close()
+    write_json_atomic(out / INDEX, index)
+    summary.update(skipped_total=len(index["skipped"]), shards=len(index["shards"]),
+                   bytes=sum((out / s).stat().st_size for s in index["shards"]))
+    return summary
+
+
+def _device(backend: Any) -> torch.device:
+    try:
+        return next(backend.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+class CachedPreferenceDataset(Dataset):
+    """Pairs from the cache: a fresh posterior sample per access, as training from pixels draws one."""
+
+    def __init__(self, cache_dir: Path, index: dict[str, Any], pairs: list[PairRecord]):
+        self.cache_dir = cache_dir
+        self.index = index
+        self.pairs = pairs
+        self._handles: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, data_cfg: Any) -> "CachedPreferenceDataset":
+        cache_dir = Path(data_cfg.cache)
+        index = _load_index(cache_dir)
+        if index is None:
+            raise UserError(f"data.cache={cache_dir}: no {INDEX}; build it with `videotuna cache`")
+        expected = {k: v for k, v in index.get("settings", {}).items() if k in ("backend", "pretrained")}
+        expected.update({"resolution": [int(x) for x in data_cfg.resolution], "video_length": int(data_cfg.video_length),
+                         "frame_stride": int(data_cfg.frame_stride), "frame_start": 0})
+        check_settings(index, expected, cache_dir)
+        # The videos themselves need not be present any more: the cache holds them.
+        pairs = load_pairs(data_cfg.train_data, weights=data_cfg.weights, alpha=data_cfg.alpha, check_files=False)
+        kept, dropped = [], []
+        for pair in pairs:
+            reasons = [f"{p}: {index['skipped'][video_id(p)]}" for p in (pair.winner, pair.loser) if video_id(p) in index["skipped"]]
+            if reasons:
+                dropped.append((pair, reasons))
+                continue
+            missing = [p for p in (pair.winner, pair.loser) if video_id(p) not in index["videos"]]
+            if missing or pair.caption not in index["captions"]:
+                raise UserError(f"latent cache {cache_dir} is incomplete: {pair.pair_id} needs "
+                                f"{missing or [pair.caption]}; run `videotuna cache` again to finish it")
+            kept.append(pair)
+        if dropped:
+            print(f"{len(dropped)} pair(s) left out: their videos could not be encoded "
+                  f"(first: {dropped[0][0].pair_id}: {dropped[0][1][0]})", file=sys.stderr)
+        if not kept:
+            raise UserError(f"latent cache {cache_dir}: no pair has both videos encoded")
+        return cls(cache_dir, index, kept)
+
+    def check_model(self, model_cfg: Any) -> None:
+        """Refuse a cache built by another backend or checkpoint than ``model_cfg``."""
+        built = self.index["settings"]
+        expected = {"backend": str(model_cfg.name), "pretrained": str(Path(str(model_cfg.get("pretrained", ""))).resolve())}
+        check_settings({"settings": built}, expected, self.cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _tensor(self, entry: dict[str, str], suffix: str = "") -> torch.Tensor:
+        shard = entry["shard"]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.cache_dir / shard), framework="pt")
+        return self._handles[shard].get_tensor(entry["key"] + suffix).float()
+
+    def _sample(self, path: str) -> torch.Tensor:
+        entry = self.index["videos"][video_id(path)]
+        mean, std = self._tensor(entry, "/mean"), self._tensor(entry, "/std")
+        return mean + std * torch.randn_like(mean)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        pair = self.pairs[i]
+        return {
+            "winner_latents": self._sample(pair.winner),  # [F', C', H', W']
+            "loser_latents": self._sample(pair.loser),
+            "prompt_embeds": self._tensor(self.index["captions"][pair.caption]),  # [L, D]
+            "caption": pair.caption,
+            "weight": torch.tensor(pair.weight, dtype=torch.float32),
+            "pair_id": pair.pair_id,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:  # safetensors handles do not cross worker processes
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state

@@ -1,0 +1,24 @@
+"""``videotuna cache``: encode a preference dataset once, so training never runs the VAE or T5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from videotuna_dpo.config import validate
+from videotuna_dpo.data.datamodule import PreferenceDataSchema
+from videotuna_dpo.data.latent_cache import build_cache
+from videotuna_dpo.pipeline.generate import load_backend
+
+
+def cache_dataset(cfg: Any, registry: Any, data: str | Path, out: str | Path, shard_size: int = 32,
+                  backend: Any = None, source: str = "<config>") -> dict[str, Any]:
+    """Encode ``data`` (a dataset dir or train_data.yaml) at the config's training settings into ``out``."""
+    data_cfg = validate(OmegaConf.merge(cfg.get("data") or {}, {"train_data": str(data), "cache": None}),
+                        PreferenceDataSchema, "data", source)
+    if backend is None:
+        backend = load_backend(OmegaConf.merge(cfg, {"model": {"load_text_and_vae": True}}), registry, source=source)
+    return build_cache(cfg.model, data_cfg, backend, data, out, shard_size=shard_size,
+                       batch_size=max(1, int(data_cfg.batch_size)))
