@@ -10,9 +10,14 @@ from videotuna_dpo.scoring.base import BaseScorer, to_uint8_levels
 
 
 def flickering_score(videos: torch.Tensor) -> torch.Tensor:
-    """Float ``[B, F, C, H, W]`` on 0..255 -> ``[B]``: (255 - mean_i mean|F_i - F_i+1|) / 255."""
-    mae = (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(2, 3, 4))  # [B, F-1]
-    return (255.0 - mae.double().mean(dim=1)) / 255.0
+    """``[B, F, C, H, W]`` on 8-bit levels 0..255 -> ``[B]``: (255 - mean_i mean|F_i - F_i+1|) / 255.
+
+    Differences are summed as integers, so the result is exact.
+    """
+    levels = videos.to(torch.int16)
+    total = (levels[:, 1:] - levels[:, :-1]).abs_().sum(dim=(1, 2, 3, 4), dtype=torch.int64)  # [B]
+    mae = total.double() / levels[0, 1:].numel()  # mean over (F - 1) C H W differences
+    return (255.0 - mae) / 255.0
 
 
 class TemporalFlickering(BaseScorer):
@@ -24,4 +29,4 @@ class TemporalFlickering(BaseScorer):
     min_frames = 2
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return flickering_score(to_uint8_levels(videos.double()))
+        return flickering_score(to_uint8_levels(videos))

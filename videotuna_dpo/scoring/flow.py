@@ -6,6 +6,7 @@ in pixels, (dx, dy), mapping each pixel of the first frame to the second.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import cv2
@@ -49,16 +50,22 @@ class FlowEstimator:
 
     def __call__(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` x 2 -> float32 flow ``[N, H, W, 2]`` from ``first`` to ``second``."""
+        both = np.concatenate([first, second])
+        n = first.shape[0]
+        return self.pairs(both, [(i, n + i) for i in range(n)])
+
+    def pairs(self, frames: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+        """uint8 ``[N, H, W, 3]`` and index pairs (i, j) -> float32 flow ``[P, H, W, 2]`` from frame i to j."""
         if self.method == "raft":
-            return self._raft_flow(first, second)
-        out = np.empty(first.shape[:3] + (2,), dtype=np.float32)
-        for i in range(first.shape[0]):
-            a = cv2.cvtColor(first[i], cv2.COLOR_RGB2GRAY)
-            b = cv2.cvtColor(second[i], cv2.COLOR_RGB2GRAY)
+            return self._raft_flow(frames[[i for i, _ in pairs]], frames[[j for _, j in pairs]])
+        used = sorted({k for pair in pairs for k in pair})
+        gray = {k: cv2.cvtColor(frames[k], cv2.COLOR_RGB2GRAY) for k in used}  # once per frame
+        out = np.empty((len(pairs),) + frames.shape[1:3] + (2,), dtype=np.float32)
+        for p, (i, j) in enumerate(pairs):
             if self.method == "dis":
-                out[i] = self._dis.calc(a, b, None)
+                out[p] = self._dis.calc(gray[i], gray[j], None)
             else:
-                out[i] = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+                out[p] = cv2.calcOpticalFlowFarneback(gray[i], gray[j], None, 0.5, 3, 15, 3, 5, 1.2, 0)
         return out
 
     @torch.no_grad()
@@ -85,8 +92,13 @@ def resize_for_flow(frames: np.ndarray, short_side: int | None) -> np.ndarray:
     return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return gx, gy
+
+
 def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Backward warp: ``out(x) = image(x + flow(x))``; image ``[H, W, C]`` float32, flow ``[H, W, 2]``."""
-    h, w = flow.shape[:2]
-    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    gx, gy = _pixel_grid(*flow.shape[:2])
     return cv2.remap(image, gx + flow[..., 0], gy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

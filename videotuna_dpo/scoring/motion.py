@@ -24,7 +24,7 @@ def to_frames_uint8(video: torch.Tensor) -> np.ndarray:
 
 def top_magnitude(flow: np.ndarray, fraction: float = 0.05) -> np.ndarray:
     """Flow ``[N, H, W, 2]`` -> ``[N]``: mean of the largest ``fraction`` of per-pixel flow magnitudes."""
-    mag = np.sqrt(np.square(flow[..., 0]) + np.square(flow[..., 1])).reshape(flow.shape[0], -1)
+    mag = np.hypot(flow[..., 0], flow[..., 1]).reshape(flow.shape[0], -1)
     k = max(1, int(mag.shape[1] * fraction))
     top = np.partition(mag, mag.shape[1] - k, axis=1)[:, mag.shape[1] - k:]
     return top.mean(axis=1)
@@ -71,7 +71,7 @@ class DynamicDegree(BaseScorer):
         frames = frames[:: max(1, round(self.fps / 8.0))]  # VBench samples about 8 frames per second
         # The threshold scales with min(H, W), so measuring flow on a downscaled clip keeps the rule.
         frames = resize_for_flow(frames, self.flow_short_side)
-        flow = self.flow(frames[:-1], frames[1:])
+        flow = self.flow.pairs(frames, [(i, i + 1) for i in range(frames.shape[0] - 1)])
         return top_magnitude(flow), frames.shape[1:3], frames.shape[0]
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -88,8 +88,9 @@ def interpolate_midframes(frames: np.ndarray, flow: FlowEstimator) -> np.ndarray
     Bidirectional flow, linear-motion approximation of the flow from the middle frame to each end,
     both ends warped there and averaged.
     """
-    f01 = flow(frames[:-1], frames[1:])
-    f10 = flow(frames[1:], frames[:-1])
+    k = frames.shape[0]
+    f01 = flow.pairs(frames, [(j, j + 1) for j in range(k - 1)])
+    f10 = flow.pairs(frames, [(j + 1, j) for j in range(k - 1)])
     out = np.empty((frames.shape[0] - 1,) + frames.shape[1:], dtype=np.uint8)
     for j in range(out.shape[0]):
         ft0 = 0.25 * (f10[j] - f01[j])  # middle -> start
@@ -127,6 +128,6 @@ class MotionSmoothness(BaseScorer):
             frames = to_frames_uint8(video)
             mids = interpolate_midframes(frames[0::2], self.flow)
             odd = frames[1::2][: mids.shape[0]]
-            mae = np.abs(mids.astype(np.float64) - odd.astype(np.float64)).mean()
+            mae = np.abs(mids.astype(np.int16) - odd.astype(np.int16)).sum(dtype=np.int64) / mids.size
             out.append((255.0 - mae) / 255.0)
         return torch.tensor(out, dtype=torch.float64)
