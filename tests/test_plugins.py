@@ -122,7 +122,7 @@ def test_cli_train_unknown_strategy_is_a_clean_error(tmp_path):
 
 
 def test_cli_help_of_each_verb_has_an_example():
-    for verb in ["plugins", "train"]:
+    for verb in ["plugins", "train", "generate", "score", "pairs", "cache", "demo"]:
         proc = _cli([verb, "--help"])
         assert proc.returncode == 0
         assert "example: videotuna " + verb in proc.stdout

@@ -42,27 +42,10 @@ SLOW_SCORER = """
         return {"slow": SlowScorer}
 """
 
-# Until the package's own plugin registers the built-in scorers, a test distribution offers them.
-BUILTIN_SHIM = """
-    import pluggy
-    from videotuna_dpo.scoring import SCORERS
-    hookimpl = pluggy.HookimplMarker("videotuna")
-
-    @hookimpl
-    def videotuna_scorers():
-        return dict(SCORERS)
-"""
-
-
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory) -> Path:
-    from videotuna_dpo.registry import Registry
-
     site = tmp_path_factory.mktemp("scoring_site")
     make_distribution(site, "slow-test-scorer", {"slow_scorer": "slow_scorer_plugin"}, {"slow_scorer_plugin": SLOW_SCORER})
-    if "temporal_flickering" not in Registry.load().names("scorer"):
-        make_distribution(site, "builtin-scorer-shim", {"builtin_scorer_shim": "builtin_scorer_shim"},
-                          {"builtin_scorer_shim": BUILTIN_SHIM})
     return site
 
 
@@ -90,7 +73,7 @@ def video_dir(tmp_path_factory) -> Path:
 
 
 def score_cmd(video_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "videotuna_dpo.pipeline.score", "score", "--videos", str(video_dir),
+    return [sys.executable, "-m", "videotuna_dpo", "score", "--videos", str(video_dir),
             "--prompts", str(video_dir / "prompts.json"), "--out", str(out), "--no-progress", *extra]
 
 
@@ -195,7 +178,7 @@ def test_missing_weights_are_reported_together_before_any_scoring(video_dir, plu
 
 
 def test_score_help_has_an_example():
-    proc = subprocess.run([sys.executable, "-m", "videotuna_dpo.pipeline.score", "score", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "videotuna_dpo", "score", "--help"],
                           capture_output=True, text=True)
     assert proc.returncode == 0
     assert "example: videotuna score --videos" in proc.stdout

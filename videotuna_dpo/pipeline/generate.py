@@ -81,6 +81,8 @@ def generate_videos(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(load_prompt_file(prompts_file), num_samples, seed)
+    for stale in out.glob(".*.mp4"):  # temporary files of a killed run
+        stale.unlink()
     todo = [j for j in jobs if not is_done(out, j)]
     if todo and backend is None:
         backend = load_backend(cfg, registry, weights, source)

@@ -1,0 +1,142 @@
+"""The VideoTuna host: lazy import, building its flows from YAML, and loading VC2 checkpoints safely.
+
+VideoTuna is a repository checkout (not a PyPI package); nothing here imports it until a
+VideoTuna-backed model is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.checkpoint_io import load_weights
+
+VIDEOTUNA_REPO = "https://github.com/VideoVerses/VideoTuna"
+# VideoTuna's split-checkpoint file names (GenerationBase's Component.get_component_path()).
+SPLIT_FILES = {"denoiser": "denoiser.ckpt", "first_stage_model": "first_stage_model.ckpt",
+               "cond_stage_model": "cond_stage_model.ckpt"}
+# Key prefixes of the original VideoCrafter2 model.ckpt, per flow component.
+VC2_PREFIXES = {"denoiser": "model.diffusion_model.", "first_stage_model": "first_stage_model.",
+                "cond_stage_model": "cond_stage_model."}
+
+
+class VideoTunaMissingError(UserError):
+    """A VideoTuna-backed model was chosen but VideoTuna cannot be imported."""
+
+
+def import_videotuna(module: str, backend: str, checkpoint_keys: str) -> Any:
+    """Import ``module`` of VideoTuna, or say exactly why not and how to fix it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (exc.name == "videotuna" or exc.name.startswith("videotuna.")):
+            raise VideoTunaMissingError(
+                f"model.name={backend} needs VideoTuna ({VIDEOTUNA_REPO}), which is not importable "
+                f"(no module {exc.name!r}). VideoTuna is a repository checkout, not a PyPI package: clone "
+                f"it, install its requirements, and put the checkout on PYTHONPATH "
+                f"(export PYTHONPATH=/path/to/VideoTuna:$PYTHONPATH), or run from inside it. Then point "
+                f"{checkpoint_keys}."
+            ) from exc
+        raise VideoTunaMissingError(
+            f"model.name={backend}: VideoTuna was found but importing {module} failed because its "
+            f"dependency {exc.name!r} is missing; install VideoTuna's requirements ({exc})"
+        ) from exc
+
+
+def videotuna_root() -> Path | None:
+    """The checkout directory holding the importable ``videotuna`` package, if any."""
+    spec = importlib.util.find_spec("videotuna")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]).parent
+
+
+def resolve_host_path(path: str, key: str) -> Path:
+    """A path as given, else relative to the VideoTuna checkout (its configs/ live there)."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    root = videotuna_root()
+    if root is not None and (root / path).exists():
+        return root / path
+    where = f" or under the VideoTuna checkout {root}" if root is not None else ""
+    raise UserError(f"{key}={path}: not found in the working directory{where}")
+
+
+def flow_section(host_config: str | None, flow: Any, key: str) -> DictConfig:
+    """The VideoTuna flow section (``target`` + ``params``) from ``host_config``'s ``flow:`` or inline."""
+    if flow:
+        section = OmegaConf.create(flow) if not isinstance(flow, DictConfig) else flow.copy()
+        source = f"{key}.flow"
+    elif host_config:
+        path = resolve_host_path(host_config, f"{key}.host_config")
+        loaded = OmegaConf.load(path)
+        if "flow" not in loaded:
+            raise UserError(f"{path}: no top-level `flow:` section (a VideoTuna flow YAML has flow.target and flow.params)")
+        section = loaded.flow
+        source = str(path)
+    else:
+        raise UserError(f"set {key}.host_config (a VideoTuna flow YAML, e.g. "
+                        f"configs/001_videocrafter2/vc2_t2v_320x512.yaml) or an inline {key}.flow section")
+    if "target" not in section:
+        raise UserError(f"{source}: the flow section needs a `target:` (e.g. videotuna.flow.videocrafter.VideocrafterFlow)")
+    return section
+
+
+def build_flow(section: DictConfig, backend: str, checkpoint_keys: str) -> Any:
+    """Instantiate a VideoTuna flow with the host's own ``instantiate_from_config``."""
+    common = import_videotuna("videotuna.utils.common_utils", backend, checkpoint_keys)
+    target = str(section.target)
+    import_videotuna(target.rsplit(".", 1)[0], backend, checkpoint_keys)
+    section = section.copy()
+    # The host mutates scheduler_config in place; give it a plain, writable dict.
+    OmegaConf.set_readonly(section, False)
+    return common.instantiate_from_config(section)
+
+
+def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict (or a dict with 'state_dict'), got {type(obj).__name__}")
+    return state
+
+
+def load_vc2_components(ckpt: str | Path, trust_switch: str, trusted: bool,
+                        components: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-component state dicts from VC2's ``model.ckpt`` or a VideoTuna split-checkpoint folder."""
+    ckpt = Path(ckpt)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if ckpt.is_dir():
+        for name in components:
+            path = ckpt / SPLIT_FILES[name]
+            if not path.is_file():
+                raise UserError(f"{ckpt}: VideoTuna split checkpoint lacks {SPLIT_FILES[name]} "
+                                f"(expected {', '.join(SPLIT_FILES[c] for c in components)})")
+            out[name] = _state_dict(load_weights(path, trust_switch, trusted), path)
+        return out
+    state = _state_dict(load_weights(ckpt, trust_switch, trusted), ckpt)
+    for name in components:
+        prefix = VC2_PREFIXES[name]
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            raise UserError(f"{ckpt}: no '{prefix}*' keys; not a VideoCrafter2 model.ckpt "
+                            f"(or point at a VideoTuna split folder with {', '.join(SPLIT_FILES.values())})")
+        out[name] = part
+    return out
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` whose error names the checkpoint and the first bad keys."""
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(
+            f"{what}: does not match the flow config's architecture (missing {list(result.missing_keys)[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}); check that the host config is the one "
+            f"this checkpoint was trained with"
+        )
