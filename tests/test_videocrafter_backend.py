@@ -1,0 +1,179 @@
+"""VC2 through the VideoTuna stand-in: host-equivalent eps loss with input scaling, DPO, checkpoints, DDIM sampling."""
+
+import pytest
+import torch
+
+from tests.videotuna_fixtures import dpo_module, make_vc2, pair_batch, train_steps, use_standin, vc2_files  # noqa: F401
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.checkpoint_io import UntrustedCheckpointError
+
+
+class Marker:
+    """A non-tensor object pickled into a checkpoint: weights_only refuses it."""
+
+
+def test_noising_applies_vc2_input_scaling_exactly_as_the_host_forward(vc2_files):
+    backend = make_vc2(vc2_files)
+    flow = backend.flow
+    x0 = torch.randn(3, 4, 4, 4, 4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 399, 999])
+    a = flow.scheduler.alphas_cumprod[t].reshape(3, 1, 1, 1, 1)
+    scale = torch.tensor([1.0, 0.7, 0.7]).reshape(3, 1, 1, 1, 1)  # linspace(1, 0.7, 400) then 0.7
+    expected = a.sqrt() * scale * x0 + (1 - a).sqrt() * noise
+    assert torch.allclose(backend.add_noise(x0, noise, t), expected, atol=1e-6)
+    assert torch.equal(backend.target(x0, noise, t), noise)  # eps
+    cond = backend.encode_prompt(["a red square", "a dog", "up"])
+    with torch.no_grad():
+        host_loss, _ = flow(x0, cond, t=t, noise=noise)
+        ours = (backend.predict(backend.add_noise(x0, noise, t), t, cond) - backend.target(x0, noise, t)).pow(2).mean()
+    assert ours.item() == pytest.approx(host_loss.item(), rel=1e-5)
+
+
+def test_v_parameterization_targets_the_scaled_input(vc2_files, tmp_path):
+    from tests.videotuna_fixtures import tiny_flow_section, write_vc2_ckpt
+
+    section = tiny_flow_section(parameterization="v")
+    backend = make_vc2({"section": section, "ckpt": write_vc2_ckpt(tmp_path / "m.ckpt", section)})
+    x0, noise, t = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 4, 2, 4, 4), torch.tensor([999])
+    expected = backend.flow.scheduler.get_v(0.7 * x0, noise, t)
+    assert torch.allclose(backend.target(x0, noise, t), expected, atol=1e-6)
+
+
+def test_latent_and_condition_layouts(vc2_files, pair_batch):
+    backend = make_vc2(vc2_files)
+    latents = backend.encode_video(pair_batch["winner"])
+    assert latents.shape == (2, 4, 4, 4, 4)  # [B, C, F, H/8, W/8]
+    assert backend.encode_prompt(list(pair_batch["caption"])).shape == (2, 8, 32)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_dpo_on_vc2_shares_noise_and_timestep(vc2_files, pair_batch, share):
+    backend = make_vc2(vc2_files, finetune="lora", lora={"rank": 4, "alpha": 4})
+    calls = []
+    original = backend.add_noise
+    backend.add_noise = lambda x0, noise, t: calls.append((noise, t)) or original(x0, noise, t)
+    torch.manual_seed(3)
+    dpo_module(backend, share_noise=share).dpo_step(pair_batch)
+    (noise, t), = calls
+    noise_w, noise_l = noise.chunk(2)
+    t_w, t_l = t.chunk(2)
+    assert torch.equal(noise_w, noise_l) is share
+    assert torch.equal(t_w, t_l) is share or not share
+
+
+def test_full_finetune_trains_only_the_denoiser_and_the_reference_copy_stays_frozen(vc2_files, pair_batch):
+    backend = make_vc2(vc2_files)
+    module = dpo_module(backend)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"backend.flow.denoiser." + n for n, _ in backend.flow.denoiser.named_parameters()}
+    train_steps(module, pair_batch, 2, seed=1)
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable and len(changed) >= len(trainable) // 2
+    assert all(torch.equal(p, before["backend.ref_denoiser." + n]) and p.grad is None
+               for n, p in backend.ref_denoiser.named_parameters())
+
+
+def test_reference_equals_policy_at_the_start_in_both_modes(vc2_files, pair_batch):
+    for overrides in ({}, {"finetune": "lora", "lora": {"rank": 4, "alpha": 4}}):
+        backend = make_vc2(vc2_files, **overrides)
+        z = backend.encode_video(pair_batch["winner"])
+        t, cond = torch.tensor([10, 900]), backend.encode_prompt(list(pair_batch["caption"]))
+        noisy = backend.add_noise(z, torch.randn_like(z), t)
+        with torch.no_grad(), backend.reference() as reference:
+            assert torch.allclose(reference(noisy, t, cond), backend.predict(noisy, t, cond), atol=1e-6)
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(vc2_files, pair_batch):
+    backend = make_vc2(vc2_files, finetune="lora", lora={"rank": 4, "alpha": 4})
+    base = make_vc2(vc2_files)
+    module = dpo_module(backend)
+    train_steps(module, pair_batch, 2, seed=2)
+    assert all("lora_" in n for n, p in module.named_parameters() if p.requires_grad)
+    z = backend.encode_video(pair_batch["winner"])
+    t, cond = torch.tensor([5, 500]), backend.encode_prompt(list(pair_batch["caption"]))
+    noisy = backend.add_noise(z, torch.randn_like(z), t)
+    with torch.no_grad(), backend.reference() as reference:
+        ref = reference(noisy, t, cond)
+    with torch.no_grad():
+        assert torch.allclose(ref, base.predict(noisy, t, cond), atol=1e-5)
+        assert not torch.allclose(ref, backend.predict(noisy, t, cond), atol=1e-5)
+
+
+def test_reference_on_cpu_moves_in_for_the_step_and_back(vc2_files, pair_batch):
+    backend = make_vc2(vc2_files, reference_on_cpu=True)
+    assert backend.ref_denoiser is None and len(backend._ref_cpu) == 1
+    assert not any(p is q for p in backend.parameters() for q in backend._ref_cpu[0].parameters())
+    out, used = dpo_module(backend).dpo_step(pair_batch)
+    assert torch.allclose(used["ref_err_w"], used["model_err_w"]) and out.reward_margin.abs().item() < 1e-6
+
+
+def test_overfitting_two_pairs_drives_implicit_accuracy_to_one(vc2_files, pair_batch):
+    backend = make_vc2(vc2_files, finetune="lora", lora={"rank": 8, "alpha": 8})
+    module = dpo_module(backend, beta=2000.0, lr=4e-3)
+    torch.manual_seed(123)
+    start, _ = module.dpo_step(pair_batch)
+    assert start.loss.item() == pytest.approx(0.6931, abs=1e-3)
+    train_steps(module, pair_batch, 12, seed=123)
+    torch.manual_seed(123)
+    end, _ = module.dpo_step(pair_batch)
+    assert end.implicit_acc.item() == 1.0 and end.reward_margin.item() > 1.0 and end.loss.item() < start.loss.item() / 2
+
+
+def test_pickled_checkpoint_is_refused_unless_trusted(vc2_files, tmp_path):
+    state = torch.load(vc2_files["ckpt"], weights_only=True)
+    state["marker"] = Marker()
+    path = tmp_path / "model.ckpt"
+    torch.save(state, path)
+    with pytest.raises(UntrustedCheckpointError) as err:
+        make_vc2(vc2_files, ckpt=str(path))
+    assert str(path) in str(err.value) and "model.trust_checkpoint=true" in str(err.value)
+    trusted = make_vc2(vc2_files, ckpt=str(path), trust_checkpoint=True)
+    reference = make_vc2(vc2_files)
+    assert all(torch.equal(a, b) for a, b in zip(trusted.flow.denoiser.state_dict().values(),
+                                                  reference.flow.denoiser.state_dict().values()))
+
+
+def test_videotuna_split_folder_loads_the_same_weights(vc2_files, tmp_path):
+    state = torch.load(vc2_files["ckpt"], weights_only=True)["state_dict"]
+    for name, prefix in (("denoiser", "model.diffusion_model."), ("first_stage_model", "first_stage_model."),
+                         ("cond_stage_model", "cond_stage_model.")):
+        torch.save({"state_dict": {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}},
+                   tmp_path / f"{name}.ckpt")
+    split, single = make_vc2(vc2_files, ckpt=str(tmp_path)), make_vc2(vc2_files)
+    for a, b in ((split.flow.first_stage_model, single.flow.first_stage_model), (split.flow.denoiser, single.flow.denoiser)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    (tmp_path / "cond_stage_model.ckpt").unlink()
+    with pytest.raises(UserError, match="lacks cond_stage_model.ckpt"):
+        make_vc2(vc2_files, ckpt=str(tmp_path))
+
+
+def test_trainable_weights_round_trip(vc2_files, pair_batch, tmp_path):
+    backend = make_vc2(vc2_files, finetune="lora", lora={"rank": 4, "alpha": 4})
+    train_steps(dpo_module(backend), pair_batch, 1, seed=4)
+    backend.save_trainable(tmp_path / "w")
+    again = make_vc2(vc2_files, finetune="lora", lora={"rank": 4, "alpha": 4}, trainable_weights=str(tmp_path / "w"))
+    trained = dict(backend.flow.denoiser.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in again.flow.denoiser.named_parameters() if "lora_" in n)
+    with pytest.raises(UserError, match="model.finetune"):
+        make_vc2(vc2_files, trainable_weights=str(tmp_path / "w"))
+
+
+def test_generate_runs_the_hosts_ddim_sampler_with_the_papers_defaults(vc2_files, monkeypatch):
+    from videotuna.schedulers.ddim import DDIMSampler
+
+    backend = make_vc2(vc2_files)
+    seen = {}
+    original = DDIMSampler.sample
+
+    def spy(self, S, batch_size, shape, conditioning=None, eta=0.0, **kwargs):
+        seen.update(S=S, eta=eta, scale=kwargs["unconditional_guidance_scale"], fps=conditioning["fps"].tolist())
+        return original(self, S, batch_size, shape, conditioning=conditioning, eta=eta, **kwargs)
+
+    monkeypatch.setattr(DDIMSampler, "sample", spy)
+    video = backend.generate(["a red square", "a dog"], num_frames=4, seed=7)
+    assert seen == {"S": 50, "eta": 1.0, "scale": 12.0, "fps": [28, 28]}
+    assert video.shape == (2, 4, 3, 32, 32) and 0.0 <= video.min() and video.max() <= 1.0
+    assert torch.equal(video, backend.generate(["a red square", "a dog"], num_frames=4, seed=7))
+    assert not torch.equal(video, backend.generate(["a red square", "a dog"], num_frames=4, seed=8))

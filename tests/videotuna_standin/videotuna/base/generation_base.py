@@ -1,0 +1,65 @@
+"""Stand-in for videotuna.base.generation_base.GenerationBase: components, peft LoRA, init_trainer."""
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+from torch import nn
+
+from videotuna.utils.common_utils import instantiate_from_config
+
+
+class GenerationBase(pl.LightningModule):
+    def __init__(self, first_stage_config, cond_stage_config, denoiser_config, scheduler_config=None,
+                 cond_stage_2_config=None, lora_config=None, trainable_components=()):
+        super().__init__()
+        self.components = []
+        self.denoiser = self._frozen(instantiate_from_config(denoiser_config), "denoiser")
+        self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config), "first_stage_model")
+        self.cond_stage_model = self._frozen(instantiate_from_config(cond_stage_config), "cond_stage_model")
+        self.cond_stage_2_model = None
+        self.use_lora = False
+        if lora_config is not None:
+            from peft import get_peft_model
+
+            self.denoiser = get_peft_model(self.denoiser, instantiate_from_config(lora_config))
+            self.lora_params = {n for n, p in self.denoiser.named_parameters() if p.requires_grad and "lora" in n}
+            self.denoiser.requires_grad_(False)
+            self.use_lora = True
+        self.scheduler = self.diffusion_scheduler = instantiate_from_config(scheduler_config)
+        self.components.append("scheduler")
+        self.set_trainable_components(trainable_components)
+
+    def _frozen(self, model, name):
+        self.components.append(name)
+        return model.eval().requires_grad_(False)
+
+    def set_trainable_components(self, components=()):
+        components = [components] if isinstance(components, str) else components
+        for name in self.components:
+            model = getattr(self, name)
+            if isinstance(model, nn.Module):
+                model.eval().requires_grad_(False)
+        for name in components:
+            model = getattr(self, name)
+            model.train()
+            if name == "denoiser" and self.use_lora:
+                for n, p in model.named_parameters():
+                    p.requires_grad_(n in self.lora_params)
+            else:
+                model.requires_grad_(True)
+
+    def init_trainer(self, train_config):
+        lightning_config = train_config.get("lightning")
+        trainer_config = OmegaConf.to_container(lightning_config.get("trainer"), resolve=True)
+        self.first_stage_key = train_config.first_stage_key
+        self.cond_stage_key = train_config.cond_stage_key
+        self.logdir = train_config["workdir"]
+        lr_config = OmegaConf.to_container(train_config.get("lr_config"), resolve=True)
+        lr_config["learning_rate"] = lr_config["base_learning_rate"]
+        self.lr_config = lr_config
+        self.data = instantiate_from_config(train_config["data"])
+        self.data.setup()
+        assert all(len(d) > 0 for d in self.data.datasets.values())
+        trainer_config.pop("num_nodes", None)
+        self.trainer = pl.Trainer(**trainer_config, logger=False, callbacks=[], num_sanity_val_steps=0,
+                                  default_root_dir=train_config["workdir"])
+        self.set_trainable_components(["denoiser"])
