@@ -1,0 +1,160 @@
+"""DPO inside VideoTuna: a VideoTuna-format YAML (flow.target + data.target) trains; shipped configs; missing host."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.videotuna_fixtures import use_standin, vc2_files  # noqa: F401
+from videotuna_dpo.config import validate
+from videotuna_dpo.models.videotuna_host import VideoTunaMissingError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _videotuna_yaml(files, train_data, workdir, backend="videocrafter2"):
+    model = {"finetune": "lora", "lora": {"rank": 4, "alpha": 4}} if backend == "videocrafter2" else \
+        {"lora_rank": 4, "lora_ckpt": str(files["lora"])}
+    return OmegaConf.create({
+        "flow": {"target": "videotuna_dpo.videotuna_flow.DPOFlow",
+                 "params": {"backend": backend, "model": model, "dpo": {"beta": 500}, "flow_config": files["section"]}},
+        "train": {"ckpt": str(files["ckpt"]), "trained_ckpt": None, "lorackpt": None, "first_stage_key": "video",
+                  "cond_stage_key": "caption", "workdir": str(workdir), "ckptdir": str(workdir / "checkpoints"),
+                  "lr_config": {"base_learning_rate": 1.0e-3, "scale_lr": False},
+                  "data": {"target": "videotuna_dpo.videotuna_flow.PreferenceData",
+                           "params": {"train_data": str(train_data), "batch_size": 2, "video_length": 4,
+                                      "resolution": [32, 32], "frame_start": "first"}},
+                  "lightning": {"trainer": {"num_nodes": 1, "devices": 1, "accelerator": "cpu", "max_steps": 3,
+                                            "enable_progress_bar": False, "enable_model_summary": False,
+                                            "enable_checkpointing": False}}},
+    })
+
+
+def _run_like_train_new(config):
+    """scripts/train_new.py's sequence, with the host's instantiate_from_config."""
+    from videotuna.utils.common_utils import instantiate_from_config
+
+    flow = instantiate_from_config(config.flow, resolve=True)
+    train = config.train
+    flow.from_pretrained(train.ckpt, train.trained_ckpt, train.lorackpt)
+    flow.init_trainer(train)
+    flow.trainer.fit(flow, flow.data)
+    return flow
+
+
+@pytest.mark.parametrize("backend", ["videocrafter2", "t2v_turbo"])
+def test_a_videotuna_yaml_with_flow_and_data_targets_trains_dpo(vc2_files, tiny_dataset, tmp_path, backend):
+    config = _videotuna_yaml(vc2_files, tiny_dataset, tmp_path, backend)
+    path = tmp_path / "vc2_dpo.yaml"
+    OmegaConf.save(config, path)
+    torch.manual_seed(0)
+    flow = _run_like_train_new(OmegaConf.load(path))
+    assert flow.trainer.global_step == 3
+    assert flow._dpo.optim.lr == 1.0e-3  # from train.lr_config, as any VideoTuna run
+    trainable = flow.backend.trainable_parameters()
+    assert trainable and all(p.requires_grad for p in trainable)
+    assert sum(p.requires_grad for p in flow.parameters()) == len(trainable)  # the host's set_trainable_components undone
+    assert flow.denoiser is flow.inner.denoiser
+    weights = tmp_path / "checkpoints" / "dpo_weights" / "last"
+    assert (weights / "trainable.json").is_file()
+    again = flow.backend_class(OmegaConf.merge(flow.backend.cfg, {"flow": vc2_files["section"], "trainable_weights": str(weights)}))
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(again.trainable_parameters(), trainable))
+
+
+def test_lightning_checkpoint_of_the_flow_keeps_only_trainable_tensors(vc2_files, tiny_dataset, tmp_path):
+    flow = _run_like_train_new(_videotuna_yaml(vc2_files, tiny_dataset, tmp_path))
+    checkpoint = {"state_dict": flow.state_dict()}
+    flow.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
+
+
+def test_shipped_videotuna_config_points_at_our_targets_with_the_papers_settings():
+    use_standin()
+    from videotuna.utils.common_utils import get_obj_from_str
+
+    from videotuna_dpo.strategy import DPOSchema
+    from videotuna_dpo.videotuna_flow import DPOFlow, PreferenceData
+
+    cfg = OmegaConf.load(ROOT / "configs" / "videotuna" / "vc2_dpo.yaml")
+    assert get_obj_from_str(cfg.flow.target) is DPOFlow and get_obj_from_str(cfg.train.data.target) is PreferenceData
+    assert cfg.flow.params.flow_config.target == "videotuna.flow.videocrafter.VideocrafterFlow"
+    assert cfg.flow.params.flow_config.params.use_scale is True and cfg.flow.params.model.finetune == "full"
+    assert validate(cfg.flow.params.dpo, DPOSchema, "dpo").beta == 5000
+    assert cfg.train.lr_config.base_learning_rate == 6e-6 and cfg.train.lr_config.scale_lr is False
+    data = cfg.train.data.params
+    assert (data.batch_size, data.video_length, data.frame_stride, list(data.resolution)) == (1, 16, 4, [320, 512])
+    assert cfg.train.lightning.trainer.accumulate_grad_batches == 2
+
+
+@pytest.mark.parametrize("name,accumulate", [("vc2", 2), ("t2v_turbo", 4)])
+def test_shipped_dpo_configs_carry_the_papers_settings(name, accumulate):
+    from videotuna_dpo.data.datamodule import PreferenceDataSchema
+    from videotuna_dpo.models.t2v_turbo import T2VTurboSchema
+    from videotuna_dpo.models.videocrafter import VideoCrafter2Schema
+    from videotuna_dpo.strategy import TrainSchema
+
+    source = ROOT / "configs" / "dpo" / f"{name}.yaml"
+    cfg = OmegaConf.load(source)
+    top = validate(cfg, TrainSchema, "", str(source))
+    schema = T2VTurboSchema if name == "t2v_turbo" else VideoCrafter2Schema
+    model = validate(cfg.model, schema, "model", str(source))
+    data = validate(cfg.data, PreferenceDataSchema, "data", str(source))
+    assert (top.dpo.beta, top.optimizer.lr, data.batch_size) == (5000, 6e-6, 1)
+    assert (data.video_length, data.frame_stride, list(data.resolution)) == (16, 4, [320, 512])
+    assert top.lightning.trainer["accumulate_grad_batches"] == accumulate
+    if name == "t2v_turbo":
+        assert (model.lora_rank, model.num_ddim_timesteps, model.lora_ckpt) == (64, 50, "checkpoints/t2v-turbo/unet_lora.pt")
+    else:
+        assert model.finetune == "full"
+
+
+@pytest.mark.parametrize("backend,extra_key", [("videocrafter2", "model.ckpt"), ("t2v_turbo", "model.lora_ckpt")])
+def test_without_videotuna_choosing_these_backends_fails_at_once_and_says_how_to_fix_it(monkeypatch, backend, extra_key):
+    from videotuna_dpo.models.t2v_turbo import T2VTurboBackend
+    from videotuna_dpo.models.videocrafter import VideoCrafter2Backend
+
+    for name in [m for m in sys.modules if m == "videotuna" or m.startswith("videotuna.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "videotuna_standin" not in p])
+    cls = T2VTurboBackend if backend == "t2v_turbo" else VideoCrafter2Backend
+    cfg = {"name": backend, "host_config": "configs/dpo/vc2.yaml", "ckpt": "model.ckpt", "lora_ckpt": "unet_lora.pt"}
+    if backend == "videocrafter2":
+        cfg.pop("lora_ckpt")
+    # host_config is any YAML with a flow section; the import fails before any file is read.
+    cfg["flow"] = {"target": "videotuna.flow.videocrafter.VideocrafterFlow", "params": {}}
+    with pytest.raises(VideoTunaMissingError) as err:
+        cls.from_config(OmegaConf.create(cfg))
+    message = str(err.value)
+    for needed in (f"model.name={backend} needs VideoTuna", "PYTHONPATH", "not a PyPI package",
+                   "model.host_config", extra_key, "github.com/VideoVerses/VideoTuna"):
+        assert needed in message, needed
+
+
+def test_videotuna_train_strategy_dpo_runs_the_vc2_backend(vc2_files, tiny_dataset, tmp_path):
+    """Way one: DPOStrategy.run (lightning.Trainer) over the VideoTuna-backed backend, via the registry names."""
+    from videotuna_dpo.data.datamodule import PreferenceDataModule
+    from videotuna_dpo.models.videocrafter import VideoCrafter2Backend
+    from videotuna_dpo.strategy import DPOStrategy
+
+    class Registry:
+        def get(self, kind, name):
+            return {("model", "videocrafter2"): VideoCrafter2Backend, ("datamodule", "preference"): PreferenceDataModule}[(kind, name)]
+
+        def names(self, kind):
+            return ["videocrafter2"]
+
+    cfg = OmegaConf.create({
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name": "videocrafter2", "flow": vc2_files["section"], "ckpt": str(vc2_files["ckpt"]),
+                  "finetune": "lora", "lora": {"rank": 4, "alpha": 4}},
+        "data": {"name": "preference", "train_data": str(tiny_dataset), "video_length": 4, "resolution": [32, 32],
+                 "batch_size": 2},
+        "dpo": {"beta": 500}, "optimizer": {"lr": 1e-3},
+        "lightning": {"trainer": {"max_steps": 2, "accelerator": "cpu", "enable_progress_bar": False,
+                                  "enable_model_summary": False}, "checkpoint": {"every_n_train_steps": 2}},
+    })
+    out = DPOStrategy.run(cfg, Registry())
+    assert (out / "weights" / "last" / "denoiser_lora.safetensors").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()

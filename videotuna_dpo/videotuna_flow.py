@@ -1,0 +1,149 @@
+"""DPO inside an unmodified VideoTuna checkout: a ``flow.target`` and a ``data.target`` for its YAML.
+
+``python scripts/train_new.py --base configs/videotuna/vc2_dpo.yaml`` instantiates ``DPOFlow``
+(wrapping the VideoTuna flow named in its params), calls ``from_pretrained(train.ckpt, ...)``,
+``init_trainer(train)`` (the host's own: data, logger, callbacks, Trainer) and ``trainer.fit``.
+Both classes subclass ``pytorch_lightning`` classes, as the host's Trainer requires.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from videotuna_dpo.config import validate
+from videotuna_dpo.data.datamodule import PreferenceDataModule
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.videotuna_host import build_flow
+from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
+
+BACKENDS = {
+    "videocrafter2": "videotuna_dpo.models.videocrafter:VideoCrafter2Backend",
+    "t2v_turbo": "videotuna_dpo.models.t2v_turbo:T2VTurboBackend",
+}
+
+
+def _backend_class(name: str) -> Any:
+    from videotuna_dpo.registry import resolve_reference
+
+    if name not in BACKENDS:
+        raise UserError(f"flow.params.backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return resolve_reference(BACKENDS[name], f"flow.params.backend {name!r}")
+
+
+class DPOFlow(pl.LightningModule):
+    """``flow.target``: Diffusion-DPO on the VideoTuna flow in ``flow_config`` through a backend."""
+
+    def __init__(self, flow_config: dict, backend: str = "videocrafter2", model: Optional[dict] = None,
+                 dpo: Optional[dict] = None, optimizer: Optional[dict] = None, export_every_n_steps: int = 0):
+        super().__init__()
+        self.backend_class = _backend_class(backend)
+        section = OmegaConf.create(flow_config)
+        if "target" not in section:
+            raise UserError("flow.params.flow_config needs a `target:` (e.g. videotuna.flow.videocrafter.VideocrafterFlow)")
+        # Validated now so a bad key fails at instantiation, not after the weights load.
+        self.model_cfg = validate({"name": backend, **(model or {})}, self.backend_class.schema, "flow.params.model")
+        self.dpo_cfg = validate(dpo or {}, DPOSchema, "flow.params.dpo")
+        self.optim_cfg = validate(optimizer or {}, OptimizerSchema, "flow.params.optimizer")
+        self.export_every = int(export_every_n_steps)
+        self.inner = build_flow(section, backend, self.backend_class.checkpoint_keys)
+        self.backend: torch.nn.Module | None = None
+        self.logdir: str | None = None  # the host's ImageLogger samples only when set
+        self.export_dir: Path | None = None
+        self.__dict__["_dpo"] = None  # a DPOModule over the same backend, kept out of this module's children
+        self.strict_loading = False  # frozen weights come from train.ckpt, not the Lightning checkpoint
+
+    # -- what scripts/train_new.py calls ------------------------------------------------------------
+    def from_pretrained(self, ckpt_path: Any = None, denoiser_ckpt_path: Any = None, lora_ckpt_path: Any = None,
+                        ignore_missing_ckpts: bool = False) -> None:
+        """Load VC2 (``train.ckpt``; ``train.trained_ckpt`` overrides the denoiser) and build the backend."""
+        if not ckpt_path:
+            raise UserError("train.ckpt is required: VideoCrafter2's model.ckpt or a VideoTuna split folder "
+                            "(checkpoints/videocrafter/t2v_v2_512_split)")
+        cfg = OmegaConf.merge(self.model_cfg, {"ckpt": str(ckpt_path)})
+        if denoiser_ckpt_path:
+            cfg.denoiser_ckpt = str(denoiser_ckpt_path)
+        if lora_ckpt_path and "lora_ckpt" in cfg and not cfg.lora_ckpt:
+            cfg.lora_ckpt = str(lora_ckpt_path)
+        self.backend = self.backend_class(cfg, flow=self.inner)
+        self.__dict__["_dpo"] = DPOModule(self.backend, self.dpo_cfg, self.optim_cfg)
+
+    def init_trainer(self, train_config: DictConfig) -> None:
+        """The host's own ``init_trainer`` (data, logger, callbacks, Trainer), then our trainable set again."""
+        if self.backend is None:
+            raise UserError("DPOFlow.init_trainer before from_pretrained: call flow.from_pretrained(train.ckpt) first")
+        self.inner.init_trainer(train_config)
+        self.backend.restore_trainable()  # the host just marked the whole denoiser (or its peft LoRA) trainable
+        self.trainer = self.inner.trainer
+        self.data = self.inner.data
+        lr_config = getattr(self.inner, "lr_config", None) or {}
+        if "learning_rate" in lr_config:
+            self.optim_cfg.lr = float(lr_config["learning_rate"])  # train.lr_config, as every VideoTuna run
+        ckptdir = train_config.get("ckptdir") or train_config.get("workdir")
+        self.export_dir = Path(ckptdir) / "dpo_weights" if ckptdir else None
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The host flow's denoiser (VideoTuna's checkpoint callback saves ``selected_model: [denoiser]``)."""
+        return self.inner.denoiser
+
+    # -- Lightning ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out, used = self._dpo.dpo_step(batch)
+        b = used["t"].shape[0] // 2
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=b)
+        self.log("train/implicit_acc", out.implicit_acc, prog_bar=True, batch_size=b)
+        self.log("train/reward_margin", out.reward_margin, prog_bar=True, batch_size=b)
+        self.log_dict({"train/reward_w": out.reward_w, "train/reward_l": out.reward_l,
+                       "train/model_err_w": used["model_err_w"].mean(), "train/model_err_l": used["model_err_l"].mean(),
+                       "train/ref_err_w": used["ref_err_w"].mean(), "train/ref_err_l": used["ref_err_l"].mean()},
+                      batch_size=b)
+        return out.loss
+
+    def configure_optimizers(self):
+        return self._dpo.configure_optimizers()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        if self.export_dir and self.export_every > 0 and step % self.export_every == 0 and self.trainer.is_global_zero:
+            self.backend.save_trainable(self.export_dir / f"step-{step}")
+
+    def on_train_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.backend.save_trainable(self.export_dir / "last")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @torch.no_grad()
+    def log_images(self, batch: dict[str, Any], split: str = "train", ddim_steps: int | None = None,
+                   unconditional_guidance_scale: float | None = None, **kwargs: Any) -> dict[str, Any]:
+        """For the host's ImageLogger: the batch's captions sampled by the policy, ``[B, C, F, H, W]`` in [-1, 1]."""
+        captions = list(batch["caption"])
+        options = {k: v for k, v in (("steps", ddim_steps), ("guidance", unconditional_guidance_scale)) if v is not None}
+        videos = self.backend.generate(captions, num_frames=batch["winner"].shape[2],
+                                       height=batch["winner"].shape[3], width=batch["winner"].shape[4], **options)
+        return {"samples": videos.permute(0, 2, 1, 3, 4) * 2 - 1, "condition": captions}
+
+
+class PreferenceData(pl.LightningDataModule):
+    """``data.target``: the official-layout preference pairs (``videotuna_dpo`` PreferenceDataModule) for VideoTuna."""
+
+    def __init__(self, train_data: str, batch_size: int = 1, **options: Any):
+        super().__init__()
+        self.inner = PreferenceDataModule.from_config(
+            OmegaConf.create({"train_data": train_data, "batch_size": batch_size, **options}), "train.data.params")
+        self.batch_size = batch_size
+        self.datasets: dict[str, Any] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        self.inner.setup(stage)
+        self.datasets = {"train": self.inner.dataset}
+
+    def train_dataloader(self):
+        return self.inner.train_dataloader()
