@@ -42,6 +42,7 @@ def test_starting_policy_and_reference_are_the_loaded_turbo_lora(vc2_files, pair
         for w in (layer.lora_down.weight, layer.ref_down.weight):
             assert torch.equal(w, file[2 * i + 1])
     plain = make_vc2(vc2_files)
+    backend.eval(), plain.eval()
     z = backend.encode_video(pair_batch["winner"])
     t, cond = torch.tensor([19, 999]), backend.encode_prompt(list(pair_batch["caption"]))
     noisy = backend.add_noise(z, torch.randn_like(z), t)

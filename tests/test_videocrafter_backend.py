@@ -15,6 +15,7 @@ class Marker:
 def test_noising_applies_vc2_input_scaling_exactly_as_the_host_forward(vc2_files):
     backend = make_vc2(vc2_files)
     flow = backend.flow
+    flow.denoiser.eval()  # VC2's temporal dropout off, so both losses see the same network
     x0 = torch.randn(3, 4, 4, 4, 4)
     noise = torch.randn_like(x0)
     t = torch.tensor([0, 399, 999])
@@ -75,14 +76,21 @@ def test_full_finetune_trains_only_the_denoiser_and_the_reference_copy_stays_fro
                for n, p in backend.ref_denoiser.named_parameters())
 
 
-def test_reference_equals_policy_at_the_start_in_both_modes(vc2_files, pair_batch):
+def test_reference_is_deterministic_and_equals_the_policy_at_the_start(vc2_files, pair_batch):
     for overrides in ({}, {"finetune": "lora", "lora": {"rank": 4, "alpha": 4}}):
         backend = make_vc2(vc2_files, **overrides)
         z = backend.encode_video(pair_batch["winner"])
         t, cond = torch.tensor([10, 900]), backend.encode_prompt(list(pair_batch["caption"]))
         noisy = backend.add_noise(z, torch.randn_like(z), t)
-        with torch.no_grad(), backend.reference() as reference:
-            assert torch.allclose(reference(noisy, t, cond), backend.predict(noisy, t, cond), atol=1e-6)
+        backend.train()  # as the Trainer leaves it: VC2's temporal dropout active in the policy
+        with torch.no_grad():
+            with backend.reference() as reference:
+                ref = reference(noisy, t, cond)
+                assert torch.equal(ref, reference(noisy, t, cond))  # no dropout in the reference
+            assert backend.flow.denoiser.training
+            assert not torch.allclose(backend.predict(noisy, t, cond), backend.predict(noisy, t, cond))
+            backend.eval()
+            assert torch.allclose(ref, backend.predict(noisy, t, cond), atol=1e-6)
 
 
 def test_lora_reference_is_the_base_with_adapters_disabled(vc2_files, pair_batch):
@@ -94,6 +102,7 @@ def test_lora_reference_is_the_base_with_adapters_disabled(vc2_files, pair_batch
     z = backend.encode_video(pair_batch["winner"])
     t, cond = torch.tensor([5, 500]), backend.encode_prompt(list(pair_batch["caption"]))
     noisy = backend.add_noise(z, torch.randn_like(z), t)
+    backend.eval(), base.eval()
     with torch.no_grad(), backend.reference() as reference:
         ref = reference(noisy, t, cond)
     with torch.no_grad():
@@ -105,12 +114,14 @@ def test_reference_on_cpu_moves_in_for_the_step_and_back(vc2_files, pair_batch):
     backend = make_vc2(vc2_files, reference_on_cpu=True)
     assert backend.ref_denoiser is None and len(backend._ref_cpu) == 1
     assert not any(p is q for p in backend.parameters() for q in backend._ref_cpu[0].parameters())
+    backend.flow.denoiser.eval()
     out, used = dpo_module(backend).dpo_step(pair_batch)
     assert torch.allclose(used["ref_err_w"], used["model_err_w"]) and out.reward_margin.abs().item() < 1e-6
 
 
 def test_overfitting_two_pairs_drives_implicit_accuracy_to_one(vc2_files, pair_batch):
     backend = make_vc2(vc2_files, finetune="lora", lora={"rank": 8, "alpha": 8})
+    backend.flow.denoiser.eval()  # fixed network as well as fixed noise: a classic overfit check
     module = dpo_module(backend, beta=2000.0, lr=4e-3)
     torch.manual_seed(123)
     start, _ = module.dpo_step(pair_batch)

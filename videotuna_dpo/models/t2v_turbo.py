@@ -22,7 +22,7 @@ from torch import nn
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import PredictFn, atomic_directory, read_trainable_meta
 from videotuna_dpo.models.checkpoint_io import load_weights
-from videotuna_dpo.models.videocrafter import VideoCrafter2Backend
+from videotuna_dpo.models.videocrafter import VideoCrafter2Backend, eval_mode
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Conv3d)
 TRAINABLE_FILE = "unet_lora.safetensors"
@@ -40,6 +40,7 @@ class T2VTurboSchema:
     host_config: Optional[str] = None  # VideoTuna YAML whose `flow:` builds VC2 (path, or relative to the checkout)
     flow: Optional[dict[str, Any]] = None  # or the flow section inline (target + params)
     ckpt: Optional[str] = None  # VC2 model.ckpt or a VideoTuna split folder
+    denoiser_ckpt: Optional[str] = None  # a full denoiser checkpoint replacing ckpt's UNet (VideoTuna's --trained_ckpt)
     lora_ckpt: Optional[str] = None  # T2V-Turbo's unet_lora.pt (the starting policy and the reference)
     trust_checkpoint: bool = False  # allow full unpickling of ckpt / lora_ckpt (runs code in the files)
     lora_rank: int = 64  # T2V-Turbo's rank
@@ -214,12 +215,13 @@ class T2VTurboBackend(VideoCrafter2Backend):
 
     @contextmanager
     def reference(self) -> Iterator[PredictFn]:
-        """The same UNet with every layer switched to its frozen copy of the starting LoRA."""
+        """The same UNet, in eval mode, with every layer switched to its frozen copy of the starting LoRA."""
         layers = self._lora_layers()
         for layer in layers:
             layer.use_reference = True
         try:
-            yield self.predict
+            with eval_mode(self.flow.denoiser):
+                yield self.predict
         finally:
             for layer in layers:
                 layer.use_reference = False

@@ -47,6 +47,7 @@ class VideoCrafter2Schema:
     host_config: Optional[str] = None  # VideoTuna YAML whose `flow:` builds VC2 (path, or relative to the checkout)
     flow: Optional[dict[str, Any]] = None  # or the flow section inline (target + params)
     ckpt: Optional[str] = None  # VC2 model.ckpt or a VideoTuna split folder; required unless weights come later
+    denoiser_ckpt: Optional[str] = None  # a full denoiser checkpoint replacing ckpt's UNet (VideoTuna's --trained_ckpt)
     trust_checkpoint: bool = False  # allow full unpickling of ckpt (runs code in the file)
     finetune: str = "full"  # full (the paper: frozen reference copy) | lora (reference = adapters off)
     lora: VC2LoraSchema = field(default_factory=VC2LoraSchema)
@@ -56,6 +57,17 @@ class VideoCrafter2Schema:
     load_text_and_vae: bool = True  # false when training on a latent cache: VAE/text weights are not loaded
     fps: int = 28  # fps condition for generate (VideoTuna's VC2 inference setting)
     ddim_eta: float = 1.0  # generate: DDIM eta (the paper sampled with 1.0)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module.eval()`` while inside, its previous mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class VideoCrafter2Backend(nn.Module):
@@ -76,11 +88,14 @@ class VideoCrafter2Backend(nn.Module):
                 raise UserError("model: drop flow.params.lora_config from the host config; set model.finetune=lora "
                                 "and model.lora instead (the adapters are added after the base weights load)")
             flow = build_flow(section, self.family, self.checkpoint_keys)
+        if getattr(flow, "use_lora", False):
+            raise UserError("model: the VideoTuna flow already carries a lora_config; remove it and use "
+                            "model.finetune / model.lora (adapters are added after the base weights load)")
         self.flow = flow
         if getattr(flow, "parameterization", "eps") not in ("eps", "v", "x0"):
             raise UserError(f"model: unsupported parameterization {flow.parameterization!r}")
         if cfg.ckpt:
-            self.load_pretrained(cfg.ckpt)
+            self.load_pretrained(cfg.ckpt, cfg.denoiser_ckpt)
         self.setup_finetune()
         if cfg.trainable_weights:
             self.load_trainable(cfg.trainable_weights)
@@ -190,12 +205,16 @@ class VideoCrafter2Backend(nn.Module):
 
     @contextmanager
     def reference(self) -> Iterator[PredictFn]:
-        """LoRA: adapters disabled; full: the frozen copy swapped into the host's wrapper."""
+        """LoRA: adapters disabled; full: the frozen copy swapped into the host's wrapper. Always in eval mode.
+
+        VC2's temporal convolutions carry dropout (p=0.1); the reference must be deterministic.
+        """
         if self.cfg.finetune == "lora":
-            with self.flow.denoiser.disable_adapter():
+            with self.flow.denoiser.disable_adapter(), eval_mode(self.flow.denoiser):
                 yield self.predict
             return
         reference = self.ref_denoiser if self.ref_denoiser is not None else self._ref_cpu[0]
+        reference.eval()  # the Trainer's .train() on the whole module reaches the copy too
         device = next(self.flow.denoiser.parameters()).device
         moved = reference is not self.ref_denoiser
         if moved:

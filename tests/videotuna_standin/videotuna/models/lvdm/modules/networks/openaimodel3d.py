@@ -39,7 +39,9 @@ class Block(nn.Module):
         self.in_layers = nn.Sequential(nn.GroupNorm(4, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, ch))
         self.attn = CrossAttention(ch, context_dim)
-        self.temporal = nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0))
+        # VC2's temporal conv block has a fixed dropout of 0.1 before its convolutions.
+        self.temporal = nn.Sequential(nn.GroupNorm(4, ch), nn.SiLU(), nn.Dropout(0.1),
+                                      nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0)))
 
     def forward(self, h, emb, context, b):
         h = h + self.in_layers(h) + self.emb_layers(emb)[:, :, None, None]
