@@ -65,7 +65,7 @@ def test_lora_reference_is_the_base_network_without_a_second_copy(tiny_cogvideox
     other = sum(p.numel() for p in backend.vae.parameters()) + sum(p.numel() for p in backend.text_encoder.parameters())
     storages = {p.untyped_storage().data_ptr(): p.numel() for p in backend.parameters()}
     assert sum(storages.values()) == transformer_numel + lora_numel + other
-    assert backend.ref_transformer is None and not backend._ref_cpu
+    assert backend.ref_denoiser is None and not backend._ref_cpu
     assert {n for n, p in backend.named_parameters() if p.requires_grad} == {
         n for n, _ in backend.named_parameters() if "lora_" in n
     }
@@ -82,7 +82,7 @@ def test_full_finetune_reference_is_a_frozen_copy(tiny_cogvideox, on_cpu):
             p.add_(0.05 * torch.randn_like(p))
     with backend.reference() as reference:
         assert torch.allclose(reference(noisy, t, cond), base, atol=1e-5)
-    reference_module = backend._ref_cpu[0] if on_cpu else backend.ref_transformer
+    reference_module = backend._ref_cpu[0] if on_cpu else backend.ref_denoiser
     assert all(not p.requires_grad for p in reference_module.parameters())
     in_module = {id(p) for p in backend.parameters()}
     # On CPU the copy stays outside the module, so Lightning never moves it to the GPU.

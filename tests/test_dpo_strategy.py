@@ -64,7 +64,7 @@ def test_only_trainable_parameters_change_and_reference_stays_frozen(tiny_cogvid
     batch = _batch(tiny_dataset)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    reference = backend.ref_transformer
+    reference = backend.ref_denoiser
     torch.manual_seed(1)
     _train(module, batch, 2)
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
@@ -73,7 +73,7 @@ def test_only_trainable_parameters_change_and_reference_stays_frozen(tiny_cogvid
     frozen = [p for n, p in module.named_parameters() if n not in trainable]
     assert all(p.grad is None for p in frozen)
     if finetune == "full":
-        assert all(torch.equal(p, before["backend.ref_transformer." + n]) and p.grad is None
+        assert all(torch.equal(p, before["backend.ref_denoiser." + n]) and p.grad is None
                    for n, p in reference.named_parameters())
     else:
         assert all("lora_" in n for n in trainable)

@@ -28,4 +28,8 @@ def videotuna_datamodules():
 
 @hookimpl
 def videotuna_models():
-    return {"cogvideox": "videotuna_dpo.models.cogvideox:CogVideoXBackend"}
+    return {
+        "cogvideox": "videotuna_dpo.models.cogvideox:CogVideoXBackend",
+        "videocrafter2": "videotuna_dpo.models.videocrafter:VideoCrafter2Backend",
+        "t2v_turbo": "videotuna_dpo.models.t2v_turbo:T2VTurboBackend",
+    }

@@ -8,21 +8,18 @@ the checkpoint's scheduler config.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.base import PredictFn, atomic_directory, read_trainable_meta
+from videotuna_dpo.models.finetune import DenoiserFinetuning
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-LORA_FILE = "pytorch_lora_weights.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -50,10 +47,11 @@ class CogVideoXSchema:
     load_text_and_vae: bool = True  # false when training on a latent cache
 
 
-class CogVideoXBackend(nn.Module):
+class CogVideoXBackend(DenoiserFinetuning, nn.Module):
     """CogVideoX (2B, 5B) as a DPO backend: v-prediction, LoRA by default, full fine-tune optional."""
 
     family = "cogvideox"
+    denoiser_attr = "transformer"
 
     def __init__(self, cfg: CogVideoXSchema | Any):
         super().__init__()
@@ -69,8 +67,6 @@ class CogVideoXBackend(nn.Module):
                 f"{', '.join(missing)}. Expected {', '.join(SUBFOLDERS)} (e.g. a local copy of "
                 f"THUDM/CogVideoX-2b at checkpoints/cogvideo/CogVideoX-2b)."
             )
-        if cfg.finetune not in ("lora", "full"):
-            raise UserError(f"model.finetune must be 'lora' or 'full', got {cfg.finetune!r}")
         if cfg.weight_dtype not in DTYPES:
             raise UserError(f"model.weight_dtype must be one of {', '.join(DTYPES)}, got {cfg.weight_dtype!r}")
         weight_dtype = DTYPES[cfg.weight_dtype]
@@ -96,32 +92,7 @@ class CogVideoXBackend(nn.Module):
         if self.prediction_type not in ("v_prediction", "epsilon"):
             raise UserError(f"{root}/scheduler: unsupported prediction_type {self.prediction_type!r}")
 
-        self.transformer.requires_grad_(False)
-        self._ref_cpu: list[nn.Module] = []  # a CPU-resident reference is kept out of .to(device)
-        self.ref_transformer: nn.Module | None = None
-        if cfg.finetune == "lora":
-            from peft import LoraConfig
-
-            self.transformer.add_adapter(
-                LoraConfig(
-                    r=cfg.lora.rank,
-                    lora_alpha=cfg.lora.alpha,
-                    lora_dropout=cfg.lora.dropout,
-                    target_modules=list(cfg.lora.target_modules),
-                    init_lora_weights=True,
-                )
-            )
-            # Adapters train in fp32 on top of the low-precision frozen base.
-            for p in self.transformer.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        else:
-            reference = copy.deepcopy(self.transformer).to(weight_dtype).requires_grad_(False).eval()
-            if cfg.reference_on_cpu:
-                self._ref_cpu.append(reference)
-            else:
-                self.ref_transformer = reference
-            self.transformer.requires_grad_(True)
+        self.setup_finetuning(reference_dtype=weight_dtype)
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         if cfg.trainable_weights:
@@ -182,84 +153,11 @@ class CogVideoXBackend(nn.Module):
             return self.scheduler.get_velocity(x0, noise, t)
         return noise
 
-    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._predict_with(self.transformer, noisy, t, cond)
-
-    @contextmanager
-    def reference(self) -> Iterator[PredictFn]:
-        """LoRA: the same network with adapters disabled; full: the frozen copy (moved in if on CPU)."""
-        if self.cfg.finetune == "lora":
-            self.transformer.disable_adapters()
-            try:
-                yield self.predict
-            finally:
-                self.transformer.enable_adapters()
-            return
-        if self.ref_transformer is not None:
-            yield partial(self._predict_with, self.ref_transformer)
-            return
-        reference = self._ref_cpu[0]
-        device = next(self.transformer.parameters()).device
-        reference.to(device)
-        try:
-            yield partial(self._predict_with, reference)
-        finally:
-            reference.to("cpu")
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable tensors by their name in this module (what a Lightning checkpoint keeps)."""
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
-
-    def save_trainable(self, directory: str | Path) -> Path:
-        """LoRA: diffusers' ``pytorch_lora_weights.safetensors``; full: ``transformer/`` safetensors."""
+    def _write_lora(self, directory: Path, layers: dict[str, torch.Tensor]) -> None:
         from diffusers import CogVideoXPipeline
 
-        meta = {"family": self.family, "finetune": self.cfg.finetune, "base": str(self.cfg.pretrained)}
-        if self.cfg.finetune == "lora":
-            from peft.utils import get_peft_model_state_dict
-
-            meta["lora"] = {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
-                            "target_modules": list(self.cfg.lora.target_modules)}
-            layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
-
-            def write(tmp: Path) -> None:
-                CogVideoXPipeline.save_lora_weights(tmp, transformer_lora_layers=layers, safe_serialization=True)
-        else:
-            def write(tmp: Path) -> None:
-                self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-
-        return atomic_directory(directory, write, meta)
-
-    def load_trainable(self, directory: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        meta = read_trainable_meta(directory)
-        if meta.get("finetune") != self.cfg.finetune:
-            raise UserError(
-                f"{directory}: holds {meta.get('finetune')!r} weights but model.finetune is "
-                f"{self.cfg.finetune!r}; set model.finetune={meta.get('finetune')}"
-            )
-        if self.cfg.finetune == "lora":
-            from peft.utils import set_peft_model_state_dict
-
-            lora = meta.get("lora", {})
-            if lora and int(lora["rank"]) != self.cfg.lora.rank:
-                raise UserError(f"{directory}: LoRA rank {lora['rank']} but model.lora.rank={self.cfg.lora.rank}")
-            state = load_file(str(directory / LORA_FILE))
-            state = {k.removeprefix("transformer."): v for k, v in state.items()}
-            result = set_peft_model_state_dict(self.transformer, state, adapter_name="default")
-            unexpected = list(getattr(result, "unexpected_keys", []) or [])
-            if unexpected:
-                raise UserError(f"{directory / LORA_FILE}: keys not in this model's LoRA: {unexpected[:5]}")
-        else:
-            from diffusers import CogVideoXTransformer3DModel
-
-            loaded = CogVideoXTransformer3DModel.from_pretrained(directory, subfolder="transformer", local_files_only=True)
-            self.transformer.load_state_dict(loaded.state_dict(), strict=True)
+        # diffusers' own LoRA format: `CogVideoXPipeline.load_lora_weights(directory)` reads it.
+        CogVideoXPipeline.save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True)
 
     @torch.no_grad()
     def generate(

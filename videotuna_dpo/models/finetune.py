@@ -1,0 +1,136 @@
+"""LoRA or full fine-tuning of a backend's denoiser, and the reference model each implies.
+
+LoRA (peft, through diffusers' ``add_adapter``): the reference is the same network with its
+adapters disabled, so no second copy of the weights exists. Full: the reference is a frozen copy,
+optionally kept on the CPU (outside the module, so ``.to(device)`` never moves it) and moved in per
+step. Trainable weights are saved as safetensors: ``pytorch_lora_weights.safetensors`` (diffusers'
+LoRA format, keys prefixed with the denoiser's name) or the denoiser's ``save_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.base import PredictFn, atomic_directory, read_trainable_meta
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class DenoiserFinetuning:
+    """Mixin for an ``nn.Module`` backend whose trainable network is ``getattr(self, denoiser_attr)``.
+
+    The backend defines ``family``, ``cfg`` (with ``finetune``, ``lora``, ``reference_on_cpu``,
+    ``pretrained``) and ``_predict_with(net, noisy, t, cond)``.
+    """
+
+    denoiser_attr = "denoiser"
+    family = "?"
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self, self.denoiser_attr)
+
+    def setup_finetuning(self, reference_dtype: torch.dtype = torch.float32) -> None:
+        """Freeze the denoiser, then add LoRA adapters or make the frozen reference copy."""
+        cfg = self.cfg
+        if cfg.finetune not in ("lora", "full"):
+            raise UserError(f"model.finetune must be 'lora' or 'full', got {cfg.finetune!r}")
+        net = self.denoiser
+        net.requires_grad_(False)
+        self._ref_cpu: list[nn.Module] = []
+        self.ref_denoiser: nn.Module | None = None
+        if cfg.finetune == "lora":
+            from peft import LoraConfig
+
+            net.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                       target_modules=list(cfg.lora.target_modules), init_lora_weights=True))
+            for p in net.parameters():  # adapters train in fp32 over a possibly low-precision base
+                if p.requires_grad:
+                    p.data = p.data.float()
+            return
+        reference = copy.deepcopy(net).to(reference_dtype).requires_grad_(False).eval()
+        if cfg.reference_on_cpu:
+            self._ref_cpu.append(reference)
+        else:
+            self.ref_denoiser = reference
+        net.requires_grad_(True)
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self._predict_with(self.denoiser, noisy, t, cond)
+
+    @contextmanager
+    def reference(self) -> Iterator[PredictFn]:
+        """Context yielding the frozen reference model's ``predict``."""
+        if self.cfg.finetune == "lora":
+            self.denoiser.disable_adapters()
+            try:
+                yield self.predict
+            finally:
+                self.denoiser.enable_adapters()
+            return
+        if self.ref_denoiser is not None:
+            yield partial(self._predict_with, self.ref_denoiser)
+            return
+        reference = self._ref_cpu[0]
+        reference.to(next(self.denoiser.parameters()).device)
+        try:
+            yield partial(self._predict_with, reference)
+        finally:
+            reference.to("cpu")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def _write_lora(self, directory: Path, layers: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        save_file({f"{self.denoiser_attr}.{k}": v for k, v in layers.items()}, str(directory / LORA_FILE))
+
+    def save_trainable(self, directory: str | Path) -> Path:
+        """Write the LoRA adapter or the full denoiser (safetensors) atomically to ``directory``."""
+        meta = {"family": self.family, "finetune": self.cfg.finetune, "base": str(self.cfg.pretrained)}
+        if self.cfg.finetune == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            meta["lora"] = {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
+                            "target_modules": list(self.cfg.lora.target_modules)}
+            layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.denoiser).items()}
+            return atomic_directory(directory, lambda tmp: self._write_lora(tmp, layers), meta)
+        return atomic_directory(
+            directory, lambda tmp: self.denoiser.save_pretrained(tmp / self.denoiser_attr, safe_serialization=True), meta
+        )
+
+    def load_trainable(self, directory: str | Path) -> None:
+        """Load what ``save_trainable`` wrote; a LoRA/full or rank mismatch is an error saying which."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = read_trainable_meta(directory)
+        if meta.get("finetune") != self.cfg.finetune:
+            raise UserError(f"{directory}: holds {meta.get('finetune')!r} weights but model.finetune is "
+                            f"{self.cfg.finetune!r}; set model.finetune={meta.get('finetune')}")
+        if meta.get("family") not in (None, self.family):
+            raise UserError(f"{directory}: weights of model family {meta['family']!r}, not {self.family!r}")
+        if self.cfg.finetune == "lora":
+            from peft.utils import set_peft_model_state_dict
+
+            lora = meta.get("lora", {})
+            if lora and int(lora["rank"]) != self.cfg.lora.rank:
+                raise UserError(f"{directory}: LoRA rank {lora['rank']} but model.lora.rank={self.cfg.lora.rank}")
+            prefix = f"{self.denoiser_attr}."
+            state = {k.removeprefix(prefix): v for k, v in load_file(str(directory / LORA_FILE)).items()}
+            result = set_peft_model_state_dict(self.denoiser, state, adapter_name="default")
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:
+                raise UserError(f"{directory / LORA_FILE}: keys not in this model's LoRA: {unexpected[:5]}")
+            return
+        loaded = type(self.denoiser).from_pretrained(directory, subfolder=self.denoiser_attr, local_files_only=True)
+        self.denoiser.load_state_dict(loaded.state_dict(), strict=True)
