@@ -44,6 +44,8 @@ def videotuna_scorers() -> Mapping[str, Callable[..., Any]]:
     (where it looks for weights, or "" when it needs none), ``version`` (str), and
     ``__call__(videos, prompts) -> Tensor[B]`` taking ``videos`` as float ``[B, F, C, H, W]`` in
     [0, 1] and ``prompts`` as ``list[str]`` of length B, returning one raw score per video.
+    Optionally ``score_range = (low, high)`` (and ``score_weight``, default 1.0) makes the scorer a
+    dimension of the OmniScore, min-max normalised with that range in its ``kind``'s group.
     See :class:`videotuna_dpo.scoring.base.Scorer`.
     """
 

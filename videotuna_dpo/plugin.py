@@ -18,7 +18,7 @@ def videotuna_strategies():
 def videotuna_scorers():
     from videotuna_dpo.scoring import SCORERS
 
-    return dict(SCORERS)
+    return {**SCORERS, "toy_alignment": "videotuna_dpo.toy.scorer:ToyAlignment"}
 
 
 @hookimpl
@@ -32,4 +32,5 @@ def videotuna_models():
         "cogvideox": "videotuna_dpo.models.cogvideox:CogVideoXBackend",
         "videocrafter2": "videotuna_dpo.models.videocrafter:VideoCrafter2Backend",
         "t2v_turbo": "videotuna_dpo.models.t2v_turbo:T2VTurboBackend",
+        "toy": "videotuna_dpo.toy.backend:ToyBackend",
     }

@@ -349,6 +349,9 @@ def score_videos(
     config = OmniScoreConfig()
     for name, scorer in models.items():
         config.kinds.setdefault(name, scorer.kind)
+        if getattr(scorer, "score_range", None) is not None:  # a plugin dimension joining the OmniScore
+            config.ranges.setdefault(name, tuple(scorer.score_range))
+            config.weights.setdefault(name, float(getattr(scorer, "score_weight", 1.0)))
     config = config.with_weights(weights or {})
     described = {name: _describe(s) for name, s in models.items()}
     min_frames = max([int(getattr(s, "min_frames", 1)) for s in models.values()] + [1])

@@ -1,0 +1,154 @@
+"""Backend ``toy``: the toy world's tiny text-to-video model behind the same protocol as CogVideoX.
+
+Pixel space: "latents" are the videos themselves, ``[B, 3, F, H, W]`` in [-1, 1]; conditioning is
+the word-level text encoder's features ``[B, L, D]`` (zeros for an empty caption). v-prediction
+with diffusers' DDIM scheduler; full fine-tune (frozen reference copy) by default, LoRA optional.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from videotuna_dpo.config import validate
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.finetune import DenoiserFinetuning
+from videotuna_dpo.toy.model import ToyTextEncoder, ToyVideoUNet, tokenize
+
+BUILTIN = Path(__file__).with_name("base")  # the shipped base checkpoint (python -m videotuna_dpo.toy.train_base)
+SUBFOLDERS = ("unet", "text_encoder", "scheduler")
+
+
+@dataclass
+class ToyLoraSchema:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["film", "spatial", "temporal"])
+
+
+@dataclass
+class ToySchema:
+    name: str = "toy"
+    pretrained: str = "builtin"  # "builtin" = the checkpoint shipped in the package
+    finetune: str = "full"
+    lora: ToyLoraSchema = field(default_factory=ToyLoraSchema)
+    reference_on_cpu: bool = False
+    trainable_weights: Optional[str] = None
+    load_text_and_vae: bool = True  # accepted for the cache path; the toy model has no VAE
+
+
+def resolve_pretrained(pretrained: str) -> Path:
+    root = BUILTIN if pretrained == "builtin" else Path(pretrained)
+    missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
+    if missing:
+        raise UserError(f"model.pretrained={root}: not a toy checkpoint; missing {', '.join(missing)} "
+                        f"(build one with `python -m videotuna_dpo.toy.train_base --out DIR`)")
+    return root
+
+
+def save_toy_checkpoint(root: Path, unet: ToyVideoUNet, text_encoder: ToyTextEncoder, scheduler: Any) -> Path:
+    """Write the toy model in its loading layout; weights as fp16 safetensors to stay small."""
+    root.mkdir(parents=True, exist_ok=True)
+    unet.to(torch.float16).save_pretrained(root / "unet", safe_serialization=True)
+    text_encoder.to(torch.float16).save_pretrained(root / "text_encoder", safe_serialization=True)
+    unet.float()
+    text_encoder.float()
+    scheduler.save_pretrained(root / "scheduler")
+    return root
+
+
+def toy_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                         clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+
+
+class ToyBackend(DenoiserFinetuning, nn.Module):
+    """The toy world's model as a DPO backend."""
+
+    family = "toy"
+    denoiser_attr = "unet"
+
+    def __init__(self, cfg: ToySchema | Any):
+        super().__init__()
+        from diffusers import DDIMScheduler
+
+        self.cfg = cfg
+        root = resolve_pretrained(cfg.pretrained)
+        self.root = root
+        self.scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler")
+        self.unet = ToyVideoUNet.from_pretrained(root, subfolder="unet", torch_dtype=torch.float32)
+        self.text_encoder = ToyTextEncoder.from_pretrained(root, subfolder="text_encoder", torch_dtype=torch.float32)
+        self.text_encoder.requires_grad_(False).eval()
+        self.setup_finetuning(reference_dtype=torch.float32)
+        if cfg.trainable_weights:
+            self.load_trainable(cfg.trainable_weights)
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, source: str = "<config>") -> "ToyBackend":
+        return cls(validate(model_cfg, ToySchema, "model", source))
+
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel space: the video itself with zero spread."""
+        x = pixels.float()
+        return x, torch.zeros_like(x)
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, F, H, W]`` in [-1, 1] -> the same tensor (no VAE)."""
+        return pixels.float()
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Captions -> ``[B, L, D]``; padding positions and empty captions are zeros."""
+        ids = tokenize(list(prompts)).to(self.text_encoder.embed.weight.device)
+        return self.text_encoder(ids)
+
+    def sample_timesteps(self, n: int, device: torch.device | str) -> torch.Tensor:
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=device, dtype=torch.long)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.get_velocity(x0, noise, t)
+
+    def _predict_with(self, net: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        mask = cond.abs().sum(-1) > 0  # [B, L]: real tokens
+        return net(noisy, t, cond, mask).float()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], num_frames: int = 8, steps: int = 20, guidance: float = 3.0,
+                 seed: int | list[int] = 0, height: int = 32, width: int = 32, negative_prompt: str | None = None) -> torch.Tensor:
+        """DDIM sampling with classifier-free guidance -> float ``[B, F, C, H, W]`` in [0, 1]."""
+        from diffusers import DDIMScheduler
+
+        device = next(self.unet.parameters()).device
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        x = torch.stack([torch.randn(3, num_frames, height, width, generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds]).to(device)
+        cond = self.encode_prompt(prompts)
+        uncond = self.encode_prompt([negative_prompt or ""] * len(prompts))
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            for t in scheduler.timesteps:
+                tt = torch.full((len(prompts),), int(t), device=device, dtype=torch.long)
+                if guidance == 1.0:
+                    v = self.predict(x, tt, cond)
+                else:  # conditional and unconditional in one batch
+                    v_cond, v_uncond = self.predict(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond])).chunk(2)
+                    v = v_uncond + guidance * (v_cond - v_uncond)
+                x = scheduler.step(v, t, x).prev_sample
+        finally:
+            self.unet.train(was_training)
+        return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).contiguous()  # [B, F, C, H, W]
