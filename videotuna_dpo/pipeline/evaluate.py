@@ -1,0 +1,487 @@
+"""``videotuna eval``: base vs tuned weights on the same prompts and seeds, scored and compared.
+
+Samples go to ``OUT/samples/<label>/`` (``base`` and one label per weight set), scores to
+``OUT/scores/<label>.jsonl``; both steps resume, so a rerun only does what is missing. Per dimension
+the table holds the base and tuned means over paired videos, the delta, the win rate and a paired
+z-score. :class:`EvalCallback` logs the same OmniScore during DPO training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import lightning as L
+import torch
+
+from videotuna_dpo.errors import UserError
+
+NO_WEIGHTS_SCORERS = ("temporal_flickering", "dynamic_degree", "motion_smoothness")
+BASE = "base"
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass
+class EvalSchema:
+    """The optional ``eval:`` block of a config (``videotuna eval`` and the training callback)."""
+
+    scorers: Optional[list[str]] = None  # default: NO_WEIGHTS_SCORERS
+    options: dict[str, Any] = field(default_factory=dict)  # {scorer: {key: value}}, as --option
+    weights: dict[str, float] = field(default_factory=dict)  # OmniScore weights, as `videotuna score --weight`
+    score_batch_size: int = 4
+    prompts: list[str] = field(default_factory=list)  # the training callback's few prompts
+    seeds: list[int] = field(default_factory=lambda: [0])  # the callback samples every prompt with each seed
+
+
+def eval_settings(cfg: Any, source: str = "<config>") -> Any:
+    """The config's ``eval:`` block validated against :class:`EvalSchema` (defaults when absent)."""
+    from videotuna_dpo.config import validate
+
+    return validate(cfg.get("eval") if cfg is not None else None, EvalSchema, "eval", source)
+
+
+# ---------------------------------------------------------------- comparing two scores files
+
+
+def pair_key(record: Mapping[str, Any]) -> str:
+    """``<prompt_id>_s<sample>`` from the generation record in ``meta``, else the video's file stem."""
+    meta = record.get("meta") or {}
+    if "prompt_id" in meta and "sample" in meta:
+        return f"{meta['prompt_id']}_s{meta['sample']}"
+    return Path(record["path"]).stem
+
+
+def _ok_records(path: Path) -> tuple[dict[str, dict], int]:
+    from videotuna_dpo.pipeline.score import read_scores
+
+    records = read_scores(path)
+    ok: dict[str, dict] = {}
+    for record in records.values():
+        if record.get("status") != "ok":
+            continue
+        key = pair_key(record)
+        if key in ok:
+            raise UserError(f"{path}: two scored videos share the pairing key {key!r} "
+                            f"({ok[key]['path']} and {record['path']}); score each sample directory separately")
+        ok[key] = record
+    return ok, sum(1 for r in records.values() if r.get("status") != "ok")
+
+
+def _dimension_values(record: Mapping[str, Any]) -> dict[str, float]:
+    """Every comparable number of a score record, by row name (raw/X, normalized/X, quality, ...)."""
+    values = {f"raw/{k}": float(v) for k, v in (record.get("raw") or {}).items()}
+    values.update({f"normalized/{k}": float(v) for k, v in (record.get("normalized") or {}).items()})
+    for group in ("quality", "semantic", "omniscore"):
+        if record.get(group) is not None:
+            values[group] = float(record[group])
+    return values
+
+
+def paired_z(diffs: Sequence[float]) -> float | None:
+    """mean(d) / (std(d, ddof=1) / sqrt(n)); +-inf when every difference is the same non-zero value,
+    0 when they are all zero, None with fewer than two pairs."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = math.fsum(diffs) / n
+    std = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if std <= 1e-12 * max(abs(d) for d in diffs):  # equal differences, up to rounding of the mean
+        return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    return mean / (std / math.sqrt(n))
+
+
+def _row(dimension: str, pairs: list[tuple[float, float]]) -> dict:
+    n = len(pairs)
+    base = sum(b for b, _ in pairs) / n
+    tuned = sum(t for _, t in pairs) / n
+    wins = sum(1.0 if t > b else 0.5 if t == b else 0.0 for b, t in pairs)
+    return {"dimension": dimension, "base": base, "tuned": tuned, "delta": tuned - base, "win_rate": wins / n,
+            "z": paired_z([t - b for b, t in pairs]), "n": n}
+
+
+def _row_order(name: str) -> tuple[int, str]:
+    order = {"omniscore": 0, "quality": 1, "semantic": 2}
+    if name in order:
+        return order[name], name
+    return (3 if name.startswith("normalized/") else 4), name
+
+
+def compare_scores(base_jsonl: str | Path, tuned_jsonl: str | Path) -> dict:
+    """Pair the "ok" videos of two scores files by prompt_id+sample (or file stem) -> the comparison table.
+
+    Rows (omniscore, quality, semantic, normalized/X, raw/X) hold base and tuned means over the
+    pairs, delta, win rate (tuned > base; ties count half) and the paired z-score.
+    """
+    base_path, tuned_path = Path(base_jsonl), Path(tuned_jsonl)
+    base, base_failed = _ok_records(base_path)
+    tuned, tuned_failed = _ok_records(tuned_path)
+    keys = [k for k in sorted(base) if k in tuned]
+    if not keys:
+        raise UserError(
+            f"no video of {tuned_path} pairs with one of {base_path} ({len(tuned)} and {len(base)} scored videos): "
+            f"videos pair by the prompt_id and sample of their generation record, else by file name; generate "
+            f"both with the same prompts file, --num-samples and --seed"
+        )
+    paired, columns = [], {}
+    for key in keys:
+        b, t = base[key], tuned[key]
+        bm, tm = b.get("meta") or {}, t.get("meta") or {}
+        if "seed" in bm and "seed" in tm and bm["seed"] != tm["seed"]:
+            raise UserError(f"{key}: seed {bm['seed']} in {base_path} but {tm['seed']} in {tuned_path}; a paired "
+                            f"comparison needs the same seeds (same --seed and --num-samples)")
+        if b.get("prompt") != t.get("prompt"):
+            raise UserError(f"{key}: prompt {b.get('prompt')!r} in {base_path} but {t.get('prompt')!r} in {tuned_path}")
+        bv, tv = _dimension_values(b), _dimension_values(t)
+        for name in bv.keys() & tv.keys():
+            columns.setdefault(name, []).append((bv[name], tv[name]))
+        paired.append({"key": key, "prompt": b.get("prompt"), "seed": bm.get("seed", tm.get("seed")),
+                       "base_path": b["path"], "tuned_path": t["path"],
+                       "base": b["omniscore"], "tuned": t["omniscore"], "diff": t["omniscore"] - b["omniscore"]})
+    return {
+        "base_scores": str(base_path),
+        "tuned_scores": str(tuned_path),
+        "pairs": len(keys),
+        "unpaired": {"base": len(base) - len(keys), "tuned": len(tuned) - len(keys)},
+        "failed": {"base": base_failed, "tuned": tuned_failed},
+        "rows": [_row(name, columns[name]) for name in sorted(columns, key=_row_order)],
+        "paired": paired,
+    }
+
+
+def table_row(table: Mapping[str, Any], dimension: str = "omniscore") -> dict:
+    """The row of ``dimension`` in a :func:`compare_scores` table."""
+    for row in table["rows"]:
+        if row["dimension"] == dimension:
+            return row
+    raise KeyError(f"no row {dimension!r}; rows: {', '.join(r['dimension'] for r in table['rows'])}")
+
+
+# ---------------------------------------------------------------- the evaluation run
+
+
+def resolve_weights(spec: str | Path) -> Path:
+    """A weights dir (holds trainable.json) as is, a run dir as its ``weights/last``."""
+    path = Path(spec)
+    if (path / "trainable.json").is_file():
+        return path
+    if (path / "weights" / "last" / "trainable.json").is_file():
+        return path / "weights" / "last"
+    raise UserError(
+        f"--weights {path}: neither a weights directory (with trainable.json) nor a run directory with "
+        f"weights/last/trainable.json (if this is a key=value override, put it before --weights)"
+    )
+
+
+def weight_labels(weights: Sequence[Path]) -> list[str]:
+    """Short unique labels: the run dir's name (plus the step for weights/step-N), never ``base``."""
+    labels: list[str] = []
+    for w in weights:
+        if w.parent.name == "weights":
+            label = w.parent.parent.name + ("" if w.name == "last" else f"-{w.name}")
+        else:
+            label = w.name
+        label = _SAFE.sub("_", label) or "tuned"
+        unique, i = label, 2
+        while unique == BASE or unique in labels:
+            unique, i = f"{label}-{i}", i + 1
+        labels.append(unique)
+    return labels
+
+
+def _check_samples(directory: Path, weights: str | None, sampler: Mapping[str, Any]) -> None:
+    """Refuse to resume into a sample directory made with other weights or sampler settings."""
+    for record_file in sorted(directory.glob("*_s*.json"))[:1]:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        made = (record.get("model") or {}).get("weights")
+        if made != weights:
+            raise UserError(f"{record_file}: these samples were made with weights {made!r}, this run asks for "
+                            f"{weights!r}; use another --out (or delete {directory})")
+        before = {k: v for k, v in (record.get("sampler") or {}).items() if k in sampler}
+        changed = {k: (before.get(k), v) for k, v in sampler.items() if before.get(k) != v}
+        if changed:
+            raise UserError(f"{record_file}: these samples were made with other generate settings "
+                            f"({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}); "
+                            f"use another --out (or delete {directory})")
+
+
+def evaluate(
+    cfg: Any,
+    registry: Any,
+    prompts_file: str | Path,
+    weights: Sequence[str | Path],
+    num_samples: int,
+    out: str | Path,
+    seed: int = 1000,
+    scorers: Sequence[str] | None = None,
+    scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
+    source: str = "<config>",
+    progress: bool = True,
+) -> dict:
+    """Generate and score base and each weight set with the same prompts and seeds; write the report.
+
+    Returns ``{"tables": {label: table}, "counts", "settings", "report": {name: path}}``.
+    """
+    from videotuna_dpo.config import validate
+    from videotuna_dpo.pipeline.generate import GenerateSchema, generate_videos
+    from videotuna_dpo.pipeline.report import write_report
+    from videotuna_dpo.pipeline.score import score_videos
+
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    if cfg.model.get("trainable_weights"):
+        raise UserError(f"{source}: model.trainable_weights is set ({cfg.model.trainable_weights}), so the base would "
+                        f"not be the pretrained model; remove it and pass those weights with --weights")
+    settings = eval_settings(cfg, source)
+    names = list(scorers or settings.scorers or NO_WEIGHTS_SCORERS)
+    options = {k: dict(v) for k, v in (scorer_options or _plain(settings.options) or {}).items()}
+    omni_weights = {k: float(v) for k, v in settings.weights.items()}
+    resolved = [resolve_weights(w) for w in weights]
+    runs: dict[str, str | None] = {BASE: None}
+    runs.update({label: str(w.resolve()) for label, w in zip(weight_labels(resolved), resolved)})
+
+    gen_settings = validate(cfg.get("generate"), GenerateSchema, "generate", source)
+    sampler = {k: gen_settings[k] for k in ("num_frames", "steps", "guidance", "height", "width", "fps", "negative_prompt")}
+    out = Path(out)
+    counts: dict[str, dict] = {}
+    for label, weights_dir in runs.items():
+        samples = out / "samples" / label
+        if samples.is_dir():
+            _check_samples(samples, weights_dir, sampler)
+        gen = generate_videos(cfg, registry, prompts_file, samples, num_samples=num_samples, seed=seed,
+                              weights=weights_dir, source=source)
+        scored = score_videos(samples, out / "scores" / f"{label}.jsonl", scorers=names,
+                              batch_size=settings.score_batch_size, options=options, weights=omni_weights,
+                              progress=progress, registry=registry)
+        counts[label] = {"videos": gen["total"], "generated": gen["generated"], "kept": gen["kept"],
+                         "scored": scored["scored"], "failed": scored["failed"], "skipped": scored["skipped"]}
+    tables = {label: compare_scores(out / "scores" / f"{BASE}.jsonl", out / "scores" / f"{label}.jsonl")
+              for label in runs if label != BASE}
+    summary = {
+        "settings": {
+            "config": source, "prompts": str(prompts_file), "num_samples": num_samples, "seed": seed,
+            "seeds": f"video k of prompt i uses seed + i*{num_samples} + k, the same for every model",
+            "scorers": names, "scorer_options": options, "omniscore_weights": omni_weights,
+            "model": {"name": str(cfg.model.name), "pretrained": str(cfg.model.get("pretrained", ""))},
+            "generate": _plain(gen_settings), "weights": runs,
+        },
+        "counts": counts,
+        "tables": tables,
+    }
+    summary["report"] = write_report(out, summary)
+    return summary
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+# ---------------------------------------------------------------- the training callback
+
+
+class EvalCallback(L.Callback):
+    """Every N training steps: sample a few prompts with the policy, score them, log ``eval/*``.
+
+    Logs ``eval/omniscore``, ``eval/quality``, ``eval/semantic`` (when present) and ``eval/<dimension>``
+    (normalised) at the global step; runs once before training too, as the baseline.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | int = (0,),
+        scorers: Sequence[str] | None = None,
+        generate_kwargs: Mapping[str, Any] | None = None,
+        scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
+        omniscore_weights: Mapping[str, float] | None = None,
+        at_start: bool = True,
+        registry: Any = None,
+    ):
+        if every_n_steps < 1:
+            raise UserError(f"eval_every_n_steps must be at least 1, got {every_n_steps}")
+        if not prompts:
+            raise UserError("the eval callback needs at least one prompt (eval.prompts)")
+        self.every = int(every_n_steps)
+        self.prompts = list(prompts)
+        self.seeds = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
+        self.scorer_names = list(scorers or NO_WEIGHTS_SCORERS)
+        self.generate_kwargs = dict(generate_kwargs or {})
+        self.batch_size = int(self.generate_kwargs.pop("batch_size", 4))
+        self.scorer_options = {k: dict(v) for k, v in (scorer_options or {}).items()}
+        self.omniscore_weights = dict(omniscore_weights or {})
+        self.at_start = at_start
+        self.registry = registry
+        self._scorers: dict | None = None
+        self.history: list[dict] = []  # {"step", "omniscore", ...} per evaluation
+
+    def _build(self, device: str) -> None:
+        from videotuna_dpo.pipeline.score import build_scorers
+        from videotuna_dpo.scoring.omniscore import OmniScoreConfig
+
+        self._scorers = build_scorers(self.scorer_names, device, self.scorer_options, self.registry)
+        config = OmniScoreConfig()
+        for name, scorer in self._scorers.items():
+            config.kinds.setdefault(name, scorer.kind)
+        self._config = config.with_weights(self.omniscore_weights)
+
+    @torch.no_grad()
+    def measure(self, backend: Any, device: str) -> dict[str, float]:
+        """Mean OmniScore, quality, semantic and normalised dimensions of the policy's samples."""
+        from videotuna_dpo.scoring.omniscore import omniscore
+
+        if self._scorers is None:
+            self._build(device)
+        jobs = [(p, s) for s in self.seeds for p in self.prompts]
+        videos = []
+        for start in range(0, len(jobs), self.batch_size):
+            batch = jobs[start : start + self.batch_size]
+            videos.append(backend.generate([p for p, _ in batch], seed=[s for _, s in batch],
+                                           **self.generate_kwargs).float().cpu())  # [B, F, C, H, W] in [0, 1]
+        clip = torch.cat(videos)
+        texts = [p for p, _ in jobs]
+        raw = {n: s(clip.to(device), texts).double().cpu() for n, s in self._scorers.items()}
+        totals: dict[str, list[float]] = {}
+        for i in range(len(jobs)):
+            agg = omniscore({n: float(v[i]) for n, v in raw.items()}, self._config)
+            values = {"omniscore": agg["omniscore"], **agg["normalized"]}
+            for group in ("quality", "semantic"):
+                if agg[group] is not None:
+                    values[group] = agg[group]
+            for name, value in values.items():
+                totals.setdefault(name, []).append(value)
+        return {name: sum(v) / len(v) for name, v in totals.items()}
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        modes = {m: m.training for m in pl_module.modules()}
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):  # evaluation must not shift the training noise
+                pl_module.eval()
+                metrics = self.measure(pl_module.backend, str(pl_module.device))
+        finally:
+            for module, mode in modes.items():
+                module.train(mode)
+        step = trainer.global_step
+        self.history.append({"step": step, **metrics})
+        logged = {f"eval/{name}": value for name, value in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=step)
+        for name, value in logged.items():  # visible to other callbacks (checkpoint monitors, progress bar)
+            trainer.callback_metrics[name] = torch.tensor(value)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.at_start:
+            self._run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every == 0 and not any(h["step"] == step for h in self.history):
+            self._run(trainer, pl_module)
+
+
+def eval_callback(cfg: Any, source: str = "<config>", registry: Any = None) -> EvalCallback | None:
+    """The training callback a config asks for (``eval_every_n_steps`` > 0 and ``eval.prompts``), else None."""
+    every = int(cfg.get("eval_every_n_steps", 0) or 0)
+    if every <= 0:
+        return None
+    settings = eval_settings(cfg, source)
+    if not settings.prompts:
+        raise UserError(f"{source}: eval_every_n_steps is {every} but eval.prompts is empty; list a few prompts")
+    from videotuna_dpo.config import validate
+    from videotuna_dpo.pipeline.generate import GenerateSchema
+
+    gen = validate(cfg.get("generate"), GenerateSchema, "generate", source)
+    kwargs = {k: gen[k] for k in ("num_frames", "steps", "guidance")}
+    kwargs.update({k: gen[k] for k in ("height", "width", "negative_prompt") if gen[k] is not None})
+    kwargs["batch_size"] = gen.batch_size
+    return EvalCallback(every, list(settings.prompts), list(settings.seeds), settings.scorers, kwargs,
+                        scorer_options=_plain(settings.options), omniscore_weights=_plain(settings.weights),
+                        registry=registry)
+
+
+# ---------------------------------------------------------------- CLI
+
+DESCRIPTION = """\
+Generate --num-samples videos per prompt from the base model and from each --weights with the same
+seeds (video k of prompt i uses seed + i*N + k), score them (--scorers, else the config's
+eval.scorers, else temporal_flickering,dynamic_degree,motion_smoothness) and compare each tuned model
+with the base per dimension: means, delta, win rate (ties count half) and the paired z-score of
+OmniScore. Writes REPORT/report.json, REPORT/report.html and PNG plots; resumable.
+"""
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from videotuna_dpo.config import load_config
+    from videotuna_dpo.pipeline.report import format_table
+    from videotuna_dpo.pipeline.score import parse_options
+    from videotuna_dpo.registry import Registry
+
+    cfg = load_config(args.config, args.overrides)
+    registry = Registry.load(cfg.get("plugins"))
+    scorers = [s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None
+    summary = evaluate(cfg, registry, args.prompts, args.weights, args.num_samples, args.out, seed=args.seed,
+                       scorers=scorers, scorer_options=parse_options(args.option) or None, source=str(args.config),
+                       progress=not args.no_progress)
+    for label, table in summary["tables"].items():
+        print(f"{label} vs base ({table['pairs']} paired videos)")
+        print(format_table(table))
+        print()
+    if not summary["tables"]:
+        print("no --weights given: only the base model was sampled and scored")
+    print(f"report: {summary['report']['html']}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``eval`` verb on the ``videotuna`` subparsers."""
+    p = subparsers.add_parser(
+        "eval",
+        help="base vs tuned weights on the same prompts and seeds -> table + HTML report",
+        description=DESCRIPTION,
+        epilog="example: videotuna eval --config configs/dpo/cogvideox_2b.yaml --prompts eval_prompts.txt "
+        "--weights runs/dpo --num-samples 4 --out reports/dpo --seed 1000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML config with `model:` and `generate:` (and optional `eval:`)")
+    p.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {id: prompt})")
+    p.add_argument("--weights", nargs="+", action="extend", default=[], metavar="RUN_DIR_OR_WEIGHTS",
+                   help="run dirs (their weights/last) or weights dirs (with trainable.json) to compare with the base")
+    p.add_argument("--num-samples", type=int, default=4, help="videos per prompt and model (default 4)")
+    p.add_argument("--out", required=True, help="report directory (samples/, scores/, report.json, report.html)")
+    p.add_argument("--seed", type=int, default=1000, help="base seed, the same for every model (default 1000)")
+    p.add_argument("--scorers", default=None, help="comma-separated scorer names (default: eval.scorers or the "
+                   f"no-weights {','.join(NO_WEIGHTS_SCORERS)})")
+    p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
+                   help="a scorer option, as in `videotuna score` (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    p.set_defaults(func=_cmd_eval)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m videotuna_dpo.pipeline.evaluate eval ...`` (the same verb without the full CLI)."""
+    parser = argparse.ArgumentParser(prog="videotuna")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"videotuna: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
