@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.pipeline.eval_callback import EvalCallback, eval_callback
 from videotuna_dpo.pipeline.evaluate import (
-    EvalCallback, compare_scores, eval_callback, evaluate, paired_z, resolve_weights, table_row, weight_labels,
+    compare_scores, evaluate, paired_z, resolve_weights, table_row, weight_labels,
 )
 
 CONFIG = ROOT / "configs" / "dpo" / "cogvideox_tiny.yaml"
@@ -49,7 +50,7 @@ def evaluated(tiny_cogvideox, tmp_path_factory):
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     _tuned_weights(tiny_cogvideox, root / "run" / "weights" / "last")
     proc = subprocess.run(
-        [sys.executable, "-m", "videotuna_dpo.pipeline.evaluate", "eval", "--config", str(CONFIG),
+        [sys.executable, "-m", "videotuna_dpo", "eval", "--config", str(CONFIG),
          "--prompts", str(root / "prompts.txt"), "--num-samples", "2", "--out", str(root / "report"),
          "--seed", "1000", "--scorers", ",".join(NO_WEIGHTS), "--no-progress", f"model.pretrained={tiny_cogvideox}", "generate.steps=2",
          "--weights", str(root / "run")],

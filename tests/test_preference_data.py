@@ -136,3 +136,15 @@ def test_datamodule_is_registered_and_validates_its_config(dataset):
     assert batch["winner"].shape == (3, 3, 9, 24, 24)
     assert batch["winner"].min() >= -1 and batch["winner"].max() <= 1
     assert sorted(batch["caption"]) == sorted(CAPTIONS)
+
+
+def test_datamodule_normalizes_pair_weights_to_mean_one(dataset):
+    (dataset.parent / "part0" / "manifest.json").write_text(json.dumps({"pairs": [{"weight": w} for w in (2.0, 4.0, 6.0)]}))
+    base = {"train_data": str(dataset), "video_length": 9, "resolution": [32, 32], "shuffle": False}
+    dm = PreferenceDataModule.from_config(OmegaConf.create(base))
+    dm.setup()
+    assert [p.weight for p in dm.pairs] == pytest.approx([0.5, 1.0, 1.5])  # divided by the mean, 4
+    raw = PreferenceDataModule.from_config(OmegaConf.create({**base, "normalize_weights": False}))
+    raw.setup()
+    assert [p.weight for p in raw.pairs] == [2.0, 4.0, 6.0]
+    assert raw.dataset[2]["weight"].item() == 6.0 and dm.dataset[2]["weight"].item() == pytest.approx(1.5)

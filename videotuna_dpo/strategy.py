@@ -55,6 +55,8 @@ class TrainSchema:
     model: dict[str, Any] = field(default_factory=dict)  # validated by the chosen backend
     data: dict[str, Any] = field(default_factory=dict)  # validated by the chosen datamodule
     generate: dict[str, Any] = field(default_factory=dict)  # sampler settings of `videotuna generate`
+    eval: dict[str, Any] = field(default_factory=dict)  # `videotuna eval` and the training callback
+    eval_every_n_steps: int = 0  # log eval/omniscore every N steps from eval.prompts x eval.seeds; 0 = off
     dpo: DPOSchema = field(default_factory=DPOSchema)
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     lightning: LightningSchema = field(default_factory=LightningSchema)
@@ -216,6 +218,11 @@ class DPOStrategy:
         ]
         if ck.export_weights:
             callbacks.append(ExportTrainableWeights(out / "weights", ck.every_n_train_steps))
+        from videotuna_dpo.pipeline.eval_callback import eval_callback
+
+        evaluator = eval_callback(cfg, source, registry)
+        if evaluator is not None:
+            callbacks.append(evaluator)
         trainer_kwargs.setdefault("max_steps", 1000)
         trainer_kwargs.setdefault("log_every_n_steps", 1)
         trainer = L.Trainer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -27,10 +28,19 @@ class PreferenceDataSchema:
     frame_start: str = "random"  # "random" (same start for winner and loser) or "first"
     weights: str = "auto"  # auto | none | manifest | pair_score
     alpha: float = 1.0  # exponent of the official pair_score weights
+    normalize_weights: bool = True  # rescale pair weights to mean 1: alpha shifts emphasis, not the step size
     batch_size: int = 1
     num_workers: int = 0
     shuffle: bool = True
     cache: Optional[str] = None  # latent cache dir (videotuna cache); training then skips VAE/T5
+
+
+def normalize_weights(pairs: list[PairRecord]) -> list[PairRecord]:
+    """Pairs with weights divided by their mean (mean 1), so re-weighting never rescales the learning rate."""
+    mean = sum(p.weight for p in pairs) / len(pairs)
+    if mean <= 0:
+        raise UserError("every pair weight is 0: nothing would train")
+    return [dataclasses.replace(p, weight=p.weight / mean) for p in pairs]
 
 
 class PreferenceVideoDataset(Dataset):
@@ -96,12 +106,14 @@ class PreferenceDataModule(L.LightningDataModule):
             from videotuna_dpo.data.latent_cache import CachedPreferenceDataset
 
             self.dataset = CachedPreferenceDataset.open(cfg)
-            self.pairs = self.dataset.pairs
-            return
-        self.pairs = load_pairs(cfg.train_data, weights=cfg.weights, alpha=cfg.alpha)
-        self.dataset = PreferenceVideoDataset(
-            self.pairs, cfg.video_length, cfg.frame_stride, tuple(cfg.resolution), cfg.frame_start
-        )
+        else:
+            pairs = load_pairs(cfg.train_data, weights=cfg.weights, alpha=cfg.alpha)
+            self.dataset = PreferenceVideoDataset(
+                pairs, cfg.video_length, cfg.frame_stride, tuple(cfg.resolution), cfg.frame_start
+            )
+        if cfg.normalize_weights:
+            self.dataset.pairs = normalize_weights(self.dataset.pairs)
+        self.pairs = self.dataset.pairs
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -1,59 +1,90 @@
-"""``videotuna demo``: DPO end to end on a tiny CogVideoX, offline, on a CPU, in about a minute."""
+"""``videotuna demo``: the whole VideoDPO loop on the toy world, offline, on a CPU, in minutes.
+
+Each step is a public CLI verb: generate 4 samples per prompt -> score -> pairs (re-weighted) ->
+cache -> train --strategy dpo -> eval (base and tuned on held-out seeds). The demo checks itself:
+it fails unless the tuned model beats the base on mean OmniScore with a paired z-score above 2 and
+a win rate above 0.5.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
-from omegaconf import OmegaConf
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.toy.world import all_specs
 
-from videotuna_dpo.data.preference import write_official_layout
-from videotuna_dpo.data.video_io import write_video
-from videotuna_dpo.toy.world import FLAWS, all_specs, render
-
-
-def build_demo_dataset(root: Path, n_prompts: int = 8, frames: int = 9, size: int = 32) -> Path:
-    """Clean renders (winners) against flawed ones (losers), in the official layout."""
-    clips, pairs = [], []
-    for i, spec in enumerate(all_specs()[:n_prompts]):
-        flaw = FLAWS[i % len(FLAWS)]
-        for kind, f in (("clean", None), (flaw, flaw)):
-            name = f"videos/{i:03d}_{kind}.mp4"
-            write_video(root / "pairs" / name, render(spec, frames, size, flaw=f, seed=i), lossless=True)
-            clips.append({"clip_path": name, "caption": spec.caption, "duration": frames / 8})
-        pairs.append({"winner": 2 * i, "loser": 2 * i + 1, "caption": spec.caption, "score": 0.5})
-    return write_official_layout(root / "pairs", clips, pairs)
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "toy" / "demo.yaml"
+SCORERS = "temporal_flickering,dynamic_degree,motion_smoothness,toy_alignment"
+MIN_Z, MIN_WIN_RATE = 2.0, 0.5
 
 
-def run_demo(out: Path, steps: int = 30) -> dict:
-    """Build the tiny model and data, DPO-train through the `dpo` strategy, sample with the result."""
-    from videotuna_dpo.models.tiny import build_tiny_cogvideox
-    from videotuna_dpo.registry import Registry
+def demo_steps(out: Path, samples: int, eval_samples: int, steps: int, alpha: float, seed: int,
+               overrides: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
+    """The CLI invocations of the demo, in order (name, argv)."""
+    cfg = str(out / "demo.yaml")
+    paths = [f"output_dir={out / 'run'}", f"data.train_data={out / 'pairs' / 'train_data.yaml'}",
+             f"data.cache={out / 'cache'}", f"lightning.trainer.max_steps={steps}",
+             f"lightning.checkpoint.every_n_train_steps={steps}", f"seed={seed}", *overrides]
+    prompts = str(out / "prompts.txt")
+    return [
+        ("generate", ["generate", "--config", cfg, "--prompts", str(out / "train_prompts.json"), "--num-samples", str(samples),
+                      "--out", str(out / "samples"), "--seed", str(seed), *paths]),
+        ("score", ["score", "--videos", str(out / "samples"), "--out", str(out / "scores.jsonl"),
+                   "--scorers", SCORERS, "--batch-size", "16"]),
+        ("pairs", ["pairs", "--scores", str(out / "scores.jsonl"), "--out", str(out / "pairs"), "--alpha", str(alpha)]),
+        ("cache", ["cache", "--config", cfg, "--data", str(out / "pairs"), "--out", str(out / "cache"), *paths]),
+        ("train", ["train", "--strategy", "dpo", "--config", cfg, *paths]),
+        ("eval", ["eval", "--config", cfg, "--prompts", prompts, "--weights", str(out / "run"), "--num-samples",
+                  str(eval_samples), "--out", str(out / "report"), "--seed", str(10_000 + seed), "--scorers", SCORERS,
+                  *paths]),
+    ]
 
-    start = time.time()
-    out = Path(out)
-    model_dir = out / "CogVideoX-tiny"
-    if not (model_dir / "model_index.json").is_file():
-        build_tiny_cogvideox(model_dir)
-    train_data = build_demo_dataset(out / "data")
-    cfg = OmegaConf.create({
-        "plugins": ["dpo"], "seed": 0, "output_dir": str(out / "run"),
-        "model": {"name": "cogvideox", "pretrained": str(model_dir), "finetune": "lora",
-                  "lora": {"rank": 8, "alpha": 8}, "weight_dtype": "fp32"},
-        "data": {"name": "preference", "train_data": str(train_data), "video_length": 9, "resolution": [32, 32],
-                 "batch_size": 4},
-        "dpo": {"beta": 500.0},
-        "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
-        "lightning": {"trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1,
-                                  "enable_model_summary": False},
-                      "checkpoint": {"every_n_train_steps": steps}},
-    })
-    registry = Registry.load(cfg.plugins)
-    run_dir = registry.get("strategy", "dpo").run(cfg, registry, source="videotuna demo")
-    backend = registry.get("model", "cogvideox").from_config(
-        OmegaConf.merge(cfg.model, {"trainable_weights": str(run_dir / "weights" / "last")}))
-    prompts = [s.caption for s in all_specs()[:2]]
-    videos = backend.generate(prompts, num_frames=9, steps=4, guidance=2.0, seed=0)
-    for i, video in enumerate(videos):
-        write_video(out / "samples" / f"tuned_{i}.mp4", video)
-    return {"run": str(run_dir), "samples": str(out / "samples"), "seconds": round(time.time() - start, 1)}
+
+def write_prompts(out: Path, rounds: int) -> None:
+    """prompts.txt: the 32 captions (held-out evaluation); train_prompts.json: each caption ``rounds`` times.
+
+    Every entry of train_prompts.json is its own prompt (id ``<caption index>_r<round>``), so
+    best-vs-worst of N samples yields one pair per entry: ``32 * rounds`` pairs.
+    """
+    captions = [s.caption for s in all_specs()]
+    (out / "prompts.txt").write_text("".join(c + "\n" for c in captions))
+    entries = {f"c{i:02d}_r{r}": c for r in range(rounds) for i, c in enumerate(captions)}
+    (out / "train_prompts.json").write_text(json.dumps(entries, indent=1))
+
+
+def run_demo(out: str | Path, samples: int = 4, eval_samples: int = 4, steps: int = 100, alpha: float = 1.0,
+             seed: int = 0, rounds: int = 4, overrides: Sequence[str] = (),
+             run: Callable[[list[str]], int] | None = None) -> dict:
+    """Run every step (each resumes when rerun), then check the result; returns the summary."""
+    from videotuna_dpo.cli import main as cli_main
+    from videotuna_dpo.pipeline.evaluate import table_row
+
+    run = run or cli_main
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.yaml").write_text(DEMO_CONFIG.read_text())
+    write_prompts(out, rounds)
+    timings = {}
+    for name, argv in demo_steps(out, samples, eval_samples, steps, alpha, seed, overrides):
+        print(f"\n== videotuna {' '.join(argv[:1])} ==", flush=True)
+        start = time.time()
+        code = run(argv)
+        if code != 0:
+            raise UserError(f"demo step `videotuna {name}` failed (exit code {code})")
+        timings[name] = round(time.time() - start, 1)
+    report = json.loads((out / "report" / "report.json").read_text())
+    table = next(iter(report["tables"].values()))
+    row = table_row(table, "omniscore")
+    passed = row["delta"] > 0 and (row["z"] or 0) > MIN_Z and row["win_rate"] > MIN_WIN_RATE
+    summary = {
+        "omniscore_base": row["base"], "omniscore_tuned": row["tuned"], "delta": row["delta"],
+        "paired_z": row["z"], "win_rate": row["win_rate"], "paired_videos": row["n"],
+        "passed": passed, "criteria": f"delta > 0, paired z > {MIN_Z}, win rate > {MIN_WIN_RATE}",
+        "seconds": timings, "total_seconds": round(sum(timings.values()), 1),
+        "report": str(out / "report" / "report.html"),
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-import lightning as L
-import torch
-
 from videotuna_dpo.errors import UserError
 
 NO_WEIGHTS_SCORERS = ("temporal_flickering", "dynamic_degree", "motion_smoothness")
@@ -283,134 +280,6 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
-# ---------------------------------------------------------------- the training callback
-
-
-class EvalCallback(L.Callback):
-    """Every N training steps: sample a few prompts with the policy, score them, log ``eval/*``.
-
-    Logs ``eval/omniscore``, ``eval/quality``, ``eval/semantic`` (when present) and ``eval/<dimension>``
-    (normalised) at the global step; runs once before training too, as the baseline.
-    """
-
-    def __init__(
-        self,
-        every_n_steps: int,
-        prompts: Sequence[str],
-        seeds: Sequence[int] | int = (0,),
-        scorers: Sequence[str] | None = None,
-        generate_kwargs: Mapping[str, Any] | None = None,
-        scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
-        omniscore_weights: Mapping[str, float] | None = None,
-        at_start: bool = True,
-        registry: Any = None,
-    ):
-        if every_n_steps < 1:
-            raise UserError(f"eval_every_n_steps must be at least 1, got {every_n_steps}")
-        if not prompts:
-            raise UserError("the eval callback needs at least one prompt (eval.prompts)")
-        self.every = int(every_n_steps)
-        self.prompts = list(prompts)
-        self.seeds = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
-        self.scorer_names = list(scorers or NO_WEIGHTS_SCORERS)
-        self.generate_kwargs = dict(generate_kwargs or {})
-        self.batch_size = int(self.generate_kwargs.pop("batch_size", 4))
-        self.scorer_options = {k: dict(v) for k, v in (scorer_options or {}).items()}
-        self.omniscore_weights = dict(omniscore_weights or {})
-        self.at_start = at_start
-        self.registry = registry
-        self._scorers: dict | None = None
-        self.history: list[dict] = []  # {"step", "omniscore", ...} per evaluation
-
-    def _build(self, device: str) -> None:
-        from videotuna_dpo.pipeline.score import build_scorers
-        from videotuna_dpo.scoring.omniscore import OmniScoreConfig
-
-        self._scorers = build_scorers(self.scorer_names, device, self.scorer_options, self.registry)
-        config = OmniScoreConfig()
-        for name, scorer in self._scorers.items():
-            config.kinds.setdefault(name, scorer.kind)
-        self._config = config.with_weights(self.omniscore_weights)
-
-    @torch.no_grad()
-    def measure(self, backend: Any, device: str) -> dict[str, float]:
-        """Mean OmniScore, quality, semantic and normalised dimensions of the policy's samples."""
-        from videotuna_dpo.scoring.omniscore import omniscore
-
-        if self._scorers is None:
-            self._build(device)
-        jobs = [(p, s) for s in self.seeds for p in self.prompts]
-        videos = []
-        for start in range(0, len(jobs), self.batch_size):
-            batch = jobs[start : start + self.batch_size]
-            videos.append(backend.generate([p for p, _ in batch], seed=[s for _, s in batch],
-                                           **self.generate_kwargs).float().cpu())  # [B, F, C, H, W] in [0, 1]
-        clip = torch.cat(videos)
-        texts = [p for p, _ in jobs]
-        raw = {n: s(clip.to(device), texts).double().cpu() for n, s in self._scorers.items()}
-        totals: dict[str, list[float]] = {}
-        for i in range(len(jobs)):
-            agg = omniscore({n: float(v[i]) for n, v in raw.items()}, self._config)
-            values = {"omniscore": agg["omniscore"], **agg["normalized"]}
-            for group in ("quality", "semantic"):
-                if agg[group] is not None:
-                    values[group] = agg[group]
-            for name, value in values.items():
-                totals.setdefault(name, []).append(value)
-        return {name: sum(v) / len(v) for name, v in totals.items()}
-
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        modes = {m: m.training for m in pl_module.modules()}
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):  # evaluation must not shift the training noise
-                pl_module.eval()
-                metrics = self.measure(pl_module.backend, str(pl_module.device))
-        finally:
-            for module, mode in modes.items():
-                module.train(mode)
-        step = trainer.global_step
-        self.history.append({"step": step, **metrics})
-        logged = {f"eval/{name}": value for name, value in metrics.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=step)
-        for name, value in logged.items():  # visible to other callbacks (checkpoint monitors, progress bar)
-            trainer.callback_metrics[name] = torch.tensor(value)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.at_start:
-            self._run(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every == 0 and not any(h["step"] == step for h in self.history):
-            self._run(trainer, pl_module)
-
-
-def eval_callback(cfg: Any, source: str = "<config>", registry: Any = None) -> EvalCallback | None:
-    """The training callback a config asks for (``eval_every_n_steps`` > 0 and ``eval.prompts``), else None."""
-    every = int(cfg.get("eval_every_n_steps", 0) or 0)
-    if every <= 0:
-        return None
-    settings = eval_settings(cfg, source)
-    if not settings.prompts:
-        raise UserError(f"{source}: eval_every_n_steps is {every} but eval.prompts is empty; list a few prompts")
-    from videotuna_dpo.config import validate
-    from videotuna_dpo.pipeline.generate import GenerateSchema
-
-    gen = validate(cfg.get("generate"), GenerateSchema, "generate", source)
-    kwargs = {k: gen[k] for k in ("num_frames", "steps", "guidance")}
-    kwargs.update({k: gen[k] for k in ("height", "width", "negative_prompt") if gen[k] is not None})
-    kwargs["batch_size"] = gen.batch_size
-    return EvalCallback(every, list(settings.prompts), list(settings.seeds), settings.scorers, kwargs,
-                        scorer_options=_plain(settings.options), omniscore_weights=_plain(settings.weights),
-                        registry=registry)
-
-
-# ---------------------------------------------------------------- CLI
-
 DESCRIPTION = """\
 Generate --num-samples videos per prompt from the base model and from each --weights with the same
 seeds (video k of prompt i uses seed + i*N + k), score them (--scorers, else the config's
@@ -467,21 +336,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_eval)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m videotuna_dpo.pipeline.evaluate eval ...`` (the same verb without the full CLI)."""
-    parser = argparse.ArgumentParser(prog="videotuna")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except UserError as exc:
-        print(f"videotuna: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,6 +31,7 @@ class GenerateSchema:
     fps: int = 8
     negative_prompt: Optional[str] = None
     batch_size: int = 1
+    lossless: bool = False  # exact RGB mp4 (libx264rgb, crf 0): for tiny videos, where H.264's chroma loss matters
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def generate_videos(
     todo = [j for j in jobs if not is_done(out, j)]
     if todo and backend is None:
         backend = load_backend(cfg, registry, weights, source)
-    sampler = {k: settings[k] for k in ("num_frames", "steps", "guidance", "height", "width", "fps", "negative_prompt")}
+    sampler = {k: settings[k] for k in ("num_frames", "steps", "guidance", "height", "width", "fps", "negative_prompt", "lossless")}
     model = {"name": cfg.model.name, "pretrained": str(cfg.model.get("pretrained", "")), "weights": weights}
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="video")
     for start in range(0, len(todo), settings.batch_size):
@@ -100,7 +101,7 @@ def generate_videos(
             **{k: settings[k] for k in ("height", "width", "negative_prompt") if settings[k] is not None},
         )  # [B, F, C, H, W] in [0, 1]
         for job, video in zip(batch, videos):
-            write_video(out / f"{job.name}.mp4", video, fps=settings.fps)
+            write_video(out / f"{job.name}.mp4", video, fps=settings.fps, lossless=settings.lossless)
             record = {"prompt": job.prompt, "prompt_id": job.prompt_id, "sample": job.sample, "seed": job.seed,
                       "sampler": sampler, "model": model, "video": f"{job.name}.mp4"}
             write_json_atomic(out / f"{job.name}.json", record)

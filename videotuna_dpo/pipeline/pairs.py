@@ -63,16 +63,26 @@ class Pair:
         return self.winner["omniscore"] - self.loser["omniscore"]
 
 
+def group_key(record: dict) -> str:
+    """The prompt entry a video was sampled for: its generation record's prompt id, else its prompt text.
+
+    A prompts file that lists one caption several times gives one group (best vs worst) per entry.
+    """
+    meta = record.get("meta") or {}
+    return f"id:{meta['prompt_id']}" if meta.get("prompt_id") else f"text:{record['prompt']}"
+
+
 def select_pairs(records: list[dict], strategy: str = "best-worst", min_gap: float = 0.0) -> tuple[list[Pair], dict]:
     """Group scored videos by prompt and pair them; ties are never pairs. Returns pairs and counts."""
     if strategy not in PAIR_STRATEGIES:
         raise UserError(f"--strategy must be one of {', '.join(PAIR_STRATEGIES)}, got {strategy!r}")
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        groups[r["prompt"]].append(r)
+        groups[group_key(r)].append(r)
     pairs: list[Pair] = []
     stats = {"prompts": len(groups), "prompts_without_pair": 0}
-    for prompt, group in groups.items():
+    for group in groups.values():
+        prompt = group[0]["prompt"]
         group = sorted(group, key=lambda r: (-r["omniscore"], r["path"]))
         found = []
         if strategy == "best-worst":

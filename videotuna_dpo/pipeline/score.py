@@ -284,6 +284,19 @@ def build_scorers(names: Sequence[str], device: str, options: Mapping[str, Mappi
     return scorers
 
 
+def omniscore_config(models: Mapping[str, Any], weights: Mapping[str, float] | None = None):
+    """The OmniScore settings for these scorers: kinds, plus ranges of plugin dimensions that declare one."""
+    from videotuna_dpo.scoring.omniscore import OmniScoreConfig
+
+    config = OmniScoreConfig()
+    for name, scorer in models.items():
+        config.kinds.setdefault(name, scorer.kind)
+        if getattr(scorer, "score_range", None) is not None:  # a plugin dimension joining the OmniScore
+            config.ranges.setdefault(name, tuple(scorer.score_range))
+            config.weights.setdefault(name, float(getattr(scorer, "score_weight", 1.0)))
+    return config.with_weights(weights or {})
+
+
 def _describe(scorer) -> dict:
     if hasattr(scorer, "describe"):
         return scorer.describe()
@@ -335,7 +348,7 @@ def score_videos(
 
     from videotuna_dpo.data.video_io import VideoReadError, read_video
     from videotuna_dpo.scoring.base import default_device
-    from videotuna_dpo.scoring.omniscore import OmniScoreConfig, omniscore
+    from videotuna_dpo.scoring.omniscore import omniscore
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -346,13 +359,7 @@ def score_videos(
         raise UserError(f"--scorers lists a scorer twice: {','.join(names)}")
     device = device or default_device()
     models = build_scorers(names, device, options or {}, registry)
-    config = OmniScoreConfig()
-    for name, scorer in models.items():
-        config.kinds.setdefault(name, scorer.kind)
-        if getattr(scorer, "score_range", None) is not None:  # a plugin dimension joining the OmniScore
-            config.ranges.setdefault(name, tuple(scorer.score_range))
-            config.weights.setdefault(name, float(getattr(scorer, "score_weight", 1.0)))
-    config = config.with_weights(weights or {})
+    config = omniscore_config(models, weights)
     described = {name: _describe(s) for name, s in models.items()}
     min_frames = max([int(getattr(s, "min_frames", 1)) for s in models.values()] + [1])
 
@@ -495,21 +502,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_score)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m videotuna_dpo.pipeline.score score ...`` (the same verb without the full CLI)."""
-    parser = argparse.ArgumentParser(prog="videotuna")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except UserError as exc:
-        print(f"videotuna: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
