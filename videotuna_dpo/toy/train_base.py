@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from videotuna_dpo.toy.backend import BUILTIN, save_toy_checkpoint, toy_scheduler
@@ -37,12 +38,15 @@ def training_batch(batch_size: int, clean_fraction: float, rng: random.Random, c
     return torch.stack(videos), captions
 
 
-def train(out: Path, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, clean_fraction: float = 0.5,
-          caption_dropout: float = 0.1, seed: int = 0) -> dict:
+def train(out: Path, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3, clean_fraction: float = 0.5,
+          caption_dropout: float = 0.1, seed: int = 0, ema_decay: float = 0.999) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     unet, text_encoder, scheduler = ToyVideoUNet(), ToyTextEncoder(), toy_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
+    # An exponential moving average of the weights samples far cleaner than the last iterate.
+    ema_unet = EMAModel(unet.parameters(), decay=ema_decay)
+    ema_text = EMAModel(text_encoder.parameters(), decay=ema_decay)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -61,12 +65,16 @@ def train(out: Path, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        ema_unet.step(unet.parameters())
+        ema_text.step(text_encoder.parameters())
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    ema_unet.copy_to(unet.parameters())
+    ema_text.copy_to(text_encoder.parameters())
     save_toy_checkpoint(out, unet, text_encoder, scheduler)
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "clean_fraction": clean_fraction,
-            "caption_dropout": caption_dropout, "seed": seed, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "caption_dropout": caption_dropout, "seed": seed, "ema_decay": ema_decay, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "seconds": round(time.time() - start, 1), "frames": FRAMES, "size": SIZE}
     (out / "training.json").write_text(json.dumps(info, indent=2))
     return info
@@ -75,7 +83,7 @@ def train(out: Path, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=BUILTIN, help=f"checkpoint directory (default: {BUILTIN})")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--clean-fraction", type=float, default=0.5)
