@@ -1,11 +1,10 @@
 import json
-import shutil
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.datasets import moving_square, write_official_dataset
+from tests.datasets import write_official_dataset
 from videotuna_dpo.data.datamodule import PreferenceDataModule, PreferenceVideoDataset
 from videotuna_dpo.data.preference import DataError, load_pairs
 from videotuna_dpo.data.video_io import write_video

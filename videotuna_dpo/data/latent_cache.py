@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from videotuna_dpo.data.frames import check_length, frame_indices, resize_center_crop, to_model_range
-from videotuna_dpo.data.preference import PairRecord, load_pairs, write_json_atomic
+from videotuna_dpo.data.preference import PairRecord, load_pairs
+from videotuna_dpo.fileio import write_json_atomic
 from videotuna_dpo.data.video_io import VideoReadError, read_video
 from videotuna_dpo.errors import UserError
 

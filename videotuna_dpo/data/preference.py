@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import yaml
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.fileio import write_json_atomic, write_text_atomic
 
 OFFICIAL_WEIGHT_BETA = 0.72  # weight = (0.72 / p) ** alpha, p = the pair probability in pair.json
 MAX_LISTED_PROBLEMS = 20
@@ -194,22 +193,6 @@ def load_pairs(
     return records
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary sibling and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_official_layout(
     meta_dir: str | Path,
     clips: list[dict[str, Any]],
@@ -236,7 +219,5 @@ def write_official_layout(
     if manifest is not None:
         write_json_atomic(meta_dir / "manifest.json", manifest)
     train_data = meta_dir.parent / "train_data.yaml"
-    tmp = train_data.with_name(f".{train_data.name}.tmp")
-    tmp.write_text(yaml.safe_dump({"META": [meta_dir.name]}))
-    os.replace(tmp, train_data)
+    write_text_atomic(train_data, yaml.safe_dump({"META": [meta_dir.name]}))
     return train_data

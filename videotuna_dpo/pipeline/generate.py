@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from videotuna_dpo.config import validate
-from videotuna_dpo.data.preference import write_json_atomic
+from videotuna_dpo.fileio import write_json_atomic
 from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.pipeline.prompts import load_prompt_file
 

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from videotuna_dpo.data.preference import write_json_atomic, write_official_layout
+from videotuna_dpo.data.preference import write_official_layout
+from videotuna_dpo.fileio import write_json_atomic
 from videotuna_dpo.errors import UserError
 
 PAIR_STRATEGIES = ("best-worst", "all-gap")

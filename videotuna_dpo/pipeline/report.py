@@ -11,33 +11,16 @@ import html
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from videotuna_dpo.fileio import write_text_atomic
 from videotuna_dpo.pipeline.plots import _pyplot, save_figure
 
 GRID_PROMPTS = 4
 GRID_FRAMES = 8
-
-
-def write_text_atomic(path: Path, text: str) -> str:
-    """Write ``text`` to ``path`` via a temporary sibling and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return str(path)
 
 
 def json_safe(value: Any) -> Any:

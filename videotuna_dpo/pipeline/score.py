@@ -18,18 +18,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.scoring.omniscore import DIMENSIONS
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"}
 LIST_SUFFIXES = {".txt", ".lst"}
-DEFAULT_SCORERS = (
-    "subject_consistency",
-    "temporal_flickering",
-    "motion_smoothness",
-    "dynamic_degree",
-    "aesthetic_quality",
-    "imaging_quality",
-    "overall_consistency",
-)
+DEFAULT_SCORERS = DIMENSIONS  # the seven VBench dimensions of the OmniScore
 
 
 # ---------------------------------------------------------------- inputs
