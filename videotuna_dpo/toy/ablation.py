@@ -64,12 +64,12 @@ def summarize(rows: list[dict]) -> str:
     for key in sorted({(r["alpha"], r["beta"]) for r in rows}):
         group = [r for r in rows if (r["alpha"], r["beta"]) == key]
 
-        def stat(name: str, fmt: str) -> str:
+        def stat(name: str, digits: int, sign: str = "") -> str:
             values = [float(r[name]) for r in group]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):{fmt}} +- {std:{fmt}}"
+            return f"{statistics.mean(values):{sign}.{digits}f} +- {std:.{digits}f}"
 
-        lines.append(f"{key[0]:<7g} {key[1]:<6g} {stat('delta', '+.4f'):<22} {stat('win_rate', '.2f'):<15} {stat('z', '.2f')}")
+        lines.append(f"{key[0]:<7g} {key[1]:<6g} {stat('delta', 4, '+'):<22} {stat('win_rate', 2):<15} {stat('z', 2)}")
     return "\n".join(lines)
 
 
