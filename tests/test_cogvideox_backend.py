@@ -136,3 +136,15 @@ def test_pickled_checkpoints_are_refused_unless_trusted(tmp_path):
         load_weights(tmp_path / "pickled.pt", "model.trust_pickles")
     assert "pickled.pt" in str(info.value) and "`model.trust_pickles=true`" in str(info.value)
     assert load_weights(tmp_path / "pickled.pt", "model.trust_pickles", trusted=True)["w"].sum() == 2
+
+
+def test_weights_of_another_family_or_rank_are_refused(tiny_cogvideox, tmp_path):
+    backend = make_backend(tiny_cogvideox)
+    out = backend.save_trainable(tmp_path / "w")
+    meta = json.loads((out / "trainable.json").read_text())
+    (out / "trainable.json").write_text(json.dumps({**meta, "family": "toy"}))
+    with pytest.raises(UserError, match="weights of model family 'toy', not 'cogvideox'; set model.name"):
+        backend.load_trainable(out)
+    (out / "trainable.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"LoRA rank 4 but model.lora.rank=8"):
+        make_backend(tiny_cogvideox, lora={"rank": 8, "alpha": 8}, trainable_weights=str(out))

@@ -80,7 +80,11 @@ def atomic_directory(target: str | Path, write: Callable[[Path], None], meta: di
     return target
 
 
-def read_trainable_meta(directory: str | Path) -> dict:
+def read_trainable_meta(directory: str | Path, family: str | None = None, cfg: Any = None) -> dict:
+    """``trainable.json`` of a weights folder; with ``family``/``cfg``, checks that the weights fit.
+
+    Family, ``finetune`` (lora/full) and LoRA rank must match ``cfg``; a mismatch names what to set.
+    """
     from videotuna_dpo.errors import UserError
 
     path = Path(directory) / TRAINABLE_META
@@ -89,4 +93,14 @@ def read_trainable_meta(directory: str | Path) -> dict:
             f"{directory}: not a trainable-weights directory ({TRAINABLE_META} missing); point at a "
             f"run's weights/last or weights/step-N folder"
         )
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text())
+    if family is not None and meta.get("family") != family:
+        raise UserError(f"{directory}: weights of model family {meta.get('family')!r}, not {family!r}; set model.name")
+    if cfg is not None:
+        if meta.get("finetune") != cfg.finetune:
+            raise UserError(f"{directory}: holds {meta.get('finetune')!r} weights but model.finetune is "
+                            f"{cfg.finetune!r}; set model.finetune={meta.get('finetune')}")
+        lora = meta.get("lora") or {}
+        if cfg.finetune == "lora" and lora and int(lora["rank"]) != cfg.lora.rank:
+            raise UserError(f"{directory}: LoRA rank {lora['rank']} but model.lora.rank={cfg.lora.rank}")
+    return meta

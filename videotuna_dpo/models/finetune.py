@@ -113,18 +113,10 @@ class DenoiserFinetuning:
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        meta = read_trainable_meta(directory)
-        if meta.get("finetune") != self.cfg.finetune:
-            raise UserError(f"{directory}: holds {meta.get('finetune')!r} weights but model.finetune is "
-                            f"{self.cfg.finetune!r}; set model.finetune={meta.get('finetune')}")
-        if meta.get("family") not in (None, self.family):
-            raise UserError(f"{directory}: weights of model family {meta['family']!r}, not {self.family!r}")
+        read_trainable_meta(directory, self.family, self.cfg)
         if self.cfg.finetune == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            lora = meta.get("lora", {})
-            if lora and int(lora["rank"]) != self.cfg.lora.rank:
-                raise UserError(f"{directory}: LoRA rank {lora['rank']} but model.lora.rank={self.cfg.lora.rank}")
             prefix = f"{self.denoiser_attr}."
             state = {k.removeprefix(prefix): v for k, v in load_file(str(directory / LORA_FILE)).items()}
             result = set_peft_model_state_dict(self.denoiser, state, adapter_name="default")

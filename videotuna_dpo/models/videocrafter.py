@@ -254,16 +254,10 @@ class VideoCrafter2Backend(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        meta = read_trainable_meta(directory)
-        if meta.get("family") != self.family or meta.get("finetune") != self.cfg.finetune:
-            raise UserError(f"{directory}: holds {meta.get('family')}/{meta.get('finetune')} weights but the model is "
-                            f"{self.family}/{self.cfg.finetune}; set model.name / model.finetune to match")
+        read_trainable_meta(directory, self.family, self.cfg)
         if self.cfg.finetune == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            lora = meta.get("lora", {})
-            if lora and int(lora["rank"]) != self.cfg.lora.rank:
-                raise UserError(f"{directory}: LoRA rank {lora['rank']} but model.lora.rank={self.cfg.lora.rank}")
             result = set_peft_model_state_dict(self.flow.denoiser, load_file(str(directory / LORA_FILE)))
             unexpected = list(getattr(result, "unexpected_keys", []) or [])
             if unexpected:
