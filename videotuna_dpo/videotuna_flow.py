@@ -21,18 +21,15 @@ from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.videotuna_host import build_flow
 from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 
-BACKENDS = {
-    "videocrafter2": "videotuna_dpo.models.videocrafter:VideoCrafter2Backend",
-    "t2v_turbo": "videotuna_dpo.models.t2v_turbo:T2VTurboBackend",
-}
+BACKENDS = ("videocrafter2", "t2v_turbo")  # the backends built on a VideoTuna flow
 
 
 def _backend_class(name: str) -> Any:
-    from videotuna_dpo.registry import resolve_reference
+    from videotuna_dpo.registry import Registry
 
     if name not in BACKENDS:
         raise UserError(f"flow.params.backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return resolve_reference(BACKENDS[name], f"flow.params.backend {name!r}")
+    return Registry.load().get("model", name)
 
 
 class DPOFlow(pl.LightningModule):

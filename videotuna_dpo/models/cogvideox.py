@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -132,7 +133,7 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Captions -> T5 embeddings ``[B, L, D]``."""
         self._require_vae("encode prompts")
-        embeds, _ = self._pipeline().encode_prompt(
+        embeds, _ = self._pipe.encode_prompt(
             list(prompts),
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
@@ -176,7 +177,7 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
         ``seed`` as a list gives each prompt its own generator, so a video never depends on its batch.
         """
         self._require_vae("generate")
-        pipe = self._pipeline()
+        pipe = self._pipe
         device = next(self.transformer.parameters()).device
         if isinstance(seed, (list, tuple)):
             if len(seed) != len(prompts):
@@ -210,7 +211,7 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
         rope = None
         if transformer.config.use_rotary_positional_embeddings:
             _, frames, _, h, w = noisy.shape
-            rope = self._pipeline()._prepare_rotary_positional_embeddings(
+            rope = self._pipe._prepare_rotary_positional_embeddings(
                 height=h * self.vae_scale_factor_spatial,
                 width=w * self.vae_scale_factor_spatial,
                 num_frames=frames,
@@ -226,10 +227,12 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
         )[0]
         return out.float()
 
-    def _pipeline(self):
+    @cached_property
+    def _pipe(self):
         from diffusers import CogVideoXPipeline
 
-        # Built per call: a cheap container over our modules, so it follows .to(device) moves.
+        # Built once: it holds our module objects, which .to(device) moves in place; its own
+        # scheduler copy keeps generate's set_timesteps away from the training scheduler.
         return CogVideoXPipeline(
             tokenizer=self.tokenizer,
             text_encoder=self.text_encoder,
