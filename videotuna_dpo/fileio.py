@@ -1,29 +1,51 @@
-"""Atomic text and JSON writes: a temporary sibling, fsync, then ``os.replace``."""
+"""Atomic writes: a temporary sibling, then ``os.replace``, so readers see the old file or the new one.
+
+Files get the permissions a plain ``open()`` would give (0666 minus the umask), not ``mkstemp``'s 0600,
+so videos, scores and checkpoints stay readable by the rest of a team.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary path next to ``path``; when the block succeeds it becomes ``path``.
+
+    ``suffix`` keeps an extension on the temporary name for writers that look at it (PNG, mp4).
+    On any error, interruption included, the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_text_atomic(path: str | Path, text: str) -> str:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (flushed to disk before the rename)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     return str(path)
 
 

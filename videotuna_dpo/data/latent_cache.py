@@ -9,9 +9,7 @@ written atomically, one shard at a time, so an interrupted build resumes where i
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 
 from videotuna_dpo.data.frames import check_length, frame_indices, resize_center_crop, to_model_range
 from videotuna_dpo.data.preference import PairRecord, load_pairs
-from videotuna_dpo.fileio import write_json_atomic
+from videotuna_dpo.fileio import atomic_file, write_json_atomic
 from videotuna_dpo.data.video_io import VideoReadError, read_video
 from videotuna_dpo.errors import UserError
 
@@ -75,14 +73,8 @@ def check_settings(index: dict[str, Any], expected: dict[str, Any], where: Path)
 
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _clip(path: str, data_cfg: Any) -> torch.Tensor:

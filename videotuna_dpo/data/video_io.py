@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import av
@@ -11,6 +9,7 @@ import numpy as np
 import torch
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.fileio import atomic_file
 
 
 class VideoReadError(UserError):
@@ -68,9 +67,7 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: int = 8, lossless: 
     data = to_uint8(frames).permute(0, 2, 3, 1).cpu().numpy()
     if not lossless and (data.shape[1] % 2 or data.shape[2] % 2):
         data = np.pad(data, ((0, 0), (0, data.shape[1] % 2), (0, data.shape[2] % 2), (0, 0)), mode="edge")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".mp4", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=path.suffix or ".mp4") as tmp:
         with av.open(tmp, mode="w", format="mp4") as container:
             codec = "libx264rgb" if lossless else "libx264"
             stream = container.add_stream(codec, rate=fps)
@@ -83,9 +80,4 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: int = 8, lossless: 
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

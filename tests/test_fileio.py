@@ -1,0 +1,38 @@
+"""Atomic writes: all-or-nothing, no temporary files left behind, ordinary permissions."""
+
+import os
+import stat
+
+import pytest
+import torch
+
+from videotuna_dpo.data.video_io import write_video
+from videotuna_dpo.fileio import atomic_file, write_json_atomic
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_get_umask_permissions_not_mkstemps_0600(tmp_path, umask_022):
+    json_path = write_json_atomic(tmp_path / "a.json", {"x": 1})
+    video = write_video(tmp_path / "v.mp4", torch.zeros(2, 3, 8, 8), lossless=True)
+    for path in (json_path, video):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "scores.json"
+    write_json_atomic(target, {"old": True})
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_file(target) as tmp, open(tmp, "w") as f:
+            f.write('{"new": ')
+            raise RuntimeError("disk full")
+    assert target.read_text() == '{\n "old": true\n}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
+    with pytest.raises(ValueError):  # NaN is refused before anything is replaced
+        write_json_atomic(target, {"x": float("nan")})
+    assert target.read_text() == '{\n "old": true\n}'
