@@ -98,15 +98,17 @@ def test_overall_consistency_is_text_video_cosine_over_eight_middle_frames(weigh
     scorer = OverallConsistency(device="cpu", model_name=TINY_CLIP)
     assert scorer.kind == "semantic"
     # Loaded once per process: aesthetic_quality and overall_consistency share the CLIP model.
-    assert scorer.model is AestheticQuality(device="cpu", model_name=TINY_CLIP).model
+    assert scorer.backend == "clip" and scorer.version == f"overall_consistency-clip-1/{TINY_CLIP}"
+    assert scorer.clip.model is AestheticQuality(device="cpu", model_name=TINY_CLIP).model
     assert middle_frame_indices(8, 16) == [0, 2, 4, 6, 8, 10, 12, 14]
     assert middle_frame_indices(8, 5) == [0, 1, 2, 3, 4]
     videos = video_batch(2)
     prompts = ["a red fox in snow", "a city at night"]
     got = scorer(videos, prompts)
-    image = F.normalize(scorer.model.encode_image(clip_preprocess(videos.reshape(10, 3, 40, 48), 32)), dim=-1)
+    model = scorer.clip.model
+    image = F.normalize(model.encode_image(clip_preprocess(videos.reshape(10, 3, 40, 48), 32)), dim=-1)
     video = F.normalize(image.reshape(2, 5, -1).mean(1), dim=-1)
-    text = F.normalize(scorer.model.encode_text(scorer.tokenizer(prompts)), dim=-1)
+    text = F.normalize(model.encode_text(scorer.clip.tokenizer(prompts)), dim=-1)
     assert torch.allclose(got.float(), (video * text).sum(-1), atol=1e-5)
     swapped = scorer(videos, prompts[::-1])
     assert not torch.allclose(got, swapped)

@@ -101,6 +101,12 @@ def find_weights(scorer: str, explicit: str | os.PathLike | None, relative: str,
     return path
 
 
+def in_weights_dir(relative: str) -> bool:
+    """Whether ``$VIDEOTUNA_WEIGHTS/relative`` exists (how ``auto`` backends pick their model)."""
+    root = os.environ.get(WEIGHTS_ENV)
+    return bool(root) and (Path(root).expanduser() / relative).is_file()
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (unwrapping ``state_dict``/``model`` keys)."""
     if path.suffix == ".safetensors":

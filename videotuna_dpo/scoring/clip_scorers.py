@@ -1,8 +1,8 @@
-"""CLIP-based dimensions through open_clip: ``aesthetic_quality`` and ``overall_consistency``.
+"""CLIP-based dimensions: ``aesthetic_quality`` and ``overall_consistency``.
 
-Both load one local CLIP checkpoint (OpenAI ViT-L/14 by default) and share the loaded model.
-``overall_consistency`` is VBench's text-video similarity with CLIP frame features averaged over
-8 frames in place of ViCLIP (ViCLIP is not included).
+``aesthetic_quality`` runs the LAION head on open_clip's CLIP ViT-L/14. ``overall_consistency`` is
+VBench's text-video similarity with ViCLIP (``scoring/viclip.py``) when its checkpoint is given, or
+with CLIP frame features averaged over 8 frames otherwise; the CLIP model is loaded once and shared.
 """
 
 from __future__ import annotations
@@ -13,7 +13,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, load_state_dict
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.scoring.base import (
+    WEIGHTS_ENV,
+    BaseScorer,
+    find_weights,
+    in_weights_dir,
+    load_state_dict,
+    to_uint8_levels,
+)
 
 CLIP_FILE = "clip/ViT-L-14.pt"
 AESTHETIC_FILE = "aesthetic/sa_0_4_vit_l_14_linear.pth"
@@ -37,23 +45,32 @@ def load_clip(model_name: str, path: Path, device: torch.device) -> torch.nn.Mod
 
 
 def clip_preprocess(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """``[N, 3, H, W]`` in [0, 1] -> ``[N, 3, size, size]``: bicubic short side, centre crop, CLIP-normalised."""
-    h, w = frames.shape[-2:]
-    scale = size / min(h, w)
-    rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(frames, size=(rh, rw), mode="bicubic", align_corners=False, antialias=False)
-    top, left = (rh - size) // 2, (rw - size) // 2
-    x = x[..., top : top + size, left : left + size]
+    """``[N, 3, H, W]`` in [0, 1] -> ``[N, 3, size, size]`` as VBench's ``clip_transform``.
+
+    The frames are taken at 8-bit levels (as read from a file) and resized as uint8 by torchvision
+    (bicubic short side, no antialias, rounded back to uint8), centre-cropped, then CLIP-normalised.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    x = to_uint8_levels(frames).to(torch.uint8)
+    x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=False)
+    x = TF.center_crop(x, [size, size]).float() / 255.0
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def middle_frame_indices(num_samples: int, num_frames: int) -> list[int]:
-    """VBench's "middle" sampling: split into ``num_samples`` equal spans, take each span's middle frame."""
+def middle_frame_indices(num_samples: int, num_frames: int, pad: bool = False) -> list[int]:
+    """VBench's "middle" sampling: split into ``num_samples`` equal spans, take each span's middle frame.
+
+    With ``pad`` a clip shorter than ``num_samples`` repeats its last frame up to ``num_samples``
+    (VBench's reader does this; ViCLIP needs exactly its number of frames).
+    """
     n = min(num_samples, num_frames)
     bounds = [int(i * num_frames / n) for i in range(n + 1)]
-    return [(bounds[i] + bounds[i + 1] - 1) // 2 for i in range(n)]
+    idx = [(bounds[i] + bounds[i + 1] - 1) // 2 for i in range(n)]
+    return idx + [idx[-1]] * (num_samples - n) if pad else idx
 
 
 class _ClipScorer(BaseScorer):
@@ -104,26 +121,94 @@ class AestheticQuality(_ClipScorer):
         return (self.head(feats).reshape(b, f).double() / 10.0).mean(dim=1)
 
 
-class OverallConsistency(_ClipScorer):
-    """Cosine similarity of the prompt's CLIP text feature and the mean CLIP feature of 8 frames."""
+VICLIP_FILE = "viclip/ViClip-InternVid-10M-FLT.pth"
+VICLIP_WHAT = "ViCLIP-L/14 (ViClip-InternVid-10M-FLT.pth from OpenGVLab/ViCLIP, the file VBench uses)"
+OVERALL_BACKENDS = ("auto", "viclip", "clip")
+_VICLIP: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+class OverallConsistency(BaseScorer):
+    """Text-video cosine similarity over 8 middle frames: ViCLIP as in VBench, or a CLIP frame average.
+
+    ``backend="viclip"`` encodes the 8 frames jointly with ViCLIP (VBench's definition; its
+    normalisation constant 0.364 was set for this model). ``backend="clip"`` averages CLIP image
+    features of the 8 frames (an approximation for when ViCLIP's checkpoint is not at hand).
+    ``auto`` takes ViCLIP when its checkpoint is found (``viclip_weights`` or
+    ``$VIDEOTUNA_WEIGHTS/viclip/ViClip-InternVid-10M-FLT.pth``), CLIP otherwise.
+    """
 
     name = "overall_consistency"
     kind = "semantic"
-    weights_hint = f"clip_weights or ${WEIGHTS_ENV}/{CLIP_FILE}"
+    needs_weights = True
 
-    def __init__(self, device: str | None = None, clip_weights: str | None = None,
-                 model_name: str = "ViT-L-14-quickgelu", num_frames: int = 8, frame_chunk: int = 32):
-        import open_clip
-
-        super().__init__(device, clip_weights, model_name, frame_chunk)
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+    def __init__(self, device: str | None = None, backend: str = "auto", viclip_weights: str | None = None,
+                 clip_weights: str | None = None, model_name: str = "ViT-L-14-quickgelu", num_frames: int = 8,
+                 frame_chunk: int = 32):
+        super().__init__(device)
+        if backend not in OVERALL_BACKENDS:
+            raise UserError(f"{self.name}: unknown backend {backend!r}; choose one of {', '.join(OVERALL_BACKENDS)}")
+        if backend == "auto":
+            backend = "viclip" if viclip_weights or in_weights_dir(VICLIP_FILE) else "clip"
+        self.backend = backend
         self.num_frames = num_frames
-        self.version = f"overall_consistency-clip-1/{model_name}"
+        self.frame_chunk = frame_chunk
+        if backend == "viclip":
+            self.weights_hint = f"viclip_weights or ${WEIGHTS_ENV}/{VICLIP_FILE}"
+            path = find_weights(self.name, viclip_weights, VICLIP_FILE, VICLIP_WHAT, "viclip_weights")
+            self.viclip = _load_viclip_once(path, self.device)
+            self.tokenizer = _viclip_tokenizer(self.viclip.cfg.context_length)
+            self.weights_used["viclip"] = str(path)
+            self.version = "vbench-overall_consistency-1/viclip"
+        else:
+            self.weights_hint = (f"clip_weights or ${WEIGHTS_ENV}/{CLIP_FILE} "
+                                 f"(ViCLIP, VBench's model: viclip_weights or ${WEIGHTS_ENV}/{VICLIP_FILE})")
+            self.clip = _FrameClip(self.name, device, clip_weights, model_name, frame_chunk)
+            self.weights_used.update(self.clip.weights_used)
+            self.version = f"overall_consistency-clip-1/{model_name}"
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if self.backend == "viclip":
+            return self._score_viclip(videos, prompts)
         idx = middle_frame_indices(self.num_frames, videos.shape[1])
         b, n = videos.shape[0], len(idx)
         frames = videos[:, idx].reshape(b * n, *videos.shape[2:])
-        video_feats = F.normalize(self.image_features(frames).reshape(b, n, -1).mean(dim=1), dim=-1)
-        text = F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
+        video_feats = F.normalize(self.clip.image_features(frames).reshape(b, n, -1).mean(dim=1), dim=-1)
+        tokens = self.clip.tokenizer(list(prompts)).to(self.device)
+        text = F.normalize(self.clip.model.encode_text(tokens).float(), dim=-1)
         return (video_feats * text).sum(-1).double()
+
+    def _score_viclip(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        cfg = self.viclip.cfg
+        idx = middle_frame_indices(cfg.num_frames, videos.shape[1], pad=True)
+        b = videos.shape[0]
+        frames = clip_preprocess(videos[:, idx].reshape(b * len(idx), *videos.shape[2:]), cfg.image_size)
+        video = torch.cat([self.viclip.encode_video(c)
+                           for c in frames.reshape(b, len(idx), *frames.shape[1:]).split(self.frame_chunk)])
+        text = self.viclip.encode_text(self.tokenizer(list(prompts)).to(self.device))
+        return (video * text).sum(-1).double()
+
+
+class _FrameClip(_ClipScorer):
+    """The CLIP model and image features of ``overall_consistency``'s CLIP backend."""
+
+    def __init__(self, name: str, device: str | None, clip_weights: str | None, model_name: str, frame_chunk: int):
+        import open_clip
+
+        self.name = name
+        super().__init__(device, clip_weights, model_name, frame_chunk)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+
+
+def _load_viclip_once(path: Path, device: torch.device) -> torch.nn.Module:
+    from videotuna_dpo.scoring.viclip import load_viclip
+
+    key = (str(path), str(device))
+    if key not in _VICLIP:
+        _VICLIP[key] = load_viclip(path, device)
+    return _VICLIP[key]
+
+
+def _viclip_tokenizer(context_length: int):
+    from videotuna_dpo.scoring.viclip import viclip_tokenizer
+
+    return viclip_tokenizer(context_length)

@@ -7,15 +7,13 @@ NIQE 3..6 lands near VBench's usual MUSIQ range). ``auto`` uses MUSIQ when its c
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, MissingWeightsError, find_weights
+from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, MissingWeightsError, find_weights, in_weights_dir
 from videotuna_dpo.scoring.niqe import fit_for_niqe, luminance, niqe, pristine_model
 
 MUSIQ_FILE = "musiq/musiq_spaq_ckpt-358bb6af.pth"
@@ -49,9 +47,7 @@ class ImagingQuality(BaseScorer):
         if backend not in BACKENDS:
             raise UserError(f"{self.name}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if backend == "auto":
-            root = os.environ.get(WEIGHTS_ENV)
-            found = musiq_weights or (root and (Path(root) / MUSIQ_FILE).is_file())
-            backend = "musiq" if found else "niqe"
+            backend = "musiq" if musiq_weights or in_weights_dir(MUSIQ_FILE) else "niqe"
         self.backend = backend
         self.frame_chunk = frame_chunk
         if backend == "musiq":
