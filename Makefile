@@ -16,7 +16,14 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-test: $(STAMP)
+# pyiqa's MUSIQ for the imaging_quality tests. --no-deps: MUSIQ needs two of its many dependencies,
+# and `pip install -e .[musiq]` (the users' way) would pull all of them.
+TEST_EXTRAS := $(VENV)/.test-extras
+$(TEST_EXTRAS): $(STAMP)
+	$(PIP) install --quiet --no-deps pyiqa==0.1.16 addict einops
+	touch $(TEST_EXTRAS)
+
+test: $(STAMP) $(TEST_EXTRAS)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)

@@ -141,10 +141,10 @@ def test_missing_weights_name_the_scorer_the_file_and_what_to_put_there(tmp_path
 
 
 def test_musiq_backend_needs_pyiqa_when_its_checkpoint_is_present(tmp_path, monkeypatch):
-    import importlib.util
+    import sys
 
-    if importlib.util.find_spec("pyiqa") is not None:
-        pytest.skip("pyiqa is installed; this checks the message shown without it")
+    for module in ("pyiqa", "pyiqa.archs", "pyiqa.archs.musiq_arch"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if pyiqa were not installed
     ckpt = tmp_path / "musiq.pth"
     torch.save({}, ckpt)
     with pytest.raises(MissingWeightsError, match="pip install pyiqa"):

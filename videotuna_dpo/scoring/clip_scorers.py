@@ -44,16 +44,20 @@ def load_clip(model_name: str, path: Path, device: torch.device) -> torch.nn.Mod
     return _LOADED[key]
 
 
-def clip_preprocess(frames: torch.Tensor, size: int) -> torch.Tensor:
+def clip_preprocess(frames: torch.Tensor, size: int, uint8_resize: bool = False) -> torch.Tensor:
     """``[N, 3, H, W]`` in [0, 1] -> ``[N, 3, size, size]`` as VBench's ``clip_transform``.
 
-    The frames are taken at 8-bit levels (as read from a file) and resized as uint8 by torchvision
-    (bicubic short side, no antialias, rounded back to uint8), centre-cropped, then CLIP-normalised.
+    Frames are taken at 8-bit levels (as read from a file), resized by torchvision (bicubic short
+    side, no antialias), centre-cropped, divided by 255 and CLIP-normalised. VBench resizes float
+    frames for aesthetic_quality (its ``load_video``) and uint8 frames, rounded back to uint8, for
+    overall_consistency (decord's torch bridge): ``uint8_resize`` picks the latter.
     """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    x = to_uint8_levels(frames).to(torch.uint8)
+    x = to_uint8_levels(frames)
+    if uint8_resize:
+        x = x.to(torch.uint8)
     x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=False)
     x = TF.center_crop(x, [size, size]).float() / 255.0
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
@@ -181,7 +185,7 @@ class OverallConsistency(BaseScorer):
         cfg = self.viclip.cfg
         idx = middle_frame_indices(cfg.num_frames, videos.shape[1], pad=True)
         b = videos.shape[0]
-        frames = clip_preprocess(videos[:, idx].reshape(b * len(idx), *videos.shape[2:]), cfg.image_size)
+        frames = clip_preprocess(videos[:, idx].reshape(b * len(idx), *videos.shape[2:]), cfg.image_size, uint8_resize=True)
         video = torch.cat([self.viclip.encode_video(c)
                            for c in frames.reshape(b, len(idx), *frames.shape[1:]).split(self.frame_chunk)])
         text = self.viclip.encode_text(self.tokenizer(list(prompts)).to(self.device))

@@ -10,10 +10,17 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, MissingWeightsError, find_weights, in_weights_dir
+from videotuna_dpo.scoring.base import (
+    WEIGHTS_ENV,
+    BaseScorer,
+    MissingWeightsError,
+    find_weights,
+    in_weights_dir,
+    load_state_dict,
+    to_uint8_levels,
+)
 from videotuna_dpo.scoring.niqe import fit_for_niqe, luminance, niqe, pristine_model
 
 MUSIQ_FILE = "musiq/musiq_spaq_ckpt-358bb6af.pth"
@@ -26,13 +33,21 @@ def niqe_to_quality(values: torch.Tensor) -> torch.Tensor:
 
 
 def cap_longer_side(frames: torch.Tensor, cap: int = 512) -> torch.Tensor:
-    """``[N, C, H, W]`` -> resized (aspect kept) so the longer side is at most ``cap``, as VBench does."""
-    h, w = frames.shape[-2:]
-    if max(h, w) <= cap:
-        return frames
-    scale = cap / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return F.interpolate(frames, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    """``[N, C, H, W]`` in [0, 1] -> frames whose longer side is at most ``cap``, as VBench's ``transform``.
+
+    VBench ('longer' mode) resizes the frames it read (float, on 0..255) to ``int(scale*h) x int(scale*w)``
+    with torchvision's bilinear resize without antialiasing, then divides by 255.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    x = to_uint8_levels(frames)
+    h, w = x.shape[-2:]
+    if max(h, w) > cap:
+        scale = cap / max(h, w)
+        x = TF.resize(x, [int(scale * h), int(scale * w)], interpolation=InterpolationMode.BILINEAR,
+                      antialias=False)
+    return x / 255.0
 
 
 class ImagingQuality(BaseScorer):
@@ -67,7 +82,14 @@ class ImagingQuality(BaseScorer):
                 f"{self.name}: backend 'musiq' runs through the pyiqa package, which is not importable "
                 f"({exc}); `pip install pyiqa`, or use backend='niqe'"
             ) from exc
-        self._musiq = MUSIQ(pretrained_model_path=str(path)).eval().to(self.device)
+        # pyiqa's own loader unpickles (weights_only=False); read the tensors safely and load strictly.
+        model = MUSIQ(pretrained=False)
+        try:
+            model.load_state_dict(load_state_dict(path), strict=True)
+        except RuntimeError as exc:
+            raise UserError(f"{self.name}: {path} is not a MUSIQ (SPAQ) checkpoint for pyiqa's MUSIQ: "
+                            f"{str(exc).splitlines()[0]}") from None
+        self._musiq = model.eval().to(self.device)
         self.weights_used["musiq"] = str(path)
         self.version = "vbench-imaging_quality-1/musiq-spaq"
 
