@@ -93,9 +93,9 @@ def test_motion_smoothness_prefers_linear_motion_to_jitter():
     assert smooth > 0.99 and (1 - jerky) > 3 * (1 - smooth)
 
 
-def test_motion_smoothness_refuses_amt_and_unknown_flow():
-    with pytest.raises(UserError, match="AMT is not included"):
-        MotionSmoothness(device="cpu", interpolator="amt")
+def test_motion_smoothness_refuses_unknown_interpolator_and_flow():
+    with pytest.raises(UserError, match="unknown interpolator 'rife'; choose one of flow, amt, auto"):
+        MotionSmoothness(device="cpu", interpolator="rife")
     with pytest.raises(UserError, match="unknown flow method 'pwc'"):
         DynamicDegree(device="cpu", flow="pwc")
 

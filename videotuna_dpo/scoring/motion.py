@@ -1,19 +1,25 @@
 """Flow-based VBench dimensions: ``dynamic_degree`` and ``motion_smoothness``.
 
-VBench uses RAFT (dynamic degree) and the AMT interpolator (motion smoothness). Here both run on
-OpenCV DIS flow by default, so they need no weights; RAFT runs from a local torchvision checkpoint
-(``flow="raft"``). AMT is not included: ``interpolator="amt"`` is refused with that message.
+VBench uses RAFT (dynamic degree) and the AMT-S interpolator (motion smoothness). By default both
+run here on OpenCV DIS flow, so they need no weights; RAFT runs from a local torchvision checkpoint
+(``flow="raft"``). ``motion_smoothness`` with ``interpolator="amt"`` runs VBench's own interpolator,
+AMT-S (``scoring/amt.py``, our implementation of the network), from the released ``amt-s.pth``
+(option ``amt_weights`` or ``$VIDEOTUNA_WEIGHTS/amt/amt-s.pth``) and reproduces VBench's score;
+``interpolator="auto"`` takes AMT-S when that file is in the weights directory, else the flow one.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.scoring.base import BaseScorer, to_uint8_levels
+from videotuna_dpo.scoring.amt import AMT_FILE, AMTS, check_frame_size, midframes_uint8, shared_amt
+from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, to_uint8_levels
 from videotuna_dpo.scoring.flow import FlowEstimator, resize_for_flow, warp
 
 
@@ -100,21 +106,50 @@ def interpolate_midframes(frames: np.ndarray, flow: FlowEstimator) -> np.ndarray
     return out
 
 
+INTERPOLATORS = ("flow", "amt", "auto")
+AMT_WHAT = "VBench's AMT-S checkpoint (amt-s.pth, the file VBench keeps in its cache as amt_model/amt-s.pth)"
+
+
 class MotionSmoothness(BaseScorer):
-    """VBench motion smoothness: odd frames interpolated from even ones, (255 - MAE) / 255."""
+    """VBench motion smoothness: odd frames interpolated from even ones, (255 - MAE) / 255.
+
+    ``interpolator="amt"`` follows VBench exactly: AMT-S on each pair of neighbouring even frames
+    (8-bit levels / 255, padded to multiples of 16, t = 0.5), predictions x 255 truncated to uint8,
+    MAE against the odd frames. VBench may shrink frames on a GPU whose memory it deems too small
+    (only for frames of millions of pixels); here frames always run at full size, as VBench does on CPU.
+    ``interpolator="flow"`` (default) approximates it with optical flow and needs no weights.
+    """
 
     name = "motion_smoothness"
     kind = "quality"
     min_frames = 3
 
     def __init__(self, device: str | None = None, interpolator: str = "flow", flow: str = "dis",
-                 raft_weights: str | None = None, raft_iters: int = 20):
+                 raft_weights: str | None = None, raft_iters: int = 20, amt_weights: str | None = None,
+                 amt_max_pairs: int | None = None):
         super().__init__(device)
-        if interpolator != "flow":
+        if interpolator not in INTERPOLATORS:
             raise UserError(
-                f"{self.name}: interpolator {interpolator!r} is not available; videotuna-dpo ships only the "
-                f"flow-based interpolator (interpolator='flow'); VBench's AMT is not included"
+                f"{self.name}: unknown interpolator {interpolator!r}; choose one of {', '.join(INTERPOLATORS)}"
             )
+        if interpolator == "auto":
+            root = os.environ.get(WEIGHTS_ENV)
+            found = bool(root) and (Path(root).expanduser() / AMT_FILE).is_file()
+            interpolator = "amt" if amt_weights or found else "flow"
+        elif interpolator == "amt" and (flow != "dis" or raft_weights):
+            raise UserError(f"{self.name}: the options flow and raft_weights apply to interpolator='flow', not 'amt'")
+        self.interpolator = interpolator
+        self.flow: FlowEstimator | None = None
+        self.amt: AMTS | None = None
+        self.amt_max_pairs = amt_max_pairs
+        if interpolator == "amt":
+            path = find_weights(self.name, amt_weights, AMT_FILE, AMT_WHAT, "amt_weights")
+            self.amt = shared_amt(path, self.device)
+            self.needs_weights = True
+            self.weights_hint = f"amt_weights or ${WEIGHTS_ENV}/{AMT_FILE}"
+            self.weights_used["amt"] = str(path)
+            self.version = "vbench-motion_smoothness-1/amt-s"
+            return
         self.flow = FlowEstimator(flow, self.name, raft_weights, self.device, raft_iters)
         self.needs_weights = flow == "raft"
         self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
@@ -122,11 +157,19 @@ class MotionSmoothness(BaseScorer):
             self.weights_used["raft"] = str(self.flow.weights)
         self.version = f"vbench-motion_smoothness-1/flow-interp-{self.flow.label}"
 
+    def midframes(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 ``[F, H, W, 3]`` -> uint8 ``[ceil(F/2)-1, H, W, 3]``: frames between neighbouring even frames."""
+        if self.amt is not None:
+            return midframes_uint8(self.amt, frames[0::2], self.amt_max_pairs)
+        return interpolate_midframes(frames[0::2], self.flow)
+
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if self.amt is not None:
+            check_frame_size(videos.shape[-2], videos.shape[-1], self.name)
         out = []
         for video in videos:
             frames = to_frames_uint8(video)
-            mids = interpolate_midframes(frames[0::2], self.flow)
+            mids = self.midframes(frames)
             odd = frames[1::2][: mids.shape[0]]
             mae = np.abs(mids.astype(np.int16) - odd.astype(np.int16)).sum(dtype=np.int64) / mids.size
             out.append((255.0 - mae) / 255.0)
