@@ -16,7 +16,13 @@ from videotuna_dpo.scoring.clip_scorers import (
     clip_preprocess,
     middle_frame_indices,
 )
-from videotuna_dpo.scoring.dino import DINO_FILE, SubjectConsistency, consistency_from_features, dino_preprocess
+from videotuna_dpo.scoring.dino import (
+    DINO_FILE,
+    SubjectConsistency,
+    consistency_from_features,
+    dino_features,
+    dino_preprocess,
+)
 from videotuna_dpo.scoring.imaging import ImagingQuality
 from videotuna_dpo.scoring.motion import DynamicDegree
 
@@ -73,11 +79,14 @@ def test_subject_consistency_runs_on_a_random_vit_from_the_weights_dir(weights_d
     videos = video_batch()
     scores = scorer(videos, ["a", "b"])
     assert scores[0].item() == pytest.approx(1.0, abs=1e-6)  # identical frames
-    feats = scorer.model(dino_preprocess(videos[1], 224, 16)).reshape(1, 5, -1)
+    feats = dino_features(scorer.model, dino_preprocess(videos[1], 224, 16)).reshape(1, 5, -1)
     assert scores[1].item() == pytest.approx(consistency_from_features(feats).item(), abs=1e-6)
     assert scores[1].item() < 1.0
-    # 40x48 -> short side 224 -> 224x269, cut to whole 16 px patches.
+    # 40x48 -> short side 224 -> 224x268 (torchvision truncates), cut to whole 16 px patches.
     assert dino_preprocess(videos[0], 224, 16).shape[-2:] == (224, 256)
+    # On a square input of the trained size the features are timm's own forward.
+    square = torch.rand(2, 3, 224, 224)
+    assert torch.allclose(dino_features(scorer.model, square), scorer.model(square), atol=1e-5)
 
 
 def test_aesthetic_quality_is_the_head_over_normalised_clip_features(weights_dir, monkeypatch):

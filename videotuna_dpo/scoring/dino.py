@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, load_state_dict
+from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, load_state_dict, to_uint8_levels
 
 DINO_FILE = "dino/dino_vitbase16_pretrain.pth"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,18 +24,47 @@ def consistency_from_features(feats: torch.Tensor) -> torch.Tensor:
 
 
 def dino_preprocess(frames: torch.Tensor, resolution: int = 224, patch: int = 16) -> torch.Tensor:
-    """``[N, 3, H, W]`` in [0, 1] -> short side resized to ``resolution``, ImageNet-normalised.
+    """``[N, 3, H, W]`` in [0, 1] -> VBench's ``dino_transform``: short side to ``resolution``, ImageNet-normalised.
 
-    Sides are then cut down to multiples of the patch size, the pixels a stride-16 patch embedding ignores.
+    As VBench: 8-bit levels (float), torchvision's bilinear resize without antialias (long side
+    ``int(resolution * long / short)``), /255. Sides are then cut to whole patches: the pixels DINO's
+    stride-16 patch embedding never sees.
     """
-    h, w = frames.shape[-2:]
-    scale = resolution / min(h, w)
-    size = (max(patch, round(h * scale)), max(patch, round(w * scale)))
-    x = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=False)
-    x = x[..., : size[0] - size[0] % patch, : size[1] - size[1] % patch]
+    from torchvision.transforms import functional as TF
+
+    x = TF.resize(to_uint8_levels(frames), resolution, antialias=False) / 255.0
+    h, w = x.shape[-2:]
+    x = x[..., : h - h % patch, : w - w % patch]
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def dino_position_embedding(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """DINO's position embedding for a ``rows x cols`` patch grid: ``[1, 1 + rows*cols, D]``.
+
+    DINO (and so VBench) resizes the square grid bicubically by the scale factors
+    ``(rows + 0.1) / side`` and ``(cols + 0.1) / side``; timm's resize by target size differs
+    slightly, so this follows DINO. A square input of the trained size keeps the table as it is.
+    """
+    side = int(math.sqrt(pos_embed.shape[1] - 1))
+    if rows == side and cols == side:
+        return pos_embed
+    grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
+    if grid.shape[-2:] != (rows, cols):
+        raise ValueError(f"position grid resized to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
+
+def dino_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A timm DINO ViT's class-token features ``[N, D]`` with DINO's position-embedding interpolation."""
+    tokens = model.patch_embed(images)  # [N, rows, cols, D] (dynamic_img_size)
+    n, rows, cols, dim = tokens.shape
+    x = torch.cat([model.cls_token.expand(n, -1, -1), tokens.reshape(n, rows * cols, dim)], dim=1)
+    x = model.pos_drop(x + dino_position_embedding(model.pos_embed, rows, cols))
+    x = model.norm(model.blocks(model.norm_pre(x)))
+    return x[:, 0]
 
 
 class SubjectConsistency(BaseScorer):
@@ -68,5 +98,6 @@ class SubjectConsistency(BaseScorer):
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         b, f = videos.shape[:2]
         frames = videos.reshape(b * f, *videos.shape[2:])
-        feats = [self.model(dino_preprocess(c, self.resolution, self.patch)) for c in frames.split(self.frame_chunk)]
+        feats = [dino_features(self.model, dino_preprocess(c, self.resolution, self.patch))
+                 for c in frames.split(self.frame_chunk)]
         return consistency_from_features(torch.cat(feats).reshape(b, f, -1))
