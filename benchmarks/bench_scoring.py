@@ -1,6 +1,9 @@
 """Videos/second of the no-weights dimensions on 16-frame 256x256 videos (CPU); prints JSON.
 
-Run: python benchmarks/bench_scoring.py [--videos 16] [--threads 2]
+Also motion_smoothness with VBench's AMT-S interpolator (random weights: the speed does not depend
+on them) on a few videos, reported apart from the no-weights target.
+
+Run: python benchmarks/bench_scoring.py [--videos 16] [--threads 2] [--amt-videos 4]
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,11 +35,29 @@ def synthetic_videos(n: int, frames: int = 16, size: int = 256, seed: int = 0) -
     return torch.from_numpy(out)
 
 
+def amt_videos_per_second(videos: torch.Tensor, batch_size: int) -> float:
+    """motion_smoothness with interpolator='amt', AMT-S loaded from a checkpoint file of random weights."""
+    from videotuna_dpo.scoring.amt import AMTS
+    from videotuna_dpo.scoring.motion import MotionSmoothness
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "amt-s.pth"
+        torch.manual_seed(0)
+        torch.save({"state_dict": AMTS().state_dict()}, path)
+        scorer = MotionSmoothness("cpu", interpolator="amt", amt_weights=str(path))
+    scorer(videos[:1], ["warm-up"])
+    start = time.perf_counter()
+    for batch in videos.split(batch_size):
+        scorer(batch, ["p"] * batch.shape[0])
+    return videos.shape[0] / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch and OpenCV threads (the target is 2 cores)")
+    parser.add_argument("--amt-videos", type=int, default=4, help="videos for the AMT-S line (0 leaves it out)")
     args = parser.parse_args()
     import cv2
 
@@ -67,6 +90,11 @@ def main() -> None:
         "meets_target": args.videos / total >= 4.0 and math.isfinite(total),
         "flow": scorers["dynamic_degree"].flow.label,
     }
+    if args.amt_videos > 0:
+        result["amt_videos"] = args.amt_videos
+        result["videos_per_second_motion_smoothness_amt"] = round(
+            amt_videos_per_second(synthetic_videos(args.amt_videos, seed=1), args.batch_size), 2
+        )
     print(json.dumps(result, indent=2))
 
 
