@@ -441,7 +441,8 @@ a sidecar <video>.json (a.mp4.json or a.json) with a "prompt" key, as `videotuna
 weights: model-based scorers (subject_consistency, aesthetic_quality, overall_consistency; MUSIQ,
 RAFT and AMT options) read local files from $VIDEOTUNA_WEIGHTS or --option SCORER.KEY=PATH:
   $VIDEOTUNA_WEIGHTS/dino/dino_vitbase16_pretrain.pth        subject_consistency  (weights=)
-  $VIDEOTUNA_WEIGHTS/clip/ViT-L-14.pt                        aesthetic_quality, overall_consistency (clip_weights=)
+  $VIDEOTUNA_WEIGHTS/clip/ViT-L-14.pt                        aesthetic_quality; overall_consistency without ViCLIP (clip_weights=)
+  $VIDEOTUNA_WEIGHTS/viclip/ViClip-InternVid-10M-FLT.pth     overall_consistency as VBench, used when present (viclip_weights=)
   $VIDEOTUNA_WEIGHTS/aesthetic/sa_0_4_vit_l_14_linear.pth    aesthetic_quality    (head_weights=)
   $VIDEOTUNA_WEIGHTS/musiq/musiq_spaq_ckpt-358bb6af.pth      imaging_quality, else a NIQE proxy (musiq_weights=)
   $VIDEOTUNA_WEIGHTS/raft/raft_large_C_T_V2-1bb1363a.pth     dynamic_degree/motion_smoothness flow=raft (raft_weights=)
