@@ -29,11 +29,14 @@ def to_frames_uint8(video: torch.Tensor) -> np.ndarray:
 
 
 def top_magnitude(flow: np.ndarray, fraction: float = 0.05) -> np.ndarray:
-    """Flow ``[N, H, W, 2]`` -> ``[N]``: mean of the largest ``fraction`` of per-pixel flow magnitudes."""
-    mag = np.hypot(flow[..., 0], flow[..., 1]).reshape(flow.shape[0], -1)
+    """Flow ``[N, H, W, 2]`` -> float32 ``[N]``: mean of the largest ``fraction`` of per-pixel flow magnitudes.
+
+    Computed in VBench's order of operations (float32 sqrt(u^2 + v^2), descending sort, mean of the
+    first int(H * W * fraction)), so the same flow gives VBench's value to the last bit.
+    """
+    mag = np.sqrt(np.square(flow[..., 0]) + np.square(flow[..., 1])).reshape(flow.shape[0], -1)
     k = max(1, int(mag.shape[1] * fraction))
-    top = np.partition(mag, mag.shape[1] - k, axis=1)[:, mag.shape[1] - k:]
-    return top.mean(axis=1)
+    return np.array([np.mean(-np.sort(-row)[:k]) for row in mag], dtype=mag.dtype)
 
 
 def dynamic_threshold(height: int, width: int, fps: float = 8.0) -> float:
@@ -52,15 +55,32 @@ def is_dynamic(magnitudes: Sequence[float], height: int, width: int, num_frames:
     return sum(1 for m in magnitudes if m > threshold) >= required_pairs(num_frames)
 
 
+def is_dynamic_vbench(magnitudes: Sequence[float], height: int, width: int, num_frames: int) -> bool:
+    """VBench's own rule, as its ``dynamic_degree`` applies it with RAFT: threshold 6 px per 256 px of the
+    short side whatever the frame rate, and round(4 N / 16) pairs above it, which is 0 for N = 2 sampled
+    frames (a clip of one pair is then dynamic whatever its flow; one of a single frame never is)."""
+    threshold = dynamic_threshold(height, width)
+    return len(magnitudes) > 0 and sum(1 for m in magnitudes if m > threshold) >= round(4 * num_frames / 16)
+
+
 class DynamicDegree(BaseScorer):
-    """1 when the clip moves (VBench rule on top-5% flow magnitudes), else 0."""
+    """1 when the clip moves (VBench rule on top-5% flow magnitudes), else 0.
+
+    ``flow="raft"`` is VBench's ``dynamic_degree``: RAFT-large (VBench's raft-things.pth or torchvision's
+    checkpoint), frames at full size (``flow_short_side="auto"``), one frame in round(fps / 8), each
+    pair padded to multiples of 8 as VBench pads it, 20 RAFT iterations, the top 5% of the flow
+    magnitudes of the whole padded frame, VBench's threshold and count (:func:`is_dynamic_vbench`).
+    Frames under 128 px (VBench's RAFT gives NaN there) are padded further for RAFT.
+    The default ``flow="dis"`` approximates it without weights on frames downscaled to a 256 px short
+    side, raising the threshold by 8 / fps for clips under 8 fps and asking for at least one pair.
+    """
 
     name = "dynamic_degree"
     kind = "quality"
     min_frames = 2
 
     def __init__(self, device: str | None = None, flow: str = "dis", raft_weights: str | None = None,
-                 fps: float = 8.0, flow_short_side: int | None = 256, raft_iters: int = 20):
+                 fps: float = 8.0, flow_short_side: int | str | None = "auto", raft_iters: int = 20):
         super().__init__(device)
         self.flow = FlowEstimator(flow, self.name, raft_weights, self.device, raft_iters)
         self.needs_weights = flow == "raft"
@@ -68,23 +88,31 @@ class DynamicDegree(BaseScorer):
         if self.flow.weights:
             self.weights_used["raft"] = str(self.flow.weights)
         self.fps = float(fps)
+        if flow_short_side == "auto":
+            flow_short_side = None if flow == "raft" else 256
         self.flow_short_side = flow_short_side
-        self.version = f"vbench-dynamic_degree-1/{self.flow.label}"
+        # 2: RAFT as VBench runs it (full size, VBench's padding, padded-frame magnitudes, VBench's rule).
+        self.version = f"vbench-dynamic_degree-{2 if flow == 'raft' else 1}/{self.flow.label}"
 
     def pair_magnitudes(self, video: torch.Tensor) -> tuple[np.ndarray, tuple[int, int], int]:
         """Float ``[F, C, H, W]`` -> (top-5% magnitude per consecutive pair ``[F'-1]``, flow (H, W), F')."""
         frames = to_frames_uint8(video)
-        frames = frames[:: max(1, round(self.fps / 8.0))]  # VBench samples about 8 frames per second
+        frames = frames[:: max(1, round(self.fps / 8.0))]  # VBench keeps every round(fps / 8)-th frame
         # The threshold scales with min(H, W), so measuring flow on a downscaled clip keeps the rule.
         frames = resize_for_flow(frames, self.flow_short_side)
-        flow = self.flow.pairs(frames, [(i, i + 1) for i in range(frames.shape[0] - 1)])
+        pairs = [(i, i + 1) for i in range(frames.shape[0] - 1)]
+        flow = self.flow.pairs(frames, pairs, vbench_padded=self.flow.method == "raft")
         return top_magnitude(flow), frames.shape[1:3], frames.shape[0]
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         out = []
         for video in videos:
             mags, (h, w), n = self.pair_magnitudes(video)
-            out.append(1.0 if is_dynamic(mags.tolist(), h, w, n, self.fps) else 0.0)
+            if self.flow.method == "raft":
+                moves = is_dynamic_vbench(mags.tolist(), h, w, n)
+            else:
+                moves = is_dynamic(mags.tolist(), h, w, n, self.fps)
+            out.append(1.0 if moves else 0.0)
         return torch.tensor(out, dtype=torch.float64)
 
 
