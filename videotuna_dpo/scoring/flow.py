@@ -126,7 +126,7 @@ def load_raft(path: Path) -> torch.nn.Module:
 
 
 def find_raft_weights(scorer: str, explicit: str | os.PathLike | None) -> Path:
-    """``explicit``, else ``$VIDEOTUNA_WEIGHTS/``:data:`RAFT_FILE`, else VBench's file there (:data:`RAFT_VBENCH_FILES`)."""
+    """``explicit``, else ``$VIDEOTUNA_WEIGHTS/``:data:`RAFT_FILE`, else :data:`RAFT_VBENCH_FILES` there."""
     if not explicit and not in_weights_dir(RAFT_FILE):
         for relative in RAFT_VBENCH_FILES:
             if in_weights_dir(relative):
