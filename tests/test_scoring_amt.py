@@ -216,8 +216,12 @@ def test_wrong_checkpoints_are_refused_naming_the_file(tmp_path, shapes):
 
 def test_small_frames_and_bad_options_are_refused(golden_checkpoint):
     scorer = MotionSmoothness(device="cpu", interpolator="amt", amt_weights=str(golden_checkpoint))
-    with pytest.raises(UserError, match=r"motion_smoothness: AMT-S needs frames of at least 113 px .*got 112x160"):
-        scorer(torch.rand(1, 3, 3, 112, 160), ["a"])
+    # In a `videotuna score` run a NaN makes a "failed" line for those videos instead of stopping the run.
+    with pytest.warns(UserWarning, match=r"motion_smoothness: AMT-S needs frames of at least 113 px .*got 112x160"):
+        scores = scorer(torch.rand(2, 3, 3, 112, 160), ["a", "b"])
+    assert scores.shape == (2,) and bool(scores.isnan().all())
+    with pytest.raises(UserError, match=r"^AMT-S needs frames of at least 113 px .*got 128x100"):
+        interpolate_midframes(scorer.amt, torch.rand(1, 3, 128, 100), torch.rand(1, 3, 128, 100))
     with pytest.raises(UserError, match="unknown interpolator 'rife'"):
         MotionSmoothness(device="cpu", interpolator="rife")
     with pytest.raises(UserError, match="apply to interpolator='flow'"):

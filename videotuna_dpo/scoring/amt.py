@@ -407,15 +407,23 @@ def pad_amounts(height: int, width: int, multiple: int = PAD_MULTIPLE) -> tuple[
     return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
 
 
-def check_frame_size(height: int, width: int, who: str = "AMT-S") -> None:
-    """Refuse frames whose padded sides are below :data:`MIN_PADDED_SIDE` (the network's output is NaN there)."""
+def frame_size_problem(height: int, width: int) -> str | None:
+    """Why AMT-S cannot take frames of this size (padded sides below :data:`MIN_PADDED_SIDE`), else None."""
     left, right, top, bottom = pad_amounts(height, width)
-    if min(height + top + bottom, width + left + right) < MIN_PADDED_SIDE:
-        raise UserError(
-            f"{who}: AMT-S needs frames of at least {MIN_PADDED_SIDE - PAD_MULTIPLE + 1} px per side (padded to "
-            f"{MIN_PADDED_SIDE}); got {height}x{width}. Below that its coarsest correlation level is 1 px wide "
-            f"and VBench's AMT-S returns NaN"
-        )
+    if min(height + top + bottom, width + left + right) >= MIN_PADDED_SIDE:
+        return None
+    return (
+        f"AMT-S needs frames of at least {MIN_PADDED_SIDE - PAD_MULTIPLE + 1} px per side (padded to "
+        f"{MIN_PADDED_SIDE}); got {height}x{width}. Below that its coarsest correlation level is 1 px wide "
+        f"and VBench's AMT-S returns NaN"
+    )
+
+
+def check_frame_size(height: int, width: int) -> None:
+    """Raise :class:`UserError` for frames AMT-S cannot take (see :func:`frame_size_problem`)."""
+    problem = frame_size_problem(height, width)
+    if problem:
+        raise UserError(problem)
 
 
 def pairs_per_pass(height: int, width: int) -> int:

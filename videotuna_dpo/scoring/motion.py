@@ -11,6 +11,7 @@ AMT-S (``scoring/amt.py``, our implementation of the network), from the released
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.scoring.amt import AMT_FILE, AMTS, check_frame_size, midframes_uint8, shared_amt
+from videotuna_dpo.scoring.amt import AMT_FILE, AMTS, frame_size_problem, midframes_uint8, shared_amt
 from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, to_uint8_levels
 from videotuna_dpo.scoring.flow import FlowEstimator, resize_for_flow, warp
 
@@ -145,6 +146,7 @@ class MotionSmoothness(BaseScorer):
     (8-bit levels / 255, padded to multiples of 16, t = 0.5), predictions x 255 truncated to uint8,
     MAE against the odd frames. VBench may shrink frames on a GPU whose memory it deems too small
     (only for frames of millions of pixels); here frames always run at full size, as VBench does on CPU.
+    Frames under 113 px a side (where VBench's AMT-S yields NaN) score NaN with a warning.
     ``interpolator="flow"`` (default) approximates it with optical flow and needs no weights.
     """
 
@@ -192,8 +194,10 @@ class MotionSmoothness(BaseScorer):
         return interpolate_midframes(frames[0::2], self.flow)
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if self.amt is not None:
-            check_frame_size(videos.shape[-2], videos.shape[-1], self.name)
+        problem = frame_size_problem(videos.shape[-2], videos.shape[-1]) if self.amt is not None else None
+        if problem:  # NaN, so that `videotuna score` records these videos as failed and goes on
+            warnings.warn(f"{self.name}: {problem}; scored NaN", stacklevel=2)
+            return torch.full((videos.shape[0],), float("nan"), dtype=torch.float64)
         out = []
         for video in videos:
             frames = to_frames_uint8(video)
