@@ -32,7 +32,7 @@ from videotuna_dpo.scoring.flow import (
     raft_checkpoint_format,
     raft_padding,
 )
-from videotuna_dpo.scoring.motion import DynamicDegree, dynamic_threshold, is_dynamic_vbench
+from videotuna_dpo.scoring.motion import DynamicDegree, dynamic_threshold, is_dynamic
 
 FLOW_ATOL = 1e-4  # px; see the module docstring
 
@@ -110,9 +110,9 @@ def test_dynamic_degree_scores_the_clip_as_vbench(reference, scorer):
     # The reference sits on the count boundary: exactly the required 2 pairs of 5 are above the threshold.
     assert int((reference["clip_magnitudes"] > threshold).sum()) == 2
     assert scorer(clip[None], ["a clip"]).tolist() == [float(reference["clip_dynamic"])] == [1.0]
-    assert not is_dynamic_vbench(sorted(mags)[:4], h, w, n)  # one pair fewer above it: static
+    assert not is_dynamic(sorted(mags)[:4], h, w, n)  # one pair fewer above it: static
     # VBench's rule with 2 sampled frames asks for round(0.5) = 0 pairs; a single frame is never dynamic.
-    assert is_dynamic_vbench([0.0], h, w, 2) and not is_dynamic_vbench([], h, w, 1)
+    assert is_dynamic([0.0], h, w, 2) and not is_dynamic([], h, w, 1)
 
 
 def test_vbench_and_torchvision_layouts_load_the_same_weights(manifest, vbench_checkpoint, tmp_path):

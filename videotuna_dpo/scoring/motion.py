@@ -40,28 +40,24 @@ def top_magnitude(flow: np.ndarray, fraction: float = 0.05) -> np.ndarray:
     return np.array([np.mean(-np.sort(-row)[:k]) for row in mag], dtype=mag.dtype)
 
 
-def dynamic_threshold(height: int, width: int, fps: float = 8.0) -> float:
-    """VBench's per-pair magnitude threshold: 6 px per 256 px of the short side (x 8/fps below 8 fps)."""
-    return max(1.0, 8.0 / fps) * 6.0 * min(height, width) / 256.0
+def dynamic_threshold(height: int, width: int) -> float:
+    """VBench's per-pair magnitude threshold: 6 px per 256 px of the short side."""
+    return 6.0 * min(height, width) / 256.0
 
 
 def required_pairs(num_frames: int) -> int:
-    """How many pairs must exceed the threshold: round(4 N / 16), at least one."""
-    return max(1, round(4 * num_frames / 16))
+    """How many pairs must exceed the threshold: VBench's round(4 N / 16) (0 for N <= 2)."""
+    return round(4 * num_frames / 16)
 
 
-def is_dynamic(magnitudes: Sequence[float], height: int, width: int, num_frames: int, fps: float = 8.0) -> bool:
-    """VBench's rule: dynamic when at least ``required_pairs`` pair magnitudes exceed the threshold."""
-    threshold = dynamic_threshold(height, width, fps)
-    return sum(1 for m in magnitudes if m > threshold) >= required_pairs(num_frames)
+def is_dynamic(magnitudes: Sequence[float], height: int, width: int, num_frames: int) -> bool:
+    """VBench's rule: dynamic when at least ``required_pairs`` pair magnitudes exceed the threshold.
 
-
-def is_dynamic_vbench(magnitudes: Sequence[float], height: int, width: int, num_frames: int) -> bool:
-    """VBench's own rule, as its ``dynamic_degree`` applies it with RAFT: threshold 6 px per 256 px of the
-    short side whatever the frame rate, and round(4 N / 16) pairs above it, which is 0 for N = 2 sampled
-    frames (a clip of one pair is then dynamic whatever its flow; one of a single frame never is)."""
+    As in VBench, a clip sampled down to 2 frames needs 0 pairs and is dynamic whatever its flow;
+    one with no pair at all never is.
+    """
     threshold = dynamic_threshold(height, width)
-    return len(magnitudes) > 0 and sum(1 for m in magnitudes if m > threshold) >= round(4 * num_frames / 16)
+    return len(magnitudes) > 0 and sum(1 for m in magnitudes if m > threshold) >= required_pairs(num_frames)
 
 
 class DynamicDegree(BaseScorer):
@@ -70,10 +66,10 @@ class DynamicDegree(BaseScorer):
     ``flow="raft"`` is VBench's ``dynamic_degree``: RAFT-large (VBench's raft-things.pth or torchvision's
     checkpoint), frames at full size (``flow_short_side="auto"``), one frame in round(fps / 8), each
     pair padded to multiples of 8 as VBench pads it, 20 RAFT iterations, the top 5% of the flow
-    magnitudes of the whole padded frame, VBench's threshold and count (:func:`is_dynamic_vbench`).
+    magnitudes of the whole padded frame, VBench's threshold and count (:func:`is_dynamic`).
     Frames under 128 px (VBench's RAFT gives NaN there) are padded further for RAFT.
-    The default ``flow="dis"`` approximates it without weights on frames downscaled to a 256 px short
-    side, raising the threshold by 8 / fps for clips under 8 fps and asking for at least one pair.
+    The default ``flow="dis"`` approximates it without weights (OpenCV DIS flow on frames downscaled
+    to a 256 px short side, the threshold scaled alike) with the same sampling and rule.
     """
 
     name = "dynamic_degree"
@@ -92,8 +88,8 @@ class DynamicDegree(BaseScorer):
         if flow_short_side == "auto":
             flow_short_side = None if flow == "raft" else 256
         self.flow_short_side = flow_short_side
-        # 2: RAFT as VBench runs it (full size, VBench's padding, padded-frame magnitudes, VBench's rule).
-        self.version = f"vbench-dynamic_degree-{2 if flow == 'raft' else 1}/{self.flow.label}"
+        # 2: VBench's rule for every flow; RAFT as VBench runs it (full size, its padding, padded-frame magnitudes).
+        self.version = f"vbench-dynamic_degree-2/{self.flow.label}"
 
     def pair_magnitudes(self, video: torch.Tensor) -> tuple[np.ndarray, tuple[int, int], int]:
         """Float ``[F, C, H, W]`` -> (top-5% magnitude per consecutive pair ``[F'-1]``, flow (H, W), F')."""
@@ -109,11 +105,7 @@ class DynamicDegree(BaseScorer):
         out = []
         for video in videos:
             mags, (h, w), n = self.pair_magnitudes(video)
-            if self.flow.method == "raft":
-                moves = is_dynamic_vbench(mags.tolist(), h, w, n)
-            else:
-                moves = is_dynamic(mags.tolist(), h, w, n, self.fps)
-            out.append(1.0 if moves else 0.0)
+            out.append(1.0 if is_dynamic(mags.tolist(), h, w, n) else 0.0)
         return torch.tensor(out, dtype=torch.float64)
 
 
