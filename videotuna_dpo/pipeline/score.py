@@ -445,7 +445,8 @@ RAFT and AMT options) read local files from $VIDEOTUNA_WEIGHTS or --option SCORE
   $VIDEOTUNA_WEIGHTS/viclip/ViClip-InternVid-10M-FLT.pth     overall_consistency as VBench, used when present (viclip_weights=)
   $VIDEOTUNA_WEIGHTS/aesthetic/sa_0_4_vit_l_14_linear.pth    aesthetic_quality    (head_weights=)
   $VIDEOTUNA_WEIGHTS/musiq/musiq_spaq_ckpt-358bb6af.pth      imaging_quality, else a NIQE proxy (musiq_weights=)
-  $VIDEOTUNA_WEIGHTS/raft/raft_large_C_T_V2-1bb1363a.pth     dynamic_degree/motion_smoothness flow=raft (raft_weights=)
+  $VIDEOTUNA_WEIGHTS/raft/raft_large_C_T_V2-1bb1363a.pth     dynamic_degree/motion_smoothness flow=raft (raft_weights=);
+    or VBench's RAFT raft/raft_model.pth (= raft-things.pth, princeton-vl layout, converted on load)
   $VIDEOTUNA_WEIGHTS/amt/amt-s.pth                           motion_smoothness interpolator=amt, VBench's AMT-S (amt_weights=)
 """
 
