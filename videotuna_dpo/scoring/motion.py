@@ -188,7 +188,7 @@ class MotionSmoothness(BaseScorer):
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         problem = frame_size_problem(videos.shape[-2], videos.shape[-1]) if self.amt is not None else None
         if problem:  # NaN, so that `videotuna score` records these videos as failed and goes on
-            warnings.warn(f"{self.name}: {problem}; scored NaN", stacklevel=2)
+            warnings.warn(f"{self.name}: {problem}; scored NaN", stacklevel=3)
             return torch.full((videos.shape[0],), float("nan"), dtype=torch.float64)
         out = []
         for video in videos:
