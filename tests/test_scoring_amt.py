@@ -216,13 +216,33 @@ def test_wrong_checkpoints_are_refused_naming_the_file(tmp_path, shapes):
 
 def test_small_frames_and_bad_options_are_refused(golden_checkpoint):
     scorer = MotionSmoothness(device="cpu", interpolator="amt", amt_weights=str(golden_checkpoint))
-    # In a `videotuna score` run a NaN makes a "failed" line for those videos instead of stopping the run.
-    with pytest.warns(UserWarning, match=r"motion_smoothness: AMT-S needs frames of at least 113 px .*got 112x160"):
-        scores = scorer(torch.rand(2, 3, 3, 112, 160), ["a", "b"])
-    assert scores.shape == (2,) and bool(scores.isnan().all())
+    # `videotuna score` asks unscorable() first and records such videos as failed with this reason.
+    assert scorer.unscorable(3, 112, 160).startswith("AMT-S needs frames of at least 113 px")
+    assert scorer.unscorable(3, 113, 160) is None and scorer.unscorable(2, 256, 256) == "needs at least 3 frames, got 2"
+    with pytest.raises(ValueError, match=r"motion_smoothness: AMT-S needs frames of at least 113 px .*got 112x160"):
+        scorer(torch.rand(2, 3, 3, 112, 160), ["a", "b"])
     with pytest.raises(UserError, match=r"^AMT-S needs frames of at least 113 px .*got 128x100"):
         interpolate_midframes(scorer.amt, torch.rand(1, 3, 128, 100), torch.rand(1, 3, 128, 100))
     with pytest.raises(UserError, match="unknown interpolator 'rife'"):
         MotionSmoothness(device="cpu", interpolator="rife")
     with pytest.raises(UserError, match="apply to interpolator='flow'"):
         MotionSmoothness(device="cpu", interpolator="amt", amt_weights=str(golden_checkpoint), flow="raft")
+
+
+def test_score_run_records_frames_too_small_for_amt_as_failed_and_scores_the_rest(golden_checkpoint, tmp_path):
+    from videotuna_dpo.data.video_io import write_video
+    from videotuna_dpo.pipeline.score import read_scores, score_videos
+
+    videos = tmp_path / "videos"
+    write_video(videos / "small.mp4", torch.rand(5, 3, 64, 96), lossless=True)
+    write_video(videos / "large.mp4", torch.rand(5, 3, 128, 128), lossless=True)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"small.mp4": "a", "large.mp4": "b"}))
+    summary = score_videos(videos=str(videos), out=str(tmp_path / "scores.jsonl"), prompts=str(prompts),
+                           scorers=["motion_smoothness"], device="cpu", progress=False,
+                           options={"motion_smoothness": {"interpolator": "amt", "amt_weights": str(golden_checkpoint)}})
+    assert summary["scored"] == 1 and summary["failed"] == 1
+    records = {Path(p).name: r for p, r in read_scores(tmp_path / "scores.jsonl").items()}
+    assert records["small.mp4"]["status"] == "failed"
+    assert records["small.mp4"]["reason"].startswith("motion_smoothness: AMT-S needs frames of at least 113 px")
+    assert records["large.mp4"]["status"] == "ok" and 0 < records["large.mp4"]["raw"]["motion_smoothness"] <= 1

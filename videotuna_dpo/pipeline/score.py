@@ -296,6 +296,21 @@ def _describe(scorer) -> dict:
     return {"version": str(scorer.version), "weights": scorer.weights_hint or None}
 
 
+def _unscorable(models: Mapping[str, Any], shape: Sequence[int]) -> str | None:
+    """The reasons (``scorer: why``) a decoded ``[F, C, H, W]`` video cannot be scored, or None.
+
+    Scorers may declare ``unscorable(num_frames, height, width)`` (BaseScorer does); others only
+    ``min_frames``, which the caller checks.
+    """
+    reasons = []
+    for name, scorer in models.items():
+        check = getattr(scorer, "unscorable", None)
+        why = check(int(shape[0]), int(shape[2]), int(shape[3])) if callable(check) else None
+        if why:
+            reasons.append(f"{name}: {why}")
+    return "; ".join(reasons) or None
+
+
 def _check_resume(records: list[dict], scorers: Mapping[str, Any], out: Path) -> None:
     current = {name: str(s.version) for name, s in scorers.items()}
     for record in reversed(records):
@@ -408,8 +423,11 @@ def score_videos(
                 fail(path, frames.reason)
                 bar.update(1)
                 continue
+            problem = _unscorable(models, frames.shape)
             if frames.shape[0] < min_frames:
-                fail(path, f"too short: {frames.shape[0]} frame(s); the scorers need at least {min_frames}")
+                problem = f"too short: {frames.shape[0]} frame(s); the scorers need at least {min_frames}"
+            if problem:
+                fail(path, problem)
                 bar.update(1)
                 continue
             if batch and batch[0][1].shape != frames.shape:

@@ -56,6 +56,12 @@ class BaseScorer:
         self.device = torch.device(device or default_device())
         self.weights_used: dict[str, str] = {}
 
+    def unscorable(self, num_frames: int, height: int, width: int) -> str | None:
+        """Why a video of this size cannot be scored (``videotuna score`` records it as failed), else None."""
+        if num_frames < self.min_frames:
+            return f"needs at least {self.min_frames} frames, got {num_frames}"
+        return None
+
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement score(videos, prompts)")
 
@@ -65,8 +71,9 @@ class BaseScorer:
             raise ValueError(f"{self.name}: videos must be [B, F, 3, H, W], got shape {tuple(videos.shape)}")
         if len(prompts) != videos.shape[0]:
             raise ValueError(f"{self.name}: {videos.shape[0]} videos but {len(prompts)} prompts")
-        if videos.shape[1] < self.min_frames:
-            raise ValueError(f"{self.name}: needs at least {self.min_frames} frames, got {videos.shape[1]}")
+        problem = self.unscorable(videos.shape[1], videos.shape[-2], videos.shape[-1])
+        if problem:
+            raise ValueError(f"{self.name}: {problem}")
         scores = self.score(videos.to(self.device, torch.float32), list(prompts))
         return scores.detach().double().cpu().reshape(videos.shape[0])
 

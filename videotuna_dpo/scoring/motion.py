@@ -11,7 +11,6 @@ AMT-S (``scoring/amt.py``, our implementation of the network), from the released
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -138,7 +137,7 @@ class MotionSmoothness(BaseScorer):
     (8-bit levels / 255, padded to multiples of 16, t = 0.5), predictions x 255 truncated to uint8,
     MAE against the odd frames. VBench may shrink frames on a GPU whose memory it deems too small
     (only for frames of millions of pixels); here frames always run at full size, as VBench does on CPU.
-    Frames under 113 px a side (where VBench's AMT-S yields NaN) score NaN with a warning.
+    Frames under 113 px a side (where VBench's AMT-S yields NaN) are refused (:meth:`unscorable`).
     ``interpolator="flow"`` (default) approximates it with optical flow and needs no weights.
     """
 
@@ -185,11 +184,11 @@ class MotionSmoothness(BaseScorer):
             return midframes_uint8(self.amt, frames[0::2], self.amt_max_pairs)
         return interpolate_midframes(frames[0::2], self.flow)
 
+    def unscorable(self, num_frames: int, height: int, width: int) -> str | None:
+        too_small = frame_size_problem(height, width) if self.amt is not None else None
+        return super().unscorable(num_frames, height, width) or too_small
+
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        problem = frame_size_problem(videos.shape[-2], videos.shape[-1]) if self.amt is not None else None
-        if problem:  # NaN, so that `videotuna score` records these videos as failed and goes on
-            warnings.warn(f"{self.name}: {problem}; scored NaN", stacklevel=3)
-            return torch.full((videos.shape[0],), float("nan"), dtype=torch.float64)
         out = []
         for video in videos:
             frames = to_frames_uint8(video)
