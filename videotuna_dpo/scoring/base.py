@@ -114,6 +114,17 @@ def in_weights_dir(relative: str) -> bool:
     return bool(root) and (Path(root).expanduser() / relative).is_file()
 
 
+def pick_backend(scorer: str, option: str, value: str, choices: Sequence[str], explicit: str | None,
+                 relative: str, with_weights: str, without: str) -> str:
+    """Check ``value`` is one of ``choices``; resolve ``"auto"``: ``with_weights`` when the weights file is
+    given (``explicit``) or at ``$VIDEOTUNA_WEIGHTS/relative``, else ``without``."""
+    if value not in choices:
+        raise UserError(f"{scorer}: unknown {option} {value!r}; choose one of {', '.join(choices)}")
+    if value != "auto":
+        return value
+    return with_weights if explicit or in_weights_dir(relative) else without
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (unwrapping ``state_dict``/``model`` keys)."""
     if path.suffix == ".safetensors":

@@ -13,13 +13,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from videotuna_dpo.errors import UserError
 from videotuna_dpo.scoring.base import (
     WEIGHTS_ENV,
     BaseScorer,
     find_weights,
-    in_weights_dir,
     load_state_dict,
+    pick_backend,
     to_uint8_levels,
 )
 
@@ -149,11 +148,8 @@ class OverallConsistency(BaseScorer):
                  clip_weights: str | None = None, model_name: str = "ViT-L-14-quickgelu", num_frames: int = 8,
                  frame_chunk: int = 32):
         super().__init__(device)
-        if backend not in OVERALL_BACKENDS:
-            raise UserError(f"{self.name}: unknown backend {backend!r}; choose one of {', '.join(OVERALL_BACKENDS)}")
-        if backend == "auto":
-            backend = "viclip" if viclip_weights or in_weights_dir(VICLIP_FILE) else "clip"
-        self.backend = backend
+        self.backend = backend = pick_backend(self.name, "backend", backend, OVERALL_BACKENDS, viclip_weights,
+                                              VICLIP_FILE, "viclip", "clip")
         self.num_frames = num_frames
         self.frame_chunk = frame_chunk
         if backend == "viclip":

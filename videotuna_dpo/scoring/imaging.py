@@ -17,8 +17,8 @@ from videotuna_dpo.scoring.base import (
     BaseScorer,
     MissingWeightsError,
     find_weights,
-    in_weights_dir,
     load_state_dict,
+    pick_backend,
     to_uint8_levels,
 )
 from videotuna_dpo.scoring.niqe import fit_for_niqe, luminance, niqe, pristine_model
@@ -59,10 +59,7 @@ class ImagingQuality(BaseScorer):
     def __init__(self, device: str | None = None, backend: str = "auto", musiq_weights: str | None = None,
                  frame_chunk: int = 32):
         super().__init__(device)
-        if backend not in BACKENDS:
-            raise UserError(f"{self.name}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if backend == "auto":
-            backend = "musiq" if musiq_weights or in_weights_dir(MUSIQ_FILE) else "niqe"
+        backend = pick_backend(self.name, "backend", backend, BACKENDS, musiq_weights, MUSIQ_FILE, "musiq", "niqe")
         self.backend = backend
         self.frame_chunk = frame_chunk
         if backend == "musiq":

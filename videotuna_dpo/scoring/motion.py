@@ -10,8 +10,6 @@ AMT-S (``scoring/amt.py``, our implementation of the network), from the released
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +17,7 @@ import torch
 
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.scoring.amt import AMT_FILE, AMTS, frame_size_problem, midframes_uint8, shared_amt
-from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, to_uint8_levels
+from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, pick_backend, to_uint8_levels
 from videotuna_dpo.scoring.flow import FlowEstimator, resize_for_flow, warp
 
 
@@ -149,16 +147,10 @@ class MotionSmoothness(BaseScorer):
                  raft_weights: str | None = None, raft_iters: int = 20, amt_weights: str | None = None,
                  amt_max_pairs: int | None = None):
         super().__init__(device)
-        if interpolator not in INTERPOLATORS:
-            raise UserError(
-                f"{self.name}: unknown interpolator {interpolator!r}; choose one of {', '.join(INTERPOLATORS)}"
-            )
-        if interpolator == "auto":
-            root = os.environ.get(WEIGHTS_ENV)
-            found = bool(root) and (Path(root).expanduser() / AMT_FILE).is_file()
-            interpolator = "amt" if amt_weights or found else "flow"
-        elif interpolator == "amt" and (flow != "dis" or raft_weights):
+        if interpolator == "amt" and (flow != "dis" or raft_weights):
             raise UserError(f"{self.name}: the options flow and raft_weights apply to interpolator='flow', not 'amt'")
+        interpolator = pick_backend(self.name, "interpolator", interpolator, INTERPOLATORS, amt_weights, AMT_FILE,
+                                    "amt", "flow")
         self.interpolator = interpolator
         self.flow: FlowEstimator | None = None
         self.amt: AMTS | None = None
