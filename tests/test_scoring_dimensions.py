@@ -1,5 +1,7 @@
 """The no-weights VBench dimensions: exact formulas, the dynamic-degree rule, smoothness ordering."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,34 @@ def test_imaging_quality_small_frames_are_upscaled_not_refused():
     video = disk_video([30, 32, 34], size=64)[None]
     score = ImagingQuality(device="cpu", backend="niqe")(video, ["a"])
     assert 0 < score.item() <= 1
+
+
+def test_dynamic_degree_samples_by_the_files_frame_rate_unless_the_fps_option_is_set(tmp_path):
+    """VBench keeps every round(fps / 8)-th frame: the same frames move twice as far per pair at 16 fps."""
+    import json
+
+    from videotuna_dpo.data.video_io import write_video
+    from videotuna_dpo.pipeline.score import read_scores, score_videos
+
+    g = torch.Generator().manual_seed(0)
+    texture = torch.rand(3, 24, 24, generator=g)
+    frames = torch.full((17, 3, 64, 64), 0.5)
+    for t in range(17):  # 1 px per frame: under the 1.5 px threshold of a 64 px clip; 2 px per kept pair over it
+        frames[t, :, 20:44, 8 + t : 32 + t] = texture
+    (tmp_path / "v").mkdir()
+    write_video(tmp_path / "v" / "at8.mp4", frames, fps=8, lossless=True)
+    write_video(tmp_path / "v" / "at16.mp4", frames, fps=16, lossless=True)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"at8.mp4": "x", "at16.mp4": "x"}))
+
+    def run(out, **options):
+        score_videos(videos=str(tmp_path / "v"), out=str(tmp_path / out), prompts=str(prompts),
+                     scorers=["dynamic_degree"], device="cpu", progress=False, options={"dynamic_degree": options})
+        return {Path(p).name: r for p, r in read_scores(tmp_path / out).items()}
+
+    by_file = run("a.jsonl")
+    assert by_file["at8.mp4"]["fps"] == 8.0 and by_file["at16.mp4"]["fps"] == 16.0
+    assert by_file["at8.mp4"]["raw"]["dynamic_degree"] == 0.0
+    assert by_file["at16.mp4"]["raw"]["dynamic_degree"] == 1.0
+    forced = run("b.jsonl", fps=8)  # the option wins over the file
+    assert forced["at16.mp4"]["raw"]["dynamic_degree"] == 0.0

@@ -23,7 +23,13 @@ class VideoReadError(UserError):
 
 def read_video(path: str | Path) -> torch.Tensor:
     """Decode every frame of ``path`` -> uint8 ``[F, C, H, W]`` (RGB)."""
+    return read_video_and_fps(path)[0]
+
+
+def read_video_and_fps(path: str | Path) -> tuple[torch.Tensor, float | None]:
+    """:func:`read_video` plus the stream's average frame rate (None when the file does not say)."""
     path = Path(path)
+    fps = None
     if not path.is_file():
         raise VideoReadError(path, "file not found")
     if path.stat().st_size == 0:
@@ -33,6 +39,8 @@ def read_video(path: str | Path) -> torch.Tensor:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoReadError(path, "no video stream")
+            rate = container.streams.video[0].average_rate
+            fps = float(rate) if rate else None
             for frame in container.decode(video=0):
                 frames.append(frame.to_ndarray(format="rgb24"))
     except VideoReadError:
@@ -44,7 +52,7 @@ def read_video(path: str | Path) -> torch.Tensor:
     shapes = {f.shape for f in frames}
     if len(shapes) != 1:
         raise VideoReadError(path, f"frames change size within the file: {sorted(shapes)}")
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous(), fps
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:

@@ -296,6 +296,13 @@ def _describe(scorer) -> dict:
     return {"version": str(scorer.version), "weights": scorer.weights_hint or None}
 
 
+def _call_scorer(scorer: Any, clip: Any, texts: list[str], fps: float | None) -> Any:
+    """Score a batch; scorers that declare ``uses_fps`` also get the files' frame rate."""
+    if getattr(scorer, "uses_fps", False):
+        return scorer(clip, texts, fps=fps)
+    return scorer(clip, texts)
+
+
 def _unscorable(models: Mapping[str, Any], shape: Sequence[int]) -> str | None:
     """The reasons (``scorer: why``) a decoded ``[F, C, H, W]`` video cannot be scored, or None.
 
@@ -354,7 +361,7 @@ def score_videos(
     import torch
     from tqdm import tqdm
 
-    from videotuna_dpo.data.video_io import VideoReadError, read_video
+    from videotuna_dpo.data.video_io import VideoReadError, read_video_and_fps
     from videotuna_dpo.scoring.base import default_device
     from videotuna_dpo.scoring.omniscore import omniscore
 
@@ -387,11 +394,13 @@ def score_videos(
         store.append({"path": str(path.resolve()), "prompt": prompt_map[path][0], "status": "failed", "reason": reason})
         summary["failed"] += 1
 
-    def flush(batch: list[tuple[Path, Any]]) -> None:
-        clip = torch.stack([frames for _, frames in batch]).to(device).float().div_(255.0)  # [B, F, C, H, W]
-        texts = [prompt_map[p][0] for p, _ in batch]
-        raw = {name: scorer(clip, texts).detach().double().cpu().reshape(len(batch)) for name, scorer in models.items()}
-        for i, (path, frames) in enumerate(batch):
+    def flush(batch: list[tuple[Path, Any, float | None]]) -> None:
+        clip = torch.stack([frames for _, frames, _ in batch]).to(device).float().div_(255.0)  # [B, F, C, H, W]
+        texts = [prompt_map[p][0] for p, _, _ in batch]
+        fps = batch[0][2]  # one rate per batch
+        raw = {name: _call_scorer(scorer, clip, texts, fps).detach().double().cpu().reshape(len(batch))
+               for name, scorer in models.items()}
+        for i, (path, frames, _) in enumerate(batch):
             values = {name: float(raw[name][i]) for name in names}
             bad = [n for n, v in values.items() if v != v or v in (float("inf"), float("-inf"))]
             if bad:
@@ -404,6 +413,7 @@ def score_videos(
                 "omniscore": agg["omniscore"], "dimensions_used": agg["dimensions_used"],
                 "weights": agg["weights"], "scorers": described,
                 "frames": int(frames.shape[0]), "height": int(frames.shape[2]), "width": int(frames.shape[3]),
+                "fps": fps,
                 "meta": prompt_map[path][1],
             })
             summary["scored"] += 1
@@ -411,18 +421,19 @@ def score_videos(
 
     def decode(path: Path):
         try:
-            return read_video(path)
+            return read_video_and_fps(path)
         except VideoReadError as exc:
             return exc
 
-    batch: list[tuple[Path, Any]] = []
+    batch: list[tuple[Path, Any, float | None]] = []
     with tqdm(total=len(todo), unit="video", desc="score", disable=not progress) as bar:
         for path, future in _prefetch(decode, todo, depth=max(2, batch_size)):
-            frames = future.result()
-            if isinstance(frames, VideoReadError):
-                fail(path, frames.reason)
+            decoded = future.result()
+            if isinstance(decoded, VideoReadError):
+                fail(path, decoded.reason)
                 bar.update(1)
                 continue
+            frames, fps = decoded
             problem = _unscorable(models, frames.shape)
             if frames.shape[0] < min_frames:
                 problem = f"too short: {frames.shape[0]} frame(s); the scorers need at least {min_frames}"
@@ -430,10 +441,10 @@ def score_videos(
                 fail(path, problem)
                 bar.update(1)
                 continue
-            if batch and batch[0][1].shape != frames.shape:
+            if batch and (batch[0][1].shape != frames.shape or batch[0][2] != fps):
                 flush(batch)
                 batch = []
-            batch.append((path, frames))
+            batch.append((path, frames, fps))
             if len(batch) == batch_size:
                 flush(batch)
                 batch = []

@@ -51,6 +51,7 @@ class BaseScorer:
     weights_hint = ""
     version = "0"
     min_frames = 1
+    uses_fps = False  # True: score() takes fps=, the frame rate of the batch's files (None if unknown)
 
     def __init__(self, device: str | None = None):
         self.device = torch.device(device or default_device())
@@ -66,7 +67,8 @@ class BaseScorer:
         raise NotImplementedError(f"{type(self).__name__} must implement score(videos, prompts)")
 
     @torch.no_grad()
-    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> torch.Tensor:
+        """Check the contract and score; ``fps`` (the files' frame rate) reaches scorers with ``uses_fps``."""
         if videos.ndim != 5 or videos.shape[2] != 3:
             raise ValueError(f"{self.name}: videos must be [B, F, 3, H, W], got shape {tuple(videos.shape)}")
         if len(prompts) != videos.shape[0]:
@@ -74,7 +76,8 @@ class BaseScorer:
         problem = self.unscorable(videos.shape[1], videos.shape[-2], videos.shape[-1])
         if problem:
             raise ValueError(f"{self.name}: {problem}")
-        scores = self.score(videos.to(self.device, torch.float32), list(prompts))
+        extra = {"fps": fps} if self.uses_fps else {}
+        scores = self.score(videos.to(self.device, torch.float32), list(prompts), **extra)
         return scores.detach().double().cpu().reshape(videos.shape[0])
 
     def describe(self) -> dict:

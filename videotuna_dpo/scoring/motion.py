@@ -61,7 +61,8 @@ class DynamicDegree(BaseScorer):
     """1 when the clip moves (VBench rule on top-5% flow magnitudes), else 0.
 
     ``flow="raft"`` is VBench's ``dynamic_degree``: RAFT-large (VBench's raft-things.pth or torchvision's
-    checkpoint), frames at full size (``flow_short_side="auto"``), one frame in round(fps / 8), each
+    checkpoint), frames at full size (``flow_short_side="auto"``), one frame in round(fps / 8) (fps: the
+    ``fps`` option, else the file's frame rate that ``videotuna score`` passes, else 8), each
     pair padded to multiples of 8 as VBench pads it, 20 RAFT iterations, the top 5% of the flow
     magnitudes of the whole padded frame, VBench's threshold and count (:func:`is_dynamic`).
     Frames under 128 px (VBench's RAFT gives NaN there) are padded further for RAFT.
@@ -74,34 +75,40 @@ class DynamicDegree(BaseScorer):
     min_frames = 2
 
     def __init__(self, device: str | None = None, flow: str = "dis", raft_weights: str | None = None,
-                 fps: float = 8.0, flow_short_side: int | str | None = "auto", raft_iters: int = 20):
+                 fps: float | None = None, flow_short_side: int | str | None = "auto", raft_iters: int = 20):
         super().__init__(device)
         self.flow = FlowEstimator(flow, self.name, raft_weights, self.device, raft_iters)
         self.needs_weights = flow == "raft"
         self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
         if self.flow.weights:
             self.weights_used["raft"] = str(self.flow.weights)
-        self.fps = float(fps)
+        self.fps = None if fps is None else float(fps)  # None: the file's frame rate (8 when unknown)
         if flow_short_side == "auto":
             flow_short_side = None if flow == "raft" else 256
         self.flow_short_side = flow_short_side
         # 2: VBench's rule for every flow; RAFT as VBench runs it (full size, its padding, padded-frame magnitudes).
         self.version = f"vbench-dynamic_degree-2/{self.flow.label}"
 
-    def pair_magnitudes(self, video: torch.Tensor) -> tuple[np.ndarray, tuple[int, int], int]:
+    uses_fps = True
+
+    def frame_rate(self, fps: float | None) -> float:
+        """The rate that sets the frame sampling: the ``fps`` option, else the file's, else 8."""
+        return self.fps or fps or 8.0
+
+    def pair_magnitudes(self, video: torch.Tensor, fps: float | None = None) -> tuple[np.ndarray, tuple[int, int], int]:
         """Float ``[F, C, H, W]`` -> (top-5% magnitude per consecutive pair ``[F'-1]``, flow (H, W), F')."""
         frames = to_frames_uint8(video)
-        frames = frames[:: max(1, round(self.fps / 8.0))]  # VBench keeps every round(fps / 8)-th frame
+        frames = frames[:: max(1, round(self.frame_rate(fps) / 8.0))]  # VBench keeps every round(fps / 8)-th frame
         # The threshold scales with min(H, W), so measuring flow on a downscaled clip keeps the rule.
         frames = resize_for_flow(frames, self.flow_short_side)
         pairs = [(i, i + 1) for i in range(frames.shape[0] - 1)]
         flow = self.flow.pairs(frames, pairs, vbench_padded=self.flow.method == "raft")
         return top_magnitude(flow), frames.shape[1:3], frames.shape[0]
 
-    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def score(self, videos: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> torch.Tensor:
         out = []
         for video in videos:
-            mags, (h, w), n = self.pair_magnitudes(video)
+            mags, (h, w), n = self.pair_magnitudes(video, fps)
             out.append(1.0 if is_dynamic(mags.tolist(), h, w, n) else 0.0)
         return torch.tensor(out, dtype=torch.float64)
 
