@@ -46,7 +46,10 @@ def videotuna_scorers() -> Mapping[str, Callable[..., Any]]:
     [0, 1] and ``prompts`` as ``list[str]`` of length B, returning one raw score per video.
     Optionally ``score_range = (low, high)`` (and ``score_weight``, default 1.0) makes the scorer a
     dimension of the OmniScore, min-max normalised with that range in its ``kind``'s group.
-    See :class:`videotuna_dpo.scoring.base.Scorer`.
+    Also optional: ``min_frames`` (int), ``unscorable(num_frames, height, width) -> str | None``
+    (a reason makes ``videotuna score`` record the video as failed instead of calling the scorer),
+    and ``uses_fps = True`` to receive ``__call__(videos, prompts, fps=...)``, the files' frame rate.
+    See :class:`videotuna_dpo.scoring.base.Scorer` and :class:`~videotuna_dpo.scoring.base.BaseScorer`.
     """
 
 
