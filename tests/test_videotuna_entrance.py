@@ -158,3 +158,26 @@ def test_videotuna_train_strategy_dpo_runs_the_vc2_backend(vc2_files, tiny_datas
     out = DPOStrategy.run(cfg, Registry())
     assert (out / "weights" / "last" / "denoiser_lora.safetensors").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_log_images_samples_the_batch_captions_at_the_batch_size_or_the_model_default(vc2_files, tiny_dataset,
+                                                                                      tmp_path):
+    from videotuna.utils.common_utils import instantiate_from_config
+
+    config = _videotuna_yaml(vc2_files, tiny_dataset, tmp_path, "t2v_turbo")
+    flow = instantiate_from_config(config.flow, resolve=True)
+    flow.from_pretrained(config.train.ckpt, None, None)
+    captions = ["a red ball", "a blue cube"]
+    pixel_batch = {"caption": captions, "winner": torch.zeros(2, 3, 4, 32, 48)}
+    logged = flow.log_images(pixel_batch, ddim_steps=2, unconditional_guidance_scale=7.5)
+    assert logged["condition"] == captions
+    samples = logged["samples"]
+    assert samples.shape == (2, 3, 4, 32, 48)
+    assert samples.min() >= -1 and samples.max() <= 1 and samples.std() > 0
+    # The policy's own sampler with the same seed: log_images is the policy's samples mapped to [-1, 1].
+    direct = flow.backend.generate(captions, num_frames=4, height=32, width=48, steps=2, guidance=7.5)
+    assert torch.allclose(samples, direct.permute(0, 2, 1, 3, 4) * 2 - 1)
+    latent_batch = {"caption": captions[:1], "winner_latents": torch.zeros(1, 4, 4, 4, 4)}
+    default = flow.log_images(latent_batch, ddim_steps=2)["samples"]
+    frames, (h, w) = flow.inner.temporal_length, flow.inner.image_size
+    assert default.shape == (1, 3, frames, h * 8, w * 8)

@@ -120,11 +120,17 @@ class DPOFlow(pl.LightningModule):
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], split: str = "train", ddim_steps: int | None = None,
                    unconditional_guidance_scale: float | None = None, **kwargs: Any) -> dict[str, Any]:
-        """For the host's ImageLogger: the batch's captions sampled by the policy, ``[B, C, F, H, W]`` in [-1, 1]."""
+        """For the host's ImageLogger: the batch's captions sampled by the policy, ``[B, C, F, H, W]`` in [-1, 1].
+
+        A pixel batch (``winner`` ``[B, C, F, H, W]``) sets the size; a latent-cache batch has no pixels,
+        so the model's own default size is sampled.
+        """
         captions = list(batch["caption"])
         options = {k: v for k, v in (("steps", ddim_steps), ("guidance", unconditional_guidance_scale)) if v is not None}
-        videos = self.backend.generate(captions, num_frames=batch["winner"].shape[2],
-                                       height=batch["winner"].shape[3], width=batch["winner"].shape[4], **options)
+        if "winner" in batch:
+            _, _, frames, height, width = batch["winner"].shape
+            options.update(num_frames=frames, height=height, width=width)
+        videos = self.backend.generate(captions, **options)
         return {"samples": videos.permute(0, 2, 1, 3, 4) * 2 - 1, "condition": captions}
 
 
