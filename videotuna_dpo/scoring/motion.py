@@ -175,7 +175,9 @@ class MotionSmoothness(BaseScorer):
         self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
         if self.flow.weights:
             self.weights_used["raft"] = str(self.flow.weights)
-        self.version = f"vbench-motion_smoothness-1/flow-interp-{self.flow.label}"
+        # RAFT flow is 2 since RAFT runs with VBench's padding and input scaling (shared with dynamic_degree).
+        revision = 2 if self.flow.method == "raft" else 1
+        self.version = f"vbench-motion_smoothness-{revision}/flow-interp-{self.flow.label}"
 
     def midframes(self, frames: np.ndarray) -> np.ndarray:
         """uint8 ``[F, H, W, 3]`` -> uint8 ``[ceil(F/2)-1, H, W, 3]``: frames between neighbouring even frames."""
