@@ -182,8 +182,9 @@ class OverallConsistency(BaseScorer):
         idx = middle_frame_indices(cfg.num_frames, videos.shape[1], pad=True)
         b = videos.shape[0]
         frames = clip_preprocess(videos[:, idx].reshape(b * len(idx), *videos.shape[2:]), cfg.image_size, uint8_resize=True)
+        clips_per_pass = max(1, self.frame_chunk // len(idx))  # frame_chunk counts frames, as elsewhere
         video = torch.cat([self.viclip.encode_video(c)
-                           for c in frames.reshape(b, len(idx), *frames.shape[1:]).split(self.frame_chunk)])
+                           for c in frames.reshape(b, len(idx), *frames.shape[1:]).split(clips_per_pass)])
         text = self.viclip.encode_text(self.tokenizer(list(prompts)).to(self.device))
         return (video * text).sum(-1).double()
 
