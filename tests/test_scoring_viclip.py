@@ -76,6 +76,8 @@ def test_overall_consistency_scores_a_file_as_vbench_does(reference, small_check
     both = scorer(torch.cat([clip, clip.flip(1)]), [PROMPTS[0], PROMPTS[1]])
     assert both[0].item() == pytest.approx(got.item(), abs=1e-6)
     assert both[1].item() == pytest.approx(scorer(clip.flip(1), [PROMPTS[1]]).item(), abs=1e-6)
+    one_clip_per_pass = OverallConsistency(device="cpu", viclip_weights=str(small_checkpoint), frame_chunk=8)
+    assert torch.allclose(one_clip_per_pass(torch.cat([clip, clip.flip(1)]), [PROMPTS[0], PROMPTS[1]]), both, atol=1e-6)
     # A clip shorter than 8 frames repeats its last frame (VBench's reader), ViCLIP always sees 8.
     short = clip[:, :5]
     padded = clip[:, [0, 1, 2, 3, 4, 4, 4, 4]]
