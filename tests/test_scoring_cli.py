@@ -95,6 +95,9 @@ def test_score_writes_a_record_per_video_and_failure_lines(video_dir, plugin_sit
                           capture_output=True, text=True, env=env_with(plugin_site))
     assert proc.returncode == 0, proc.stderr
     assert "scored 5, failed 2, skipped 0" in proc.stdout
+    # Before scoring, each dimension's backend and weights are named.
+    assert "  dynamic_degree: vbench-dynamic_degree-2/opencv-dis-medium [no weights]" in proc.stderr
+    assert "  imaging_quality: imaging_quality-niqe-proxy-1 [niqe_params=" in proc.stderr
     records = {Path(r["path"]).name: r for r in lines_of(out)}
     assert sorted(records) == ["clip0.mp4", "clip1.mp4", "clip2.mp4", "clip3.mp4", "clip4.mp4", "corrupt.mp4", "short.mp4"]
     assert records["corrupt.mp4"]["status"] == "failed" and "cannot decode" in records["corrupt.mp4"]["reason"]

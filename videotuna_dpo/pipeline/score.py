@@ -356,8 +356,12 @@ def score_videos(
     retry_failed: bool = False,
     progress: bool = True,
     registry=None,
+    announce: bool = False,
 ) -> dict:
-    """Score videos into ``out`` (JSONL); returns ``{"scored", "failed", "skipped", "recovered_bytes", "out"}``."""
+    """Score videos into ``out`` (JSONL); returns ``{"scored", "failed", "skipped", "recovered_bytes", "out"}``.
+
+    ``announce`` prints each scorer's backend and weight files to stderr before scoring (the CLI does).
+    """
     import torch
     from tqdm import tqdm
 
@@ -376,6 +380,8 @@ def score_videos(
     models = build_scorers(names, device, options or {}, registry)
     config = omniscore_config(models, weights)
     described = {name: _describe(s) for name, s in models.items()}
+    if announce:  # before a long run, say which model scores each dimension
+        print("\n".join(["scorers:", *backend_lines(described)]), file=sys.stderr)
     min_frames = max([int(getattr(s, "min_frames", 1)) for s in models.values()] + [1])
 
     store = ScoresFile(out)
@@ -480,6 +486,16 @@ RAFT and AMT options) read local files from $VIDEOTUNA_WEIGHTS or --option SCORE
 """
 
 
+def backend_lines(described: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per scorer: its version (which backend) and the weight files it loaded."""
+    lines = []
+    for name, d in described.items():
+        files = d.get("weights")
+        used = ", ".join(f"{k}={v}" for k, v in files.items()) if isinstance(files, Mapping) else (files or "no weights")
+        lines.append(f"  {name}: {d.get('version')} [{used}]")
+    return lines
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     summary = score_videos(
         videos=args.videos,
@@ -492,6 +508,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         weights=parse_weights(args.weight),
         retry_failed=args.retry_failed,
         progress=not args.no_progress,
+        announce=True,
     )
     print(
         f"scored {summary['scored']}, failed {summary['failed']}, skipped {summary['skipped']} "
