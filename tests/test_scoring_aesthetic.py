@@ -15,7 +15,7 @@ import torch
 from tests.fixtures.make_aesthetic_reference import CLIP_SEED, HEAD_SEED, SCALE, SMALL_CLIP
 from tests.fixtures.reference_weights import fill_deterministic
 from videotuna_dpo.data.video_io import read_video
-from videotuna_dpo.scoring.clip_scorers import AestheticQuality
+from videotuna_dpo.scoring.clip_scorers import AestheticQuality, is_torchscript_archive
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = "videotuna-test-vbench-small-clip"
@@ -41,3 +41,32 @@ def test_aesthetic_quality_equals_vbench_on_openai_clip_code(tmp_path):
     video = read_video(FIXTURES / "musiq_clip.mp4").float().div(255)
     expected = float(np.load(FIXTURES / "aesthetic_reference.npz")["score"])
     assert scorer(video[None], ["unused"]).item() == pytest.approx(expected, abs=1e-6)
+
+    # OpenAI ships ViT-L-14.pt as a TorchScript archive (with its sizes as extra buffers): same weights, same score.
+    state = torch.load(tmp_path / "clip.pt")
+    state["input_resolution"] = torch.tensor(image)
+    archive = torch.jit.script(_module_holding(state))
+    archive.save(str(tmp_path / "clip_jit.pt"))
+    assert is_torchscript_archive(tmp_path / "clip_jit.pt") and not is_torchscript_archive(tmp_path / "clip.pt")
+    from_jit = AestheticQuality(device="cpu", clip_weights=str(tmp_path / "clip_jit.pt"),
+                                head_weights=str(tmp_path / "head.pth"), model_name=MODEL)
+    assert from_jit(video[None], ["unused"]).item() == pytest.approx(expected, abs=1e-6)
+
+
+class _Root(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _module_holding(state: dict) -> torch.nn.Module:
+    """A scriptable module whose state dict is ``state`` (nested submodules, tensors as buffers)."""
+    root = _Root()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not hasattr(module, name):
+                setattr(module, name, torch.nn.Module())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value.clone())
+    return root

@@ -38,9 +38,26 @@ def load_clip(model_name: str, path: Path, device: torch.device) -> torch.nn.Mod
     key = (model_name, str(path), str(device))
     if key not in _LOADED:
         model = open_clip.create_model(model_name, pretrained=None)
-        open_clip.load_checkpoint(model, str(path), weights_only=False)
+        if is_torchscript_archive(path):  # OpenAI's ViT-L-14.pt
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+            if "logit_scale" in state:
+                state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+            model.load_state_dict(state, strict=True)
+        else:  # a state dict: tensors only, nothing unpickled
+            open_clip.load_checkpoint(model, str(path), weights_only=True)
         _LOADED[key] = model.eval().to(device)
     return _LOADED[key]
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript zip (it carries ``code/``), read with ``torch.jit.load``, not unpickled."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
 
 
 def clip_preprocess(frames: torch.Tensor, size: int, uint8_resize: bool = False) -> torch.Tensor:
