@@ -79,11 +79,11 @@ def test_subject_consistency_runs_on_a_random_vit_from_the_weights_dir(weights_d
     videos = video_batch()
     scores = scorer(videos, ["a", "b"])
     assert scores[0].item() == pytest.approx(1.0, abs=1e-6)  # identical frames
-    feats = dino_features(scorer.model, dino_preprocess(videos[1], 224, 16)).reshape(1, 5, -1)
+    feats = dino_features(scorer.model, dino_preprocess(videos[1], 224)).reshape(1, 5, -1)
     assert scores[1].item() == pytest.approx(consistency_from_features(feats).item(), abs=1e-6)
     assert scores[1].item() < 1.0
-    # 40x48 -> short side 224 -> 224x268 (torchvision truncates), cut to whole 16 px patches.
-    assert dino_preprocess(videos[0], 224, 16).shape[-2:] == (224, 256)
+    # 40x48 -> short side 224 -> 224x268 (torchvision truncates int(224 * 48 / 40) = 268).
+    assert dino_preprocess(videos[0], 224).shape[-2:] == (224, 268)
     # On a square input of the trained size the features are timm's own forward.
     square = torch.rand(2, 3, 224, 224)
     assert torch.allclose(dino_features(scorer.model, square), scorer.model(square), atol=1e-5)
@@ -107,7 +107,7 @@ def test_overall_consistency_is_text_video_cosine_over_eight_middle_frames(weigh
     scorer = OverallConsistency(device="cpu", model_name=TINY_CLIP)
     assert scorer.kind == "semantic"
     # Loaded once per process: aesthetic_quality and overall_consistency share the CLIP model.
-    assert scorer.backend == "clip" and scorer.version == f"overall_consistency-clip-1/{TINY_CLIP}"
+    assert scorer.backend == "clip" and scorer.version == f"overall_consistency-clip-2/{TINY_CLIP}"
     assert scorer.clip.model is AestheticQuality(device="cpu", model_name=TINY_CLIP).model
     assert middle_frame_indices(8, 16) == [0, 2, 4, 6, 8, 10, 12, 14]
     assert middle_frame_indices(8, 5) == [0, 1, 2, 3, 4]
@@ -173,3 +173,40 @@ def test_dynamic_degree_with_raft_from_a_local_checkpoint(tmp_path):
     mags, (h, w), n = scorer.pair_magnitudes(torch.rand(3, 3, 60, 68))
     assert mags.shape == (2,) and (h, w, n) == (60, 68, 3)
     assert bool((mags >= 0).all())
+
+
+def test_options_the_chosen_backend_ignores_are_refused(tmp_path, monkeypatch):
+    from videotuna_dpo.scoring.motion import MotionSmoothness
+
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    with pytest.raises(UserError, match=r"imaging_quality: option\(s\) musiq_weights do not apply to the 'niqe'"):
+        ImagingQuality(device="cpu", backend="niqe", musiq_weights="/some/musiq.pth")
+    with pytest.raises(UserError, match=r"overall_consistency: option\(s\) viclip_weights do not apply to the 'clip'"):
+        OverallConsistency(device="cpu", backend="clip", viclip_weights="/some/viclip.pth")
+    with pytest.raises(UserError, match=r"motion_smoothness: option\(s\) amt_max_pairs do not apply to the 'flow'"):
+        MotionSmoothness(device="cpu", amt_max_pairs=4)  # auto without AMT-S weights: flow
+    # An explicit AMT-S file makes auto pick AMT-S (and a missing one is then an error, not ignored).
+    with pytest.raises(MissingWeightsError, match=r"motion_smoothness: weights file /nope/amt-s\.pth"):
+        MotionSmoothness(device="cpu", amt_weights="/nope/amt-s.pth")
+
+
+def test_weight_files_that_pickle_objects_or_are_corrupt_are_refused_naming_scorer_and_file(tmp_path, monkeypatch):
+    import argparse
+
+    monkeypatch.delenv("VIDEOTUNA_TRUST_WEIGHTS", raising=False)
+    dino = tmp_path / "dino.pth"
+    timm_state = __import__("timm").create_model(TINY_DINO, pretrained=False, num_classes=0).state_dict()
+    torch.save({"model": timm_state, "args": argparse.Namespace(arch="vit")}, dino)
+    with pytest.raises(UserError, match=r"subject_consistency: .*dino\.pth: this checkpoint holds pickled Python "
+                                        r"objects .*set VIDEOTUNA_TRUST_WEIGHTS=1"):
+        SubjectConsistency(device="cpu", weights=str(dino), model_name=TINY_DINO)
+    monkeypatch.setenv("VIDEOTUNA_TRUST_WEIGHTS", "1")  # the user vouches for the file
+    assert SubjectConsistency(device="cpu", weights=str(dino), model_name=TINY_DINO).weights_used["dino"] == str(dino)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(dino.read_bytes()[:200])
+    with pytest.raises(UserError, match=r"subject_consistency: .*broken\.pth: not a readable checkpoint"):
+        SubjectConsistency(device="cpu", weights=str(broken), model_name=TINY_DINO)
+    with pytest.raises(UserError, match=r"overall_consistency: .*broken\.pth: not a readable checkpoint"):
+        OverallConsistency(device="cpu", viclip_weights=str(broken))
+    with pytest.raises(UserError, match=r"aesthetic_quality: cannot load .*broken\.pth as open_clip's"):
+        AestheticQuality(device="cpu", clip_weights=str(broken), head_weights=str(dino))

@@ -50,7 +50,7 @@ def test_musiq_scores_a_file_as_vbench_does(musiq_checkpoint, monkeypatch, tmp_p
     (tmp_path / MUSIQ_FILE).symlink_to(musiq_checkpoint)
     monkeypatch.setenv("VIDEOTUNA_WEIGHTS", str(tmp_path))
     scorer = ImagingQuality(device="cpu")  # auto: the checkpoint is in the weights directory
-    assert scorer.backend == "musiq" and scorer.version == "vbench-imaging_quality-1/musiq-spaq"
+    assert scorer.backend == "musiq" and scorer.version == "vbench-imaging_quality-2/musiq-spaq"
     video = read_video(FIXTURES / "musiq_clip.mp4").float().div(255)
     expected = float(np.load(FIXTURES / "musiq_reference.npz")["score"])
     got = scorer(video[None], ["unused"]).item()

@@ -14,10 +14,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def _default_mode() -> int:
-    umask = os.umask(0)
+def _current_umask() -> int:
+    """The process umask, read from /proc where possible: setting it to read it (the portable way)
+    briefly changes it for every thread."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _default_mode() -> int:
+    return 0o666 & ~_current_umask()
 
 
 @contextlib.contextmanager

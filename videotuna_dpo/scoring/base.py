@@ -128,18 +128,35 @@ def pick_backend(scorer: str, option: str, value: str, choices: Sequence[str], e
     return with_weights if explicit or in_weights_dir(relative) else without
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file (unwrapping ``state_dict``/``model`` keys)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+TRUST_ENV = "VIDEOTUNA_TRUST_WEIGHTS"
 
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+
+def reject_unused(scorer: str, backend: str, **options: tuple[object, object]) -> None:
+    """Refuse options set away from their default (``name=(value, default)``) that ``backend`` does not use."""
+    unused = sorted(name for name, (value, default) in options.items() if value != default)
+    if unused:
+        raise UserError(f"{scorer}: option(s) {', '.join(unused)} do not apply to the {backend!r} backend; "
+                        f"leave them out or pick the backend that uses them")
+
+
+def load_state_dict(path: Path, scorer: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (unwrapping ``state_dict``/``model`` keys).
+
+    Tensors only: a file that also pickles Python objects is refused unless ``$VIDEOTUNA_TRUST_WEIGHTS=1``.
+    Unreadable files are a :class:`UserError` naming ``scorer`` and the file.
+    """
+    from videotuna_dpo.models.checkpoint_io import load_weights
+
+    try:
+        obj = load_weights(path, TRUST_ENV, trusted=os.environ.get(TRUST_ENV) == "1",
+                           how_to_trust=f"set {TRUST_ENV}=1")
+    except UserError as exc:
+        raise type(exc)(f"{scorer}: {exc}" if scorer else str(exc)) from None
     for key in ("state_dict", "model", "params"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise UserError(f"{scorer + ': ' if scorer else ''}{path}: expected a state dict, found {type(obj).__name__}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 

@@ -13,12 +13,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from videotuna_dpo.errors import UserError
 from videotuna_dpo.scoring.base import (
     WEIGHTS_ENV,
     BaseScorer,
     find_weights,
     load_state_dict,
     pick_backend,
+    reject_unused,
     to_uint8_levels,
 )
 
@@ -31,21 +33,27 @@ CLIP_WHAT = "the CLIP ViT-L/14 checkpoint (OpenAI's ViT-L-14.pt, or an open_clip
 _LOADED: dict[tuple[str, str, str], torch.nn.Module] = {}
 
 
-def load_clip(model_name: str, path: Path, device: torch.device) -> torch.nn.Module:
+def load_clip(model_name: str, path: Path, device: torch.device, scorer: str = "clip") -> torch.nn.Module:
     """An open_clip model built from ``model_name`` with the weights at ``path``; loaded once per process."""
     import open_clip
 
     key = (model_name, str(path), str(device))
     if key not in _LOADED:
         model = open_clip.create_model(model_name, pretrained=None)
-        if is_torchscript_archive(path):  # OpenAI's ViT-L-14.pt
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-            state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-            if "logit_scale" in state:
-                state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-            model.load_state_dict(state, strict=True)
-        else:  # a state dict: tensors only, nothing unpickled
-            open_clip.load_checkpoint(model, str(path), weights_only=True)
+        try:
+            if is_torchscript_archive(path):  # OpenAI's ViT-L-14.pt
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+                state = {k: v for k, v in state.items()
+                         if k not in ("input_resolution", "context_length", "vocab_size")}
+                if "logit_scale" in state:
+                    state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+                model.load_state_dict(state, strict=True)
+            else:  # a state dict: tensors only, nothing unpickled
+                open_clip.load_checkpoint(model, str(path), weights_only=True)
+        except Exception as exc:  # unreadable file, pickled objects, other architecture
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"{scorer}: cannot load {path} as open_clip's {model_name} "
+                            f"({type(exc).__name__}: {first})") from None
         _LOADED[key] = model.eval().to(device)
     return _LOADED[key]
 
@@ -99,7 +107,7 @@ class _ClipScorer(BaseScorer):
     def __init__(self, device: str | None, clip_weights: str | None, model_name: str, frame_chunk: int):
         super().__init__(device)
         path = find_weights(self.name, clip_weights, CLIP_FILE, CLIP_WHAT, "clip_weights")
-        self.model = load_clip(model_name, path, self.device)
+        self.model = load_clip(model_name, path, self.device, self.name)
         self.image_size = self.model.visual.image_size
         self.image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
         self.model_name = model_name
@@ -133,7 +141,7 @@ class AestheticQuality(_ClipScorer):
         self.head.load_state_dict(state)
         self.head.eval().to(self.device)
         self.weights_used["aesthetic_head"] = str(head_path)
-        self.version = f"vbench-aesthetic_quality-1/{model_name}+laion-linear"
+        self.version = f"vbench-aesthetic_quality-2/{model_name}+laion-linear"  # 2: VBench's resize
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         b, f = videos.shape[:2]
@@ -170,18 +178,24 @@ class OverallConsistency(BaseScorer):
         self.num_frames = num_frames
         self.frame_chunk = frame_chunk
         if backend == "viclip":
+            reject_unused(self.name, backend, clip_weights=(clip_weights, None),
+                          model_name=(model_name, "ViT-L-14-quickgelu"), num_frames=(num_frames, 8))
             self.weights_hint = f"viclip_weights or ${WEIGHTS_ENV}/{VICLIP_FILE}"
             path = find_weights(self.name, viclip_weights, VICLIP_FILE, VICLIP_WHAT, "viclip_weights")
-            self.viclip = _load_viclip_once(path, self.device)
+            try:
+                self.viclip = _load_viclip_once(path, self.device)
+            except UserError as exc:
+                raise UserError(f"{self.name}: {exc}") from None
             self.tokenizer = _viclip_tokenizer(self.viclip.cfg.context_length)
             self.weights_used["viclip"] = str(path)
             self.version = "vbench-overall_consistency-1/viclip"
         else:
+            reject_unused(self.name, backend, viclip_weights=(viclip_weights, None))
             self.weights_hint = (f"clip_weights or ${WEIGHTS_ENV}/{CLIP_FILE} "
                                  f"(ViCLIP, VBench's model: viclip_weights or ${WEIGHTS_ENV}/{VICLIP_FILE})")
             self.clip = _FrameClip(self.name, device, clip_weights, model_name, frame_chunk)
             self.weights_used.update(self.clip.weights_used)
-            self.version = f"overall_consistency-clip-1/{model_name}"
+            self.version = f"overall_consistency-clip-2/{model_name}"  # 2: VBench's resize
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if self.backend == "viclip":

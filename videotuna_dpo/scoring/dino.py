@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from videotuna_dpo.errors import UserError
 from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, load_state_dict, to_uint8_levels
 
 DINO_FILE = "dino/dino_vitbase16_pretrain.pth"
@@ -23,32 +24,31 @@ def consistency_from_features(feats: torch.Tensor) -> torch.Tensor:
     return ((prev + first) / 2).mean(dim=1)
 
 
-def dino_preprocess(frames: torch.Tensor, resolution: int = 224, patch: int = 16) -> torch.Tensor:
+def dino_preprocess(frames: torch.Tensor, resolution: int = 224) -> torch.Tensor:
     """``[N, 3, H, W]`` in [0, 1] -> VBench's ``dino_transform``: short side to ``resolution``, ImageNet-normalised.
 
     As VBench: 8-bit levels (float), torchvision's bilinear resize without antialias (long side
-    ``int(resolution * long / short)``), /255. Sides are then cut to whole patches: the pixels DINO's
-    stride-16 patch embedding never sees.
+    ``int(resolution * long / short)``), /255. :func:`dino_features` drops the pixels past the last
+    whole patch, which DINO's stride-16 patch embedding never sees.
     """
     from torchvision.transforms import functional as TF
 
     x = TF.resize(to_uint8_levels(frames), resolution, antialias=False) / 255.0
-    h, w = x.shape[-2:]
-    x = x[..., : h - h % patch, : w - w % patch]
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def dino_position_embedding(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def dino_position_embedding(pos_embed: torch.Tensor, rows: int, cols: int, square_image: bool = True) -> torch.Tensor:
     """DINO's position embedding for a ``rows x cols`` patch grid: ``[1, 1 + rows*cols, D]``.
 
     DINO (and so VBench) resizes the square grid bicubically by the scale factors
     ``(rows + 0.1) / side`` and ``(cols + 0.1) / side``; timm's resize by target size differs
-    slightly, so this follows DINO. A square input of the trained size keeps the table as it is.
+    slightly, so this follows DINO. Only a square image (in pixels, before the patch cut) with the
+    trained grid keeps the table as it is: DINO resamples a 224x238 image's 14x14 grid too.
     """
     side = int(math.sqrt(pos_embed.shape[1] - 1))
-    if rows == side and cols == side:
+    if rows == side and cols == side and square_image:
         return pos_embed
     grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
@@ -59,10 +59,12 @@ def dino_position_embedding(pos_embed: torch.Tensor, rows: int, cols: int) -> to
 
 def dino_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """A timm DINO ViT's class-token features ``[N, D]`` with DINO's position-embedding interpolation."""
-    tokens = model.patch_embed(images)  # [N, rows, cols, D] (dynamic_img_size)
+    h, w = images.shape[-2:]
+    patch = model.patch_embed.patch_size[0]
+    tokens = model.patch_embed(images[..., : h - h % patch, : w - w % patch])  # [N, rows, cols, D]
     n, rows, cols, dim = tokens.shape
     x = torch.cat([model.cls_token.expand(n, -1, -1), tokens.reshape(n, rows * cols, dim)], dim=1)
-    x = model.pos_drop(x + dino_position_embedding(model.pos_embed, rows, cols))
+    x = model.pos_drop(x + dino_position_embedding(model.pos_embed, rows, cols, square_image=h == w))
     x = model.norm(model.blocks(model.norm_pre(x)))
     return x[:, 0]
 
@@ -87,17 +89,20 @@ class SubjectConsistency(BaseScorer):
             "or timm's vit_base_patch16_224.dino model.safetensors)", "weights",
         )
         self.model = timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True)
-        self.model.load_state_dict(load_state_dict(path))
+        try:
+            self.model.load_state_dict(load_state_dict(path, self.name))
+        except RuntimeError as exc:
+            raise UserError(f"{self.name}: {path} does not fit timm's {model_name}: "
+                            f"{str(exc).splitlines()[0]}") from None
         self.model.eval().to(self.device)
-        self.patch = self.model.patch_embed.patch_size[0]
         self.resolution = resolution
         self.frame_chunk = frame_chunk
         self.weights_used["dino"] = str(path)
-        self.version = f"vbench-subject_consistency-1/{model_name}"
+        self.version = f"vbench-subject_consistency-2/{model_name}"  # 2: DINO's position interpolation
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         b, f = videos.shape[:2]
         frames = videos.reshape(b * f, *videos.shape[2:])
-        feats = [dino_features(self.model, dino_preprocess(c, self.resolution, self.patch))
+        feats = [dino_features(self.model, dino_preprocess(c, self.resolution))
                  for c in frames.split(self.frame_chunk)]
         return consistency_from_features(torch.cat(feats).reshape(b, f, -1))

@@ -19,6 +19,7 @@ from videotuna_dpo.scoring.base import (
     find_weights,
     load_state_dict,
     pick_backend,
+    reject_unused,
     to_uint8_levels,
 )
 from videotuna_dpo.scoring.niqe import fit_for_niqe, luminance, niqe, pristine_model
@@ -60,6 +61,8 @@ class ImagingQuality(BaseScorer):
                  frame_chunk: int = 32):
         super().__init__(device)
         backend = pick_backend(self.name, "backend", backend, BACKENDS, musiq_weights, MUSIQ_FILE, "musiq", "niqe")
+        if backend == "niqe":
+            reject_unused(self.name, backend, musiq_weights=(musiq_weights, None))
         self.backend = backend
         self.frame_chunk = frame_chunk
         if backend == "musiq":
@@ -82,13 +85,13 @@ class ImagingQuality(BaseScorer):
         # pyiqa's own loader unpickles (weights_only=False); read the tensors safely and load strictly.
         model = MUSIQ(pretrained=False)
         try:
-            model.load_state_dict(load_state_dict(path), strict=True)
+            model.load_state_dict(load_state_dict(path, self.name), strict=True)
         except RuntimeError as exc:
             raise UserError(f"{self.name}: {path} is not a MUSIQ (SPAQ) checkpoint for pyiqa's MUSIQ: "
                             f"{str(exc).splitlines()[0]}") from None
         self._musiq = model.eval().to(self.device)
         self.weights_used["musiq"] = str(path)
-        self.version = "vbench-imaging_quality-1/musiq-spaq"
+        self.version = "vbench-imaging_quality-2/musiq-spaq"  # 2: VBench's resize
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         b, f = videos.shape[:2]

@@ -5,7 +5,8 @@ run here on OpenCV DIS flow, so they need no weights; RAFT runs from a local tor
 (``flow="raft"``). ``motion_smoothness`` with ``interpolator="amt"`` runs VBench's own interpolator,
 AMT-S (``scoring/amt.py``, our implementation of the network), from the released ``amt-s.pth``
 (option ``amt_weights`` or ``$VIDEOTUNA_WEIGHTS/amt/amt-s.pth``) and reproduces VBench's score;
-``interpolator="auto"`` takes AMT-S when that file is in the weights directory, else the flow one.
+``interpolator="auto"`` (the default) takes AMT-S when that file is given or in the weights directory,
+else the flow one.
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from videotuna_dpo.errors import UserError
 from videotuna_dpo.scoring.amt import AMT_FILE, AMTS, frame_size_problem, midframes_uint8, shared_amt
-from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, pick_backend, to_uint8_levels
+from videotuna_dpo.scoring.base import (
+    WEIGHTS_ENV,
+    BaseScorer,
+    find_weights,
+    pick_backend,
+    reject_unused,
+    to_uint8_levels,
+)
 from videotuna_dpo.scoring.flow import FlowEstimator, resize_for_flow, warp
 
 
@@ -143,21 +150,24 @@ class MotionSmoothness(BaseScorer):
     MAE against the odd frames. VBench may shrink frames on a GPU whose memory it deems too small
     (only for frames of millions of pixels); here frames always run at full size, as VBench does on CPU.
     Frames under 113 px a side (where VBench's AMT-S yields NaN) are refused (:meth:`unscorable`).
-    ``interpolator="flow"`` (default) approximates it with optical flow and needs no weights.
+    ``interpolator="flow"`` (what ``auto`` picks without AMT-S weights) approximates it with optical flow.
     """
 
     name = "motion_smoothness"
     kind = "quality"
     min_frames = 3
 
-    def __init__(self, device: str | None = None, interpolator: str = "flow", flow: str = "dis",
+    def __init__(self, device: str | None = None, interpolator: str = "auto", flow: str = "dis",
                  raft_weights: str | None = None, raft_iters: int = 20, amt_weights: str | None = None,
                  amt_max_pairs: int | None = None):
         super().__init__(device)
-        if interpolator == "amt" and (flow != "dis" or raft_weights):
-            raise UserError(f"{self.name}: the options flow and raft_weights apply to interpolator='flow', not 'amt'")
         interpolator = pick_backend(self.name, "interpolator", interpolator, INTERPOLATORS, amt_weights, AMT_FILE,
                                     "amt", "flow")
+        if interpolator == "amt":
+            reject_unused(self.name, interpolator, flow=(flow, "dis"), raft_weights=(raft_weights, None),
+                          raft_iters=(raft_iters, 20))
+        else:
+            reject_unused(self.name, interpolator, amt_weights=(amt_weights, None), amt_max_pairs=(amt_max_pairs, None))
         self.interpolator = interpolator
         self.flow: FlowEstimator | None = None
         self.amt: AMTS | None = None
