@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from videotuna_dpo.errors import UserError
+from videotuna_dpo.errors import UserError, first_line
 
 
 class UntrustedCheckpointError(UserError):
@@ -32,7 +32,7 @@ def load_weights(path: str | Path, trust_switch: str, trusted: bool = False, how
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "can still be loaded" not in str(exc):  # torch's wording when only non-tensor objects are in the way
-            raise UserError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
+            raise UserError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
         if not trusted:
             how = how_to_trust or f"set `{trust_switch}=true` in the config (or on the command line)"
             raise UntrustedCheckpointError(
@@ -41,8 +41,4 @@ def load_weights(path: str | Path, trust_switch: str, trusted: bool = False, how
             ) from None
         return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated zip, bad header, ...
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first_line(exc)})") from None

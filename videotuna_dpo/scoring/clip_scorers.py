@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from videotuna_dpo.errors import UserError
+from videotuna_dpo.errors import UserError, first_line
 from videotuna_dpo.scoring.base import (
     WEIGHTS_ENV,
     BaseScorer,
@@ -51,9 +51,8 @@ def load_clip(model_name: str, path: Path, device: torch.device, scorer: str = "
             else:  # a state dict: tensors only, nothing unpickled
                 open_clip.load_checkpoint(model, str(path), weights_only=True)
         except Exception as exc:  # unreadable file, pickled objects, other architecture
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise UserError(f"{scorer}: cannot load {path} as open_clip's {model_name} "
-                            f"({type(exc).__name__}: {first})") from None
+                            f"({type(exc).__name__}: {first_line(exc)})") from None
         _LOADED[key] = model.eval().to(device)
     return _LOADED[key]
 

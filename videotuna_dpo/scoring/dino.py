@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from videotuna_dpo.errors import UserError
+from videotuna_dpo.errors import UserError, first_line
 from videotuna_dpo.scoring.base import WEIGHTS_ENV, BaseScorer, find_weights, load_state_dict, to_uint8_levels
 
 DINO_FILE = "dino/dino_vitbase16_pretrain.pth"
@@ -93,7 +93,7 @@ class SubjectConsistency(BaseScorer):
             self.model.load_state_dict(load_state_dict(path, self.name))
         except RuntimeError as exc:
             raise UserError(f"{self.name}: {path} does not fit timm's {model_name}: "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{first_line(exc)}") from None
         self.model.eval().to(self.device)
         self.resolution = resolution
         self.frame_chunk = frame_chunk

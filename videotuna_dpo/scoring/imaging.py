@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from videotuna_dpo.errors import UserError
+from videotuna_dpo.errors import UserError, first_line
 from videotuna_dpo.scoring.base import (
     WEIGHTS_ENV,
     BaseScorer,
@@ -88,7 +88,7 @@ class ImagingQuality(BaseScorer):
             model.load_state_dict(load_state_dict(path, self.name), strict=True)
         except RuntimeError as exc:
             raise UserError(f"{self.name}: {path} is not a MUSIQ (SPAQ) checkpoint for pyiqa's MUSIQ: "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{first_line(exc)}") from None
         self._musiq = model.eval().to(self.device)
         self.weights_used["musiq"] = str(path)
         self.version = "vbench-imaging_quality-2/musiq-spaq"  # 2: VBench's resize
