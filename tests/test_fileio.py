@@ -1,4 +1,4 @@
-"""Atomic writes: all-or-nothing, no temporary files left behind, ordinary permissions."""
+"""File I/O: atomic writes (all-or-nothing, no temporaries left, ordinary permissions); unreadable weight files."""
 
 import os
 import stat
@@ -36,3 +36,13 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     with pytest.raises(ValueError):  # NaN is refused before anything is replaced
         write_json_atomic(target, {"x": float("nan")})
     assert target.read_text() == '{\n "old": true\n}'
+
+
+def test_unreadable_weight_files_are_named_whatever_their_format(tmp_path):
+    from videotuna_dpo.errors import UserError
+    from videotuna_dpo.models.checkpoint_io import load_weights
+
+    for name in ("broken.safetensors", "broken.pth"):
+        (tmp_path / name).write_bytes(b"xx")
+        with pytest.raises(UserError, match=rf"{name.replace('.', '[.]')}: not a readable checkpoint"):
+            load_weights(tmp_path / name, "model.trust_checkpoint")

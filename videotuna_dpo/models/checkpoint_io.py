@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from videotuna_dpo.errors import UserError, first_line
@@ -40,5 +41,5 @@ def load_weights(path: str | Path, trust_switch: str, trusted: bool = False, how
                 f"would run arbitrary code. If you trust the file, {how}."
             ) from None
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated zip, bad header, ...
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as exc:  # truncated zip, bad header, ...
         raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first_line(exc)})") from None

@@ -364,14 +364,7 @@ def load_amt(path: str | Path, device: torch.device | str = "cpu") -> AMTS:
     from videotuna_dpo.scoring.base import load_state_dict
 
     path = Path(path)
-    try:
-        state = load_state_dict(path)
-    except UserError:
-        raise
-    except Exception as exc:  # unpickling refused, truncated file, ...
-        raise UserError(
-            f"{path}: cannot read an AMT-S checkpoint from this file ({type(exc).__name__}: {exc})"
-        ) from exc
+    state = load_state_dict(path)  # unreadable files are a UserError naming the file
     model = AMTS()
     expected = amt_shape_manifest(model)
     missing = sorted(set(expected) - set(state))
