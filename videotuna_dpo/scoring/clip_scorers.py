@@ -23,6 +23,7 @@ from videotuna_dpo.scoring.base import (
     reject_unused,
     to_uint8_levels,
 )
+from videotuna_dpo.scoring.viclip import shared_viclip, viclip_tokenizer
 
 CLIP_FILE = "clip/ViT-L-14.pt"
 AESTHETIC_FILE = "aesthetic/sa_0_4_vit_l_14_linear.pth"
@@ -151,7 +152,6 @@ class AestheticQuality(_ClipScorer):
 VICLIP_FILE = "viclip/ViClip-InternVid-10M-FLT.pth"
 VICLIP_WHAT = "ViCLIP-L/14 (ViClip-InternVid-10M-FLT.pth from OpenGVLab/ViCLIP, the file VBench uses)"
 OVERALL_BACKENDS = ("auto", "viclip", "clip")
-_VICLIP: dict[tuple[str, str], torch.nn.Module] = {}
 
 
 class OverallConsistency(BaseScorer):
@@ -182,10 +182,10 @@ class OverallConsistency(BaseScorer):
             self.weights_hint = f"viclip_weights or ${WEIGHTS_ENV}/{VICLIP_FILE}"
             path = find_weights(self.name, viclip_weights, VICLIP_FILE, VICLIP_WHAT, "viclip_weights")
             try:
-                self.viclip = _load_viclip_once(path, self.device)
+                self.viclip = shared_viclip(path, self.device)
             except UserError as exc:
                 raise UserError(f"{self.name}: {exc}") from None
-            self.tokenizer = _viclip_tokenizer(self.viclip.cfg.context_length)
+            self.tokenizer = viclip_tokenizer(self.viclip.cfg.context_length)
             self.weights_used["viclip"] = str(path)
             self.version = "vbench-overall_consistency-1/viclip"
         else:
@@ -228,18 +228,3 @@ class _FrameClip(_ClipScorer):
         self.name = name
         super().__init__(device, clip_weights, model_name, frame_chunk)
         self.tokenizer = open_clip.get_tokenizer(model_name)
-
-
-def _load_viclip_once(path: Path, device: torch.device) -> torch.nn.Module:
-    from videotuna_dpo.scoring.viclip import load_viclip
-
-    key = (str(path), str(device))
-    if key not in _VICLIP:
-        _VICLIP[key] = load_viclip(path, device)
-    return _VICLIP[key]
-
-
-def _viclip_tokenizer(context_length: int):
-    from videotuna_dpo.scoring.viclip import viclip_tokenizer
-
-    return viclip_tokenizer(context_length)

@@ -155,3 +155,14 @@ def load_viclip(path: Path, device: torch.device | str = "cpu") -> ViCLIP:
     # The text tower's causal mask is a non-persistent buffer: rebuild it off the meta device.
     model.text_encoder.attn_mask = model.text_encoder.build_causal_mask()
     return model.float().eval().to(device)
+
+
+_LOADED: dict[tuple[str, str], ViCLIP] = {}
+
+
+def shared_viclip(path: Path, device: torch.device | str = "cpu") -> ViCLIP:
+    """:func:`load_viclip`, once per process for a given file and device."""
+    key = (str(Path(path).resolve()), str(torch.device(device)))
+    if key not in _LOADED:
+        _LOADED[key] = load_viclip(path, device)
+    return _LOADED[key]
