@@ -440,9 +440,10 @@ def score_videos(
                 bar.update(1)
                 continue
             frames, fps = decoded
-            problem = _unscorable(models, frames.shape)
             if frames.shape[0] < min_frames:
                 problem = f"too short: {frames.shape[0]} frame(s); the scorers need at least {min_frames}"
+            else:
+                problem = _unscorable(models, frames.shape)
             if problem:
                 fail(path, problem)
                 bar.update(1)
