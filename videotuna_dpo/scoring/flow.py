@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.scoring.amt import pad_amounts
 from videotuna_dpo.scoring.base import WEIGHTS_ENV, find_weights, in_weights_dir, load_state_dict
 
 FLOW_METHODS = ("dis", "farneback", "raft")
@@ -141,9 +142,8 @@ def raft_padding(h: int, w: int) -> tuple[tuple[int, int, int, int], tuple[int, 
     before, the rest after. Frames still under :data:`RAFT_MIN_SIDE` (where VBench's RAFT gives NaN)
     are padded further, evenly, to that size.
     """
-    ph, pw = (-h) % 8, (-w) % 8
-    vb = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-    eh, ew = max(0, RAFT_MIN_SIDE - h - ph), max(0, RAFT_MIN_SIDE - w - pw)
+    vb = pad_amounts(h, w, 8)  # the same split as AMT-S's padder
+    eh, ew = max(0, RAFT_MIN_SIDE - h - vb[2] - vb[3]), max(0, RAFT_MIN_SIDE - w - vb[0] - vb[1])
     run = (vb[0] + ew // 2, vb[1] + ew - ew // 2, vb[2] + eh // 2, vb[3] + eh - eh // 2)
     return vb, run
 
