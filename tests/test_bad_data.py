@@ -41,7 +41,7 @@ UNREADABLE = {
     "zero_byte": (_empty, "empty file (0 bytes)"),
     "truncated": (_truncate, "cannot decode"),
     "text_renamed_mp4": (_text, "cannot decode"),
-    "too_few_frames": (_short, "4 frames, but video_length=9 at frame_stride=1 needs 9"),
+    "too_few_frames": (_short, "4 frames, but data.video_length=9 needs at least 9"),
 }
 
 
@@ -59,11 +59,11 @@ def test_unreadable_video_fails_its_training_pair_by_name(dataset, case):
     spoil, reason = UNREADABLE[case]
     bad = _video(dataset, "0_1_bad.mp4")
     spoil(bad)
-    ds = PreferenceVideoDataset(load_pairs(dataset), video_length=9, frame_stride=1, resolution=(32, 32))
-    assert ds[0]["caption"] == CAPTIONS[0] and ds[2]["caption"] == CAPTIONS[2]
-    with pytest.raises(UserError) as info:
-        ds[1]
-    assert f"part0/pair.json row 1: {bad}" in str(info.value) and reason in str(info.value)
+    # Found when the dataset is built (every video's frame count is read then), before any training step.
+    with pytest.raises(DataError) as info:
+        PreferenceVideoDataset(load_pairs(dataset), video_length=9, frame_stride=1, resolution=(32, 32))
+    [problem] = info.value.problems
+    assert f"part0/pair.json row 1: {bad}" in problem and reason in problem
 
 
 @pytest.mark.parametrize("case", sorted(UNREADABLE))

@@ -97,7 +97,8 @@ def test_written_dataset_reads_back_with_identical_pairs_and_weights(loop):
 def test_training_from_the_cache_runs_without_vae_or_text_encoder(loop, tiny_cogvideox):
     root = loop[0]
     index = json.loads((root / "cache" / "index.json").read_text())
-    assert len(index["videos"]) == 6 and len(index["captions"]) == 3 and not index["skipped"]
+    assert len(index["videos"]) == 6 and not index["skipped"]
+    assert sorted(index["captions"]) == sorted(["", *PROMPTS])  # "" for caption dropout
     assert json.loads((root / "run" / "run.json").read_text())["global_step"] == 6
     cfg = OmegaConf.load(CONFIG)
     cfg.data.train_data = str(root / "ds" / "train_data.yaml")

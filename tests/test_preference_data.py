@@ -117,9 +117,47 @@ def test_undecodable_or_short_video_is_an_error_never_a_substitute(dataset):
     with pytest.raises(UserError) as info:
         ds[1]
     assert f"part0/pair.json row 1: {bad}: cannot decode" in str(info.value)
-    short = PreferenceVideoDataset(load_pairs(dataset), video_length=9, frame_stride=2, resolution=(32, 32))
-    with pytest.raises(UserError, match=r"row 0: .*0_0_good.mp4: 9 frames, but video_length=9 at frame_stride=2 needs 17"):
-        short[0]
+    with pytest.raises(UserError, match=r"row 1: .*0_1_bad.mp4: cannot decode"):  # found before training
+        PreferenceVideoDataset(load_pairs(dataset), video_length=9, frame_stride=1, resolution=(32, 32))
+
+
+def test_clips_too_short_for_the_stride_train_at_the_largest_stride_that_fits(tmp_path, capsys):
+    # VC2's own samples: 16 frames, trained as the shipped configs say (16 frames at stride 4 need 61).
+    root = tmp_path / "ds"
+    train_data = write_official_dataset(root, CAPTIONS[:1], frames=16)
+    for name in ("0_0_good", "0_0_bad"):
+        video = torch.stack([torch.full((3, 32, 32), 10 * f, dtype=torch.uint8) for f in range(16)])
+        write_video(root / "part0" / "videos" / f"{name}.mp4", video, lossless=True)
+    dm = PreferenceDataModule.from_config(OmegaConf.create(
+        {"train_data": str(train_data), "video_length": 8, "frame_stride": 4, "resolution": [16, 16]}))
+    dm.setup("fit")
+    assert dm.dataset.strides == [2]  # 8 frames at stride 2 span 15 <= 16; stride 3 would need 22
+    assert "1 of 1 pairs trained at stride 2 instead of 4" in capsys.readouterr().err
+    item = dm.dataset[0]
+    levels = ((item["winner"][0, :, 0, 0] + 1) * 127.5).round().tolist()
+    assert levels == [10 * (item["frame_start"] + 2 * i) for i in range(8)] and item["frame_stride"] == 2
+    with pytest.raises(UserError, match=r"part0/pair.json row 0: .*16 frames, but data.video_length=17 needs at least 17"):
+        PreferenceVideoDataset(load_pairs(train_data), video_length=17, frame_stride=4, resolution=(16, 16))
+
+
+def test_meta_dirs_resolve_against_the_yaml_then_the_working_directory(tmp_path, monkeypatch):
+    from videotuna_dpo.data.preference import DataError, meta_dirs
+
+    # The official configs/vc2_dpo/vidpro/train_data.yaml names dataset/... relative to the working directory.
+    (tmp_path / "dataset" / "vidpro").mkdir(parents=True)
+    (tmp_path / "configs").mkdir()
+    official = tmp_path / "configs" / "train_data.yaml"
+    official.write_text("META:\n  - dataset/vidpro\n")
+    monkeypatch.chdir(tmp_path)
+    assert meta_dirs(official) == [tmp_path / "dataset" / "vidpro"]
+    (tmp_path / "configs" / "dataset" / "vidpro").mkdir(parents=True)  # the yaml's folder wins when both exist
+    assert meta_dirs(official) == [tmp_path / "configs" / "dataset" / "vidpro"]
+    official.write_text("META:\n  - nowhere/vidpro\n")
+    with pytest.raises(DataError) as info:
+        meta_dirs(official)
+    assert (f"META dir nowhere/vidpro not found, neither relative to the yaml's folder "
+            f"({tmp_path / 'configs' / 'nowhere' / 'vidpro'}) nor to the working directory "
+            f"({tmp_path / 'nowhere' / 'vidpro'})") in str(info.value)
 
 
 def test_datamodule_is_registered_and_validates_its_config(dataset):

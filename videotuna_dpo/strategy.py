@@ -22,6 +22,8 @@ class DPOSchema:
     loss_type: str = "sigmoid"  # sigmoid (Diffusion-DPO) | hinge | ipo
     sft_weight: float = 0.0
     share_noise: bool = True  # winner and loser share noise and timestep; false = official code
+    disable_dropout: bool = True  # dropout off in policy and reference: equal at step 0, no noise times beta
+    uncond_prob: float = 0.0  # caption dropout: the pair's caption -> "" with this probability (official VC2: 0.2)
 
 
 @dataclass
@@ -68,19 +70,48 @@ class DPOModule(L.LightningModule):
         super().__init__()
         if dpo.loss_type not in LOSS_TYPES:
             raise UserError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {dpo.loss_type!r}")
+        if not 0.0 <= dpo.uncond_prob < 1.0:
+            raise UserError(f"dpo.uncond_prob must be in [0, 1), got {dpo.uncond_prob}")
         self.backend = backend
         self.dpo = dpo
         self.optim = optimizer
+        if dpo.disable_dropout:
+            disable_dropout(backend)
         # Only trainable tensors go into checkpoints; frozen weights come from model.pretrained.
         self.strict_loading = False
 
     # Latents and conditioning; a latent-cache batch carries them already.
     def _encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
         if "winner_latents" in batch:
-            return batch["winner_latents"], batch["loser_latents"], batch["prompt_embeds"]
-        latents = self.backend.encode_video(torch.cat([batch["winner"], batch["loser"]]))
-        lat_w, lat_l = latents.chunk(2)
-        return lat_w, lat_l, self.backend.encode_prompt(list(batch["caption"]))
+            lat_w, lat_l, cond = batch["winner_latents"], batch["loser_latents"], batch["prompt_embeds"]
+        else:
+            latents = self.backend.encode_video(torch.cat([batch["winner"], batch["loser"]]))
+            lat_w, lat_l = latents.chunk(2)
+            cond = self.backend.encode_prompt(list(batch["caption"]))
+        return lat_w, lat_l, self._drop_captions(batch, cond)
+
+    def _drop_captions(self, batch: dict[str, Any], cond: Any) -> Any:
+        """Caption dropout: each pair's conditioning -> the empty caption's with probability ``uncond_prob``.
+
+        One draw per pair, so its winner and loser (which share ``cond``) are dropped together.
+        """
+        p = self.dpo.uncond_prob
+        if p <= 0:
+            return cond
+        if not isinstance(cond, torch.Tensor):
+            raise UserError(f"dpo.uncond_prob needs tensor prompt conditioning; {type(self.backend).__name__} "
+                            f"gives {type(cond).__name__}: set dpo.uncond_prob=0")
+        drop = torch.rand(cond.shape[0], device=cond.device) < p
+        if not drop.any():
+            return cond
+        if "null_embeds" in batch:  # a latent-cache batch: the empty caption's embedding, cached
+            null = batch["null_embeds"].to(cond)
+        elif "winner_latents" in batch:
+            raise UserError("dpo.uncond_prob > 0 needs the empty caption's embedding in the latent cache, which "
+                            "this cache predates; run `videotuna cache` again on it to add it")
+        else:
+            null = self.backend.encode_prompt([""]).to(cond).expand_as(cond)
+        return torch.where(drop.reshape(-1, *([1] * (cond.dim() - 1))), null, cond)
 
     def dpo_step(self, batch: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
         """The loss output and the tensors the step used (noise, timesteps, errors) for one batch."""
@@ -116,23 +147,7 @@ class DPOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out, used = self.dpo_step(batch)
-        b = used["t"].shape[0] // 2
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=b)
-        self.log("train/implicit_acc", out.implicit_acc, prog_bar=True, batch_size=b)
-        self.log("train/reward_margin", out.reward_margin, prog_bar=True, batch_size=b)
-        self.log_dict(
-            {
-                "train/reward_w": out.reward_w,
-                "train/reward_l": out.reward_l,
-                "train/sft_loss": out.sft_loss,
-                "train/model_err_w": used["model_err_w"].mean(),
-                "train/model_err_l": used["model_err_l"].mean(),
-                "train/ref_err_w": used["ref_err_w"].mean(),
-                "train/ref_err_l": used["ref_err_l"].mean(),
-                "train/lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
-            },
-            batch_size=b,
-        )
+        log_step(self, out, used)
         return out.loss
 
     def configure_optimizers(self):
@@ -149,8 +164,7 @@ class DPOModule(L.LightningModule):
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trainable_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        keep_trainable_only(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         have, want = set(checkpoint["state_dict"]), self.trainable_names()
@@ -163,21 +177,67 @@ class DPOModule(L.LightningModule):
             )
 
 
-class ExportTrainableWeights(L.Callback):
-    """Writes ``weights/step-N`` every N steps and ``weights/last`` at the end (safetensors)."""
+def log_step(module: Any, out: Any, used: dict[str, torch.Tensor]) -> None:
+    """Log one DPO step's loss and diagnostics on ``module`` (a LightningModule of either Lightning namespace)."""
+    b = used["t"].shape[0] // 2
+    module.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=b)
+    module.log("train/implicit_acc", out.implicit_acc, prog_bar=True, batch_size=b)
+    module.log("train/reward_margin", out.reward_margin, prog_bar=True, batch_size=b)
+    module.log_dict(
+        {
+            "train/reward_w": out.reward_w,
+            "train/reward_l": out.reward_l,
+            "train/sft_loss": out.sft_loss,
+            "train/model_err_w": used["model_err_w"].mean(),
+            "train/model_err_l": used["model_err_l"].mean(),
+            "train/ref_err_w": used["ref_err_w"].mean(),
+            "train/ref_err_l": used["ref_err_l"].mean(),
+            "train/lr": float(module.trainer.optimizers[0].param_groups[0]["lr"]),
+        },
+        batch_size=b,
+    )
 
-    def __init__(self, directory: Path, every_n_steps: int):
+
+def keep_trainable_only(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Drop frozen tensors from a Lightning checkpoint: they come from the base weights, not the run."""
+    keep = {n for n, p in module.named_parameters() if p.requires_grad}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+def disable_dropout(module: torch.nn.Module) -> int:
+    """Set ``p = 0`` on every dropout layer inside ``module`` (as TRL does for DPO); returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    for m in layers:
+        m.p = 0.0
+    return len(layers)
+
+
+class ExportCadence:
+    """When to write ``weights/step-N`` (every N optimizer steps, once each, never step 0) and ``weights/last``.
+
+    Shared by the Lightning callback of our CLI and the VideoTuna entrance's ``pytorch_lightning`` one.
+    """
+
+    def __init__(self, directory: str | Path, every_n_steps: int):
         self.directory = Path(directory)
-        self.every = every_n_steps
+        self.every = int(every_n_steps)
+        self.last_exported: int | None = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        # Called per micro-batch: under gradient accumulation global_step repeats; export each step once.
         step = trainer.global_step
-        if self.every > 0 and step > 0 and step % self.every == 0 and trainer.is_global_zero:
-            pl_module.backend.save_trainable(self.directory / f"step-{step}")
+        if self.every > 0 and step > 0 and step % self.every == 0 and step != self.last_exported:
+            self.last_exported = step
+            if trainer.is_global_zero:
+                pl_module.backend.save_trainable(self.directory / f"step-{step}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             pl_module.backend.save_trainable(self.directory / "last")
+
+
+class ExportTrainableWeights(ExportCadence, L.Callback):
+    """Writes ``weights/step-N`` every N steps and ``weights/last`` at the end (safetensors)."""
 
 
 class DPOStrategy:

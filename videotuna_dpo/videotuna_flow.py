@@ -19,7 +19,8 @@ from videotuna_dpo.config import validate
 from videotuna_dpo.data.datamodule import PreferenceDataModule
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.videotuna_host import build_flow
-from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
+from videotuna_dpo.strategy import (DPOModule, DPOSchema, ExportCadence, OptimizerSchema, keep_trainable_only,
+                                    log_step)
 
 BACKENDS = ("videocrafter2", "t2v_turbo")  # the backends built on a VideoTuna flow
 
@@ -30,6 +31,10 @@ def _backend_class(name: str) -> Any:
     if name not in BACKENDS:
         raise UserError(f"flow.params.backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return Registry.load().get("model", name)
+
+
+class _ExportWeights(ExportCadence, pl.Callback):
+    """``ExportCadence`` on the host's ``pytorch_lightning`` Trainer."""
 
 
 class DPOFlow(pl.LightningModule):
@@ -77,6 +82,7 @@ class DPOFlow(pl.LightningModule):
         self.backend.restore_trainable()  # the host just marked the whole denoiser (or its peft LoRA) trainable
         self.trainer = self.inner.trainer
         self.data = self.inner.data
+        self.logdir = getattr(self.inner, "logdir", None) or train_config.get("workdir")  # the ImageLogger samples when set
         lr_config = getattr(self.inner, "lr_config", None) or {}
         if "learning_rate" in lr_config:
             self.optim_cfg.lr = float(lr_config["learning_rate"])  # train.lr_config, as every VideoTuna run
@@ -91,31 +97,20 @@ class DPOFlow(pl.LightningModule):
     # -- Lightning ------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out, used = self._dpo.dpo_step(batch)
-        b = used["t"].shape[0] // 2
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=b)
-        self.log("train/implicit_acc", out.implicit_acc, prog_bar=True, batch_size=b)
-        self.log("train/reward_margin", out.reward_margin, prog_bar=True, batch_size=b)
-        self.log_dict({"train/reward_w": out.reward_w, "train/reward_l": out.reward_l,
-                       "train/model_err_w": used["model_err_w"].mean(), "train/model_err_l": used["model_err_l"].mean(),
-                       "train/ref_err_w": used["ref_err_w"].mean(), "train/ref_err_l": used["ref_err_l"].mean()},
-                      batch_size=b)
+        log_step(self, out, used)
         return out.loss
 
     def configure_optimizers(self):
         return self._dpo.configure_optimizers()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.trainer.global_step
-        if self.export_dir and self.export_every > 0 and step % self.export_every == 0 and self.trainer.is_global_zero:
-            self.backend.save_trainable(self.export_dir / f"step-{step}")
-
-    def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.backend.save_trainable(self.export_dir / "last")
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Weights export (``<ckptdir>/dpo_weights/step-N`` and ``last``) on the host's Trainer."""
+        if self.export_dir is None:
+            return []
+        return [_ExportWeights(self.export_dir, self.export_every)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        keep_trainable_only(self, checkpoint)
 
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], split: str = "train", ddim_steps: int | None = None,

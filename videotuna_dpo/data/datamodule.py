@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -12,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from videotuna_dpo.config import validate
-from videotuna_dpo.data.frames import check_length, frame_indices, frame_span, resize_center_crop, to_model_range
-from videotuna_dpo.data.preference import PairRecord, load_pairs
-from videotuna_dpo.data.video_io import VideoReadError, read_video
+from videotuna_dpo.data.frames import fit_stride, frame_indices, frame_span, resize_center_crop, to_model_range
+from videotuna_dpo.data.preference import DataError, PairRecord, load_pairs
+from videotuna_dpo.data.video_io import VideoReadError, count_frames, read_video
 from videotuna_dpo.errors import UserError
 
 
@@ -25,7 +27,7 @@ class PreferenceDataSchema:
     video_length: int = 16
     frame_stride: int = 1
     resolution: list[int] = field(default_factory=lambda: [320, 512])  # [H, W]
-    frame_start: str = "random"  # "random" (same start for winner and loser) or "first"
+    frame_start: str = "auto"  # random (same start for winner and loser) | first | auto: random, first from a cache
     weights: str = "auto"  # auto | none | manifest | pair_score
     alpha: float = 1.0  # exponent of the official pair_score weights
     normalize_weights: bool = True  # rescale pair weights to mean 1: alpha shifts emphasis, not the step size
@@ -43,42 +45,85 @@ def normalize_weights(pairs: list[PairRecord]) -> list[PairRecord]:
     return [dataclasses.replace(p, weight=p.weight / mean) for p in pairs]
 
 
+def plan_strides(pairs: list[PairRecord], video_length: int, frame_stride: int) -> list[int]:
+    """Per pair, the largest stride <= ``frame_stride`` at which both videos hold ``video_length`` frames.
+
+    Every video's frame count is read before training; videos shorter than ``video_length`` (or
+    unreadable) are reported together, with their pair rows.
+    """
+    counts: dict[str, int] = {}
+    problems: list[str] = []
+    strides = []
+    for pair in pairs:
+        try:
+            for path in (pair.winner, pair.loser):
+                if path not in counts:
+                    counts[path] = count_frames(path)
+            n = min(counts[pair.winner], counts[pair.loser])
+            strides.append(fit_stride(n, video_length, frame_stride, pair.winner if counts[pair.winner] == n else pair.loser))
+        except (VideoReadError, UserError) as exc:
+            problems.append(f"{pair.meta_dir}/pair.json row {pair.row}: {exc}")
+            strides.append(0)
+    if problems:
+        raise DataError(problems)
+    return strides
+
+
+def stride_report(strides: list[int], video_length: int, frame_stride: int) -> str | None:
+    """``'N pairs trained at stride s instead of S'`` lines, or None when every pair fits at ``frame_stride``."""
+    fallback = Counter(s for s in strides if s != frame_stride)
+    if not fallback:
+        return None
+    parts = [f"{n} of {len(strides)} pairs trained at stride {s} instead of {frame_stride}"
+             for s, n in sorted(fallback.items(), reverse=True)]
+    return (f"{'; '.join(parts)}: their videos are shorter than the {frame_span(video_length, frame_stride)} frames "
+            f"that data.video_length={video_length} at data.frame_stride={frame_stride} needs (the largest stride "
+            f"that fits is used, as the official loader falls back to stride 1)")
+
+
 class PreferenceVideoDataset(Dataset):
-    """Decodes both videos of a pair at the same frame positions -> ``[C, F, H, W]`` in [-1, 1]."""
+    """Decodes both videos of a pair at the same frame positions -> ``[C, F, H, W]`` in [-1, 1].
+
+    ``strides[i]`` is pair i's frame stride (``plan_strides``: the configured one, or the largest that fits).
+    """
 
     def __init__(self, pairs: list[PairRecord], video_length: int, frame_stride: int,
-                 resolution: tuple[int, int], frame_start: str = "random"):
+                 resolution: tuple[int, int], frame_start: str = "random", strides: list[int] | None = None):
         if frame_start not in ("random", "first"):
             raise UserError(f"data.frame_start must be 'random' or 'first', got {frame_start!r}")
         self.pairs = pairs
         self.video_length, self.frame_stride = video_length, frame_stride
         self.height, self.width = resolution
         self.frame_start = frame_start
+        self.strides = strides if strides is not None else plan_strides(pairs, video_length, frame_stride)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _read(self, path: str, pair: PairRecord) -> torch.Tensor:
         try:
-            frames = read_video(path)
-            check_length(frames.shape[0], self.video_length, self.frame_stride, path)
-        except (VideoReadError, UserError) as exc:
+            return read_video(path)
+        except VideoReadError as exc:
             # Never substitute another video: the pair names exactly these two.
             raise UserError(f"{pair.meta_dir}/pair.json row {pair.row}: {exc}") from exc
-        return frames
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
         winner, loser = self._read(pair.winner, pair), self._read(pair.loser, pair)
-        latest = min(winner.shape[0], loser.shape[0]) - frame_span(self.video_length, self.frame_stride)
+        frames = min(winner.shape[0], loser.shape[0])
+        try:  # the decoded count decides when a file's header claimed more frames than it holds
+            stride = fit_stride(frames, self.video_length, self.strides[index], pair.winner)
+        except UserError as exc:
+            raise UserError(f"{pair.meta_dir}/pair.json row {pair.row}: {exc}") from exc
+        latest = frames - frame_span(self.video_length, stride)
         start = random.randint(0, latest) if self.frame_start == "random" else 0
-        idx = frame_indices(self.video_length, self.frame_stride, start)
+        idx = frame_indices(self.video_length, stride, start)
         out = {}
-        for key, frames in (("winner", winner), ("loser", loser)):
-            x = resize_center_crop(frames[idx], self.height, self.width)  # [F, C, H, W] on 0..255
+        for key, clip in (("winner", winner), ("loser", loser)):
+            x = resize_center_crop(clip[idx], self.height, self.width)  # [F, C, H, W] on 0..255
             out[key] = to_model_range(x).permute(1, 0, 2, 3).contiguous()  # [C, F, H, W]
         out.update(caption=pair.caption, weight=torch.tensor(pair.weight, dtype=torch.float32),
-                   pair_id=pair.pair_id, frame_start=start)
+                   pair_id=pair.pair_id, frame_start=start, frame_stride=stride)
         return out
 
 
@@ -96,6 +141,15 @@ class PreferenceDataModule(L.LightningDataModule):
         cfg = validate(data_cfg, PreferenceDataSchema, "data", source)
         if len(cfg.resolution) != 2:
             raise UserError(f"{source}: data.resolution must be [height, width], got {list(cfg.resolution)}")
+        for key in ("video_length", "frame_stride", "batch_size"):
+            if cfg[key] < 1:
+                raise UserError(f"{source}: data.{key} must be >= 1, got {cfg[key]}")
+        if cfg.frame_start not in ("auto", "random", "first"):
+            raise UserError(f"{source}: data.frame_start must be auto, random or first, got {cfg.frame_start!r}")
+        if cfg.cache and cfg.frame_start == "random":
+            raise UserError(f"{source}: data.cache holds each video's first clip only, but data.frame_start="
+                            f"{cfg.frame_start!r}; set data.frame_start=first to train on the cache (or drop "
+                            f"data.cache to draw a random clip start per step from the videos)")
         return cls(cfg)
 
     def setup(self, stage: str | None = None) -> None:
@@ -108,9 +162,11 @@ class PreferenceDataModule(L.LightningDataModule):
             self.dataset = CachedPreferenceDataset.open(cfg)
         else:
             pairs = load_pairs(cfg.train_data, weights=cfg.weights, alpha=cfg.alpha)
-            self.dataset = PreferenceVideoDataset(
-                pairs, cfg.video_length, cfg.frame_stride, tuple(cfg.resolution), cfg.frame_start
-            )
+            start = "random" if cfg.frame_start == "auto" else cfg.frame_start
+            self.dataset = PreferenceVideoDataset(pairs, cfg.video_length, cfg.frame_stride, tuple(cfg.resolution), start)
+            report = stride_report(self.dataset.strides, cfg.video_length, cfg.frame_stride)
+            if report:
+                print(report, file=sys.stderr)
         if cfg.normalize_weights:
             self.dataset.pairs = normalize_weights(self.dataset.pairs)
         self.pairs = self.dataset.pairs

@@ -20,13 +20,16 @@ def frame_indices(video_length: int, frame_stride: int, start: int) -> list[int]
     return [start + i * frame_stride for i in range(video_length)]
 
 
-def check_length(num_frames: int, video_length: int, frame_stride: int, path: str) -> None:
-    need = frame_span(video_length, frame_stride)
-    if num_frames < need:
-        raise UserError(
-            f"{path}: {num_frames} frames, but video_length={video_length} at frame_stride={frame_stride} "
-            f"needs {need}"
-        )
+def fit_stride(num_frames: int, video_length: int, frame_stride: int, path: str) -> int:
+    """The largest stride <= ``frame_stride`` at which ``video_length`` frames fit in ``num_frames``.
+
+    The official loader falls back to stride 1 when a clip is too short for its stride; this keeps as
+    much of the requested temporal span as fits. Fewer than ``video_length`` frames is an error.
+    """
+    if num_frames < video_length:
+        raise UserError(f"{path}: {num_frames} frames, but data.video_length={video_length} needs at least "
+                        f"{video_length}")
+    return next(s for s in range(frame_stride, 0, -1) if frame_span(video_length, s) <= num_frames)
 
 
 def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:

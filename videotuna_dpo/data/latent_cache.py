@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from videotuna_dpo.data.frames import check_length, frame_indices, resize_center_crop, to_model_range
+from videotuna_dpo.data.frames import fit_stride, frame_indices, resize_center_crop, to_model_range
 from videotuna_dpo.data.preference import PairRecord, load_pairs
 from videotuna_dpo.fileio import atomic_file, write_json_atomic
 from videotuna_dpo.data.video_io import VideoReadError, read_video
@@ -37,11 +37,24 @@ def resolve_train_data(data: str | Path) -> Path:
     return data / "train_data.yaml" if data.is_dir() else data
 
 
+NULL_CAPTION = ""  # always cached: caption dropout (dpo.uncond_prob) trains on its embedding
+
+
+def base_weights(model_cfg: Any) -> str:
+    """The checkpoint latents and prompt embeddings come from: ``model.pretrained`` or ``model.ckpt`` (VC2).
+
+    Paths are made absolute; a name that is not a path (the toy's ``builtin``) is kept as it is.
+    """
+    value = model_cfg.get("pretrained") or model_cfg.get("ckpt") or ""
+    path = Path(str(value))
+    return str(path.resolve()) if value and path.exists() else str(value)
+
+
 def cache_settings(model_cfg: Any, data_cfg: Any) -> dict[str, Any]:
     """What a cache depends on; a cache built with other settings is refused."""
     return {
         "backend": str(model_cfg.name),
-        "pretrained": str(Path(str(model_cfg.get("pretrained", ""))).resolve()),
+        "pretrained": base_weights(model_cfg),
         "resolution": [int(x) for x in data_cfg.resolution],
         "video_length": int(data_cfg.video_length),
         "frame_stride": int(data_cfg.frame_stride),
@@ -80,8 +93,8 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def _clip(path: str, data_cfg: Any) -> torch.Tensor:
     """First ``video_length`` frames at ``frame_stride`` -> ``[C, F, H, W]`` in [-1, 1]."""
     frames = read_video(path)
-    check_length(frames.shape[0], data_cfg.video_length, data_cfg.frame_stride, path)
-    idx = frame_indices(data_cfg.video_length, data_cfg.frame_stride, 0)
+    stride = fit_stride(frames.shape[0], data_cfg.video_length, data_cfg.frame_stride, path)
+    idx = frame_indices(data_cfg.video_length, stride, 0)
     x = resize_center_crop(frames[idx], *[int(v) for v in data_cfg.resolution])
     return to_model_range(x).permute(1, 0, 2, 3)
 
@@ -98,7 +111,7 @@ def build_cache(model_cfg: Any, data_cfg: Any, backend: Any, data: str | Path, o
                                  "videos": {}, "captions": {}, "skipped": {}, "shards": []}
     check_settings(index, settings, out)
     videos = list(OrderedDict.fromkeys(p for pair in pairs for p in (pair.winner, pair.loser)))
-    captions = list(OrderedDict.fromkeys(pair.caption for pair in pairs))
+    captions = list(OrderedDict.fromkeys([NULL_CAPTION] + [pair.caption for pair in pairs]))
     todo_videos = [v for v in videos if video_id(v) not in index["videos"] and video_id(v) not in index["skipped"]]
     todo_captions = [c for c in captions if c not in index["captions"]]
     summary = {"videos": len(videos), "encoded": 0, "skipped_now": 0, "kept": len(videos) - len(todo_videos)}
@@ -208,7 +221,7 @@ class CachedPreferenceDataset(Dataset):
     def check_model(self, model_cfg: Any) -> None:
         """Refuse a cache built by another backend or checkpoint than ``model_cfg``."""
         built = self.index["settings"]
-        expected = {"backend": str(model_cfg.name), "pretrained": str(Path(str(model_cfg.get("pretrained", ""))).resolve())}
+        expected = {"backend": str(model_cfg.name), "pretrained": base_weights(model_cfg)}
         check_settings({"settings": built}, expected, self.cache_dir)
 
     def __len__(self) -> int:
@@ -227,14 +240,17 @@ class CachedPreferenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         pair = self.pairs[i]
-        return {
-            "winner_latents": self._sample(pair.winner),  # [F', C', H', W']
+        item = {
+            "winner_latents": self._sample(pair.winner),  # the backend's latent layout, e.g. [F', C', H', W']
             "loser_latents": self._sample(pair.loser),
             "prompt_embeds": self._tensor(self.index["captions"][pair.caption]),  # [L, D]
             "caption": pair.caption,
             "weight": torch.tensor(pair.weight, dtype=torch.float32),
             "pair_id": pair.pair_id,
         }
+        if NULL_CAPTION in self.index["captions"]:  # caches built before caption dropout lack it
+            item["null_embeds"] = self._tensor(self.index["captions"][NULL_CAPTION])
+        return item
 
     def __getstate__(self) -> dict[str, Any]:  # safetensors handles do not cross worker processes
         state = dict(self.__dict__)

@@ -59,8 +59,22 @@ def _load_json(path: Path, problems: list[str]) -> Any:
         return None
 
 
+def resolve_meta_dir(entry: str, train_data: Path) -> Path | str:
+    """A relative ``META`` dir: against the yaml's folder (ours), else the working directory (the official
+    configs, e.g. ``dataset/vidpro10k-vc2-dataset``); a problem line naming both when neither exists."""
+    d = Path(entry)
+    if d.is_absolute():
+        return d
+    candidates = [train_data.parent / d, Path.cwd() / d]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    return (f"{train_data}: META dir {entry} not found, neither relative to the yaml's folder "
+            f"({candidates[0]}) nor to the working directory ({candidates[1]})")
+
+
 def meta_dirs(train_data: str | Path) -> list[Path]:
-    """The ``META`` dirs of a train_data.yaml (relative ones resolved against the yaml's folder)."""
+    """The ``META`` dirs of a train_data.yaml (relative ones: the yaml's folder first, then the working directory)."""
     train_data = Path(train_data)
     if not train_data.is_file():
         raise DataError([f"{train_data}: train_data.yaml not found"])
@@ -72,8 +86,10 @@ def meta_dirs(train_data: str | Path) -> list[Path]:
         raise DataError([f"{train_data}: expected a mapping with a non-empty list `META: [dir, ...]`"])
     dirs, seen, problems = [], {}, []
     for i, entry in enumerate(doc["META"]):
-        d = Path(str(entry))
-        d = d if d.is_absolute() else (train_data.parent / d)
+        d = resolve_meta_dir(str(entry), train_data)
+        if isinstance(d, str):
+            problems.append(d)
+            continue
         key = d.resolve()
         if key in seen:
             problems.append(f"{train_data}: META[{i}] {entry} is listed twice (also META[{seen[key]}])")

@@ -21,6 +21,16 @@ class VideoReadError(UserError):
         super().__init__(f"{path}: {reason}")
 
 
+def _existing(path: str | Path) -> Path:
+    """``path`` as a Path, or a VideoReadError when it is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise VideoReadError(path, "empty file (0 bytes)")
+    return path
+
+
 def read_video(path: str | Path) -> torch.Tensor:
     """Decode every frame of ``path`` -> uint8 ``[F, C, H, W]`` (RGB)."""
     return read_video_and_fps(path)[0]
@@ -28,12 +38,8 @@ def read_video(path: str | Path) -> torch.Tensor:
 
 def read_video_and_fps(path: str | Path) -> tuple[torch.Tensor, float | None]:
     """:func:`read_video` plus the stream's average frame rate (None when the file does not say)."""
-    path = Path(path)
+    path = _existing(path)
     fps = None
-    if not path.is_file():
-        raise VideoReadError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise VideoReadError(path, "empty file (0 bytes)")
     frames = []
     try:
         with av.open(str(path)) as container:
@@ -53,6 +59,23 @@ def read_video_and_fps(path: str | Path) -> tuple[torch.Tensor, float | None]:
     if len(shapes) != 1:
         raise VideoReadError(path, f"frames change size within the file: {sorted(shapes)}")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous(), fps
+
+
+def count_frames(path: str | Path) -> int:
+    """Frames in ``path``: the stream header's count, or a decode when the header does not say."""
+    path = _existing(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(path, "no video stream")
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            return sum(1 for _ in container.decode(video=0))
+    except VideoReadError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError) as exc:
+        raise VideoReadError(path, f"cannot decode: {exc}") from exc
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:

@@ -50,11 +50,21 @@ class Backend(Protocol):
     def load_trainable(self, directory: str | Path) -> None:
         """Load what ``save_trainable`` wrote."""
 
-    def generate(self, prompts: list[str], num_frames: int, steps: int, guidance: float, seed: int, **kwargs: Any) -> torch.Tensor:
-        """Sample videos: float ``[B, F, C, H, W]`` in [0, 1]."""
+    def generate(self, prompts: list[str], num_frames: int, steps: int, guidance: float, seed: int | list[int],
+                 **kwargs: Any) -> torch.Tensor:
+        """Sample videos: float ``[B, F, C, H, W]`` in [0, 1]; ``seed`` a list gives video i seed[i], whatever its batch."""
 
 
 TRAINABLE_META = "trainable.json"
+
+
+def seed_list(seed: int | list[int], n: int) -> list[int]:
+    """One seed per prompt: a list as given (its length checked), an int ``s`` as ``s, s+1, ..., s+n-1``."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise ValueError(f"{len(seed)} seeds for {n} prompts")
+        return [int(s) for s in seed]
+    return [int(seed) + i for i in range(n)]
 
 
 def atomic_directory(target: str | Path, write: Callable[[Path], None], meta: dict) -> Path:
@@ -80,6 +90,12 @@ def atomic_directory(target: str | Path, write: Callable[[Path], None], meta: di
     return target
 
 
+def init_weights_id(cfg: Any) -> str | None:
+    """``model.init_weights`` as recorded with trained weights (absolute), None when unset."""
+    value = getattr(cfg, "init_weights", None)
+    return str(Path(value).resolve()) if value else None
+
+
 def read_trainable_meta(directory: str | Path, family: str | None = None, cfg: Any = None) -> dict:
     """``trainable.json`` of a weights folder; with ``family``/``cfg``, checks that the weights fit.
 
@@ -96,7 +112,10 @@ def read_trainable_meta(directory: str | Path, family: str | None = None, cfg: A
     meta = json.loads(path.read_text())
     if family is not None and meta.get("family") != family:
         raise UserError(f"{directory}: weights of model family {meta.get('family')!r}, not {family!r}; set model.name")
-    if cfg is not None:
+    if cfg is not None and meta.get("init_weights", None) != init_weights_id(cfg):
+        raise UserError(f"{directory}: trained on top of model.init_weights={meta.get('init_weights')}, but this "
+                        f"config has model.init_weights={init_weights_id(cfg)}; set it to the weights it was trained on")
+    if cfg is not None and hasattr(cfg, "finetune"):
         if meta.get("finetune") != cfg.finetune:
             raise UserError(f"{directory}: holds {meta.get('finetune')!r} weights but model.finetune is "
                             f"{cfg.finetune!r}; set model.finetune={meta.get('finetune')}")

@@ -45,6 +45,7 @@ class CogVideoXSchema:
     vae_tiling: bool = False
     max_sequence_length: Optional[int] = None  # default: transformer.config.max_text_seq_length
     trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
+    init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
     load_text_and_vae: bool = True  # false when training on a latent cache
 
 

@@ -19,9 +19,32 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.base import PredictFn, atomic_directory, read_trainable_meta
+from videotuna_dpo.models.base import PredictFn, atomic_directory, init_weights_id, read_trainable_meta
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def merge_lora(net: nn.Module, state: dict[str, torch.Tensor], lora: dict[str, Any], what: str) -> None:
+    """Fold a LoRA (a peft state dict and its rank/alpha/targets) into ``net``'s own weights, in place.
+
+    peft injects and loads it as adapter ``init`` and ``merge_and_unload`` folds it away, leaving ``net``
+    adapter-free: a DPO adapter added next trains over it, and disabling that adapter gives ``net``.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    config = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=0.0,
+                        target_modules=list(lora["target_modules"]))
+    model = get_peft_model(net, config, adapter_name="init")
+    prefix = "base_model.model."
+    state = {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
+    result = set_peft_model_state_dict(model, state, adapter_name="init")
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    loaded = [k for k in state if "lora_" in k]
+    if unexpected or not loaded:
+        raise UserError(f"{what}: its LoRA does not fit this model (unexpected keys {unexpected[:3]}, "
+                        f"{len(loaded)} LoRA tensors); give the weights of a run on the same base model")
+    model.merge_and_unload()
+    net.__dict__.pop("peft_config", None)  # peft leaves its config on the unwrapped module
 
 
 class DenoiserFinetuning:
@@ -45,6 +68,8 @@ class DenoiserFinetuning:
             raise UserError(f"model.finetune must be 'lora' or 'full', got {cfg.finetune!r}")
         net = self.denoiser
         net.requires_grad_(False)
+        if getattr(cfg, "init_weights", None):
+            self.merge_init_weights(cfg.init_weights)
         self._ref_cpu: list[nn.Module] = []
         self.ref_denoiser: nn.Module | None = None
         if cfg.finetune == "lora":
@@ -62,6 +87,23 @@ class DenoiserFinetuning:
         else:
             self.ref_denoiser = reference
         net.requires_grad_(True)
+
+    def merge_init_weights(self, directory: str | Path) -> None:
+        """``model.init_weights``: a weights folder (LoRA or full, e.g. an SFT run's) made part of the base.
+
+        It runs before the DPO adapter or the reference copy exists, so the reference is that model.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = read_trainable_meta(directory, self.family)
+        if meta.get("finetune") == "lora":
+            prefix = f"{self.denoiser_attr}."
+            state = {k.removeprefix(prefix): v for k, v in load_file(str(directory / LORA_FILE)).items()}
+            merge_lora(self.denoiser, state, meta["lora"], f"model.init_weights={directory}")
+            return
+        loaded = type(self.denoiser).from_pretrained(directory, subfolder=self.denoiser_attr, local_files_only=True)
+        self.denoiser.load_state_dict(loaded.state_dict(), strict=True)
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         return self._predict_with(self.denoiser, noisy, t, cond)
@@ -96,7 +138,8 @@ class DenoiserFinetuning:
 
     def save_trainable(self, directory: str | Path) -> Path:
         """Write the LoRA adapter or the full denoiser (safetensors) atomically to ``directory``."""
-        meta = {"family": self.family, "finetune": self.cfg.finetune, "base": str(self.cfg.pretrained)}
+        meta = {"family": self.family, "finetune": self.cfg.finetune, "base": str(self.cfg.pretrained),
+                "init_weights": init_weights_id(self.cfg)}
         if self.cfg.finetune == "lora":
             from peft.utils import get_peft_model_state_dict
 

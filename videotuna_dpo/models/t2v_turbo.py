@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.base import PredictFn, atomic_directory, read_trainable_meta
+from videotuna_dpo.models.base import PredictFn, atomic_directory, init_weights_id, read_trainable_meta, seed_list
 from videotuna_dpo.models.checkpoint_io import load_weights
 from videotuna_dpo.models.videocrafter import VideoCrafter2Backend, eval_mode
 
@@ -49,6 +49,7 @@ class T2VTurboSchema:
     num_ddim_timesteps: int = 50  # training timesteps are drawn from this DDIM grid
     input_scaling: bool = False  # VC2's scale_arr; T2V-Turbo trained without it
     trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
+    init_weights: Optional[str] = None  # a T2V-Turbo weights folder replacing lora_ckpt for policy and reference
     load_text_and_vae: bool = True
     fps: int = 16  # fps condition for generate (T2V-Turbo's default)
     lcm_origin_steps: int = 50  # the DDIM grid the LCM sampler skips along
@@ -147,6 +148,8 @@ class T2VTurboBackend(VideoCrafter2Backend):
             parent._modules[leaf] = PairedLoRA(module, self.cfg.lora_rank, self.cfg.lora_dropout)
             self.lora_names.append(name)
         self.load_turbo_lora(self.cfg.lora_ckpt)
+        if self.cfg.init_weights:
+            self._load_adapters(self.cfg.init_weights, reference=True)
         self.register_buffer("ddim_timesteps", ddim_grid(flow.num_timesteps, self.cfg.num_ddim_timesteps),
                              persistent=False)
         self.restore_trainable()
@@ -194,15 +197,25 @@ class T2VTurboBackend(VideoCrafter2Backend):
             layer.set_pair(up, down)
 
     def restore_trainable(self) -> None:
+        """Only the adapters the loss reaches train: ``time_cond_proj``'s stays frozen (no guidance input in training).
+
+        Under DDP a trainable parameter without a gradient stops the run, so the trainable set is exactly
+        what the training step uses.
+        """
         denoiser = self.flow.denoiser
         denoiser.requires_grad_(False)
-        for layer in self._lora_layers():
+        for layer in self._trained_layers():
             layer.lora_up.requires_grad_(True)
             layer.lora_down.requires_grad_(True)
         denoiser.train()
 
     def _lora_layers(self) -> list[PairedLoRA]:
         return [m for m in self.flow.denoiser.modules() if isinstance(m, PairedLoRA)]
+
+    def _trained_layers(self) -> list[PairedLoRA]:
+        """The adapters DPO trains: all but the guidance projection's, which training never calls."""
+        return [m for name, m in self.flow.denoiser.named_modules()
+                if isinstance(m, PairedLoRA) and name != "time_cond_proj"]
 
     # -- the protocol -----------------------------------------------------------------------------
     def sample_timesteps(self, n: int, device: torch.device | str) -> torch.Tensor:
@@ -227,7 +240,7 @@ class T2VTurboBackend(VideoCrafter2Backend):
                 layer.use_reference = False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self._lora_layers() for p in (layer.lora_up.weight, layer.lora_down.weight)]
+        return [p for layer in self._trained_layers() for p in (layer.lora_up.weight, layer.lora_down.weight)]
 
     def reference_parameters(self) -> list[torch.Tensor]:
         """Everything the reference holds beyond the shared base: its adapter tensors."""
@@ -243,7 +256,8 @@ class T2VTurboBackend(VideoCrafter2Backend):
             tensors[f"{i:04d}.up"] = layer.lora_up.weight.detach().cpu().contiguous()
             tensors[f"{i:04d}.down"] = layer.lora_down.weight.detach().cpu().contiguous()
         meta = {"family": self.family, "finetune": "lora", "base": str(self.cfg.ckpt),
-                "start_lora": str(self.cfg.lora_ckpt), "rank": self.cfg.lora_rank, "layers": self.lora_names}
+                "start_lora": str(self.cfg.lora_ckpt), "rank": self.cfg.lora_rank, "layers": self.lora_names,
+                "init_weights": init_weights_id(self.cfg)}
 
         def write(tmp: Path) -> None:
             save_file(tensors, str(tmp / TRAINABLE_FILE))
@@ -253,16 +267,23 @@ class T2VTurboBackend(VideoCrafter2Backend):
 
     def load_trainable(self, directory: str | Path) -> None:
         """Policy adapters from ``save_trainable``; the reference keeps the starting LoRA."""
+        self._load_adapters(directory, reference=False)
+
+    def _load_adapters(self, directory: str | Path, reference: bool) -> None:
+        """A ``save_trainable`` folder into the policy adapters, or (``init_weights``) into policy and reference."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        meta = read_trainable_meta(directory)
+        meta = read_trainable_meta(directory, cfg=None if reference else self.cfg)
         if meta.get("family") != self.family or meta.get("layers") != self.lora_names:
             raise UserError(f"{directory}: holds {meta.get('family')} LoRA for other layers than this T2V-Turbo UNet; "
                             f"use the host config it was trained with")
         tensors = load_file(str(directory / TRAINABLE_FILE))
-        with torch.no_grad():
-            for i, layer in enumerate(self._lora_layers()):
+        for i, layer in enumerate(self._lora_layers()):
+            if reference:
+                layer.set_pair(tensors[f"{i:04d}.up"], tensors[f"{i:04d}.down"])
+                continue
+            with torch.no_grad():
                 layer.lora_up.weight.copy_(tensors[f"{i:04d}.up"])
                 layer.lora_down.weight.copy_(tensors[f"{i:04d}.down"])
 
@@ -280,41 +301,43 @@ class T2VTurboBackend(VideoCrafter2Backend):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_frames: int | None = None, steps: int = 4, guidance: float = 7.5,
-                 seed: int = 0, height: int | None = None, width: int | None = None, **_: Any) -> torch.Tensor:
-        """T2V-Turbo's few-step LCM sampling (4 steps, guidance 7.5 by default) -> ``[B, F, C, H, W]`` in [0, 1]."""
+                 seed: int | list[int] = 0, height: int | None = None, width: int | None = None,
+                 **_: Any) -> torch.Tensor:
+        """T2V-Turbo's few-step LCM sampling (4 steps, guidance 7.5 by default) -> ``[B, F, C, H, W]`` in [0, 1].
+
+        Video i draws all its noise from its own generator seeded with ``seed[i]``: it is the same whatever its batch.
+        """
         flow = self.flow
         if not 1 <= steps <= self.cfg.lcm_origin_steps:
             raise UserError(f"steps must be in 1..{self.cfg.lcm_origin_steps} for the LCM sampler, got {steps}")
         device = next(flow.denoiser.parameters()).device
         b = len(prompts)
         h, w = (height // 8 if height else flow.image_size[0]), (width // 8 if width else flow.image_size[1])
-        shape = (b, flow.channels, num_frames or flow.temporal_length, h, w)
+        shape = (flow.channels, num_frames or flow.temporal_length, h, w)  # one video
         grid = ddim_grid(flow.num_timesteps, self.cfg.lcm_origin_steps)
         timesteps = grid.flip(0)[:: self.cfg.lcm_origin_steps // steps][:steps].tolist()
         alphas = flow.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-        generator = torch.Generator(device=device).manual_seed(int(seed))
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seed_list(seed, b)]
+
+        def randn() -> torch.Tensor:
+            return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+
         cond = self.encode_prompt(list(prompts)).to(device)
         fps = torch.full((b,), self.cfg.fps, device=device, dtype=torch.long)
-        x = torch.randn(shape, generator=generator, device=device)
-        was_training = flow.denoiser.training
-        flow.denoiser.eval()
-        try:
-            with self.guidance(torch.full((b,), float(guidance))):
-                for i, t in enumerate(timesteps):
-                    ts = torch.full((b,), t, device=device, dtype=torch.long)
-                    eps = flow.apply_model(x, ts, cond, fps=fps).float()
-                    a_t = alphas[t]
-                    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-                    # LCM boundary condition (sigma_data 0.5, timestep scaling 10).
-                    scaled = t * 10.0
-                    c_skip = 0.25 / (scaled**2 + 0.25)
-                    c_out = scaled / math.sqrt(scaled**2 + 0.25)
-                    denoised = c_out * x0 + c_skip * x
-                    if i + 1 < len(timesteps):
-                        a_prev = alphas[timesteps[i + 1]]
-                        noise = torch.randn(shape, generator=generator, device=device)
-                        x = a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * noise
-        finally:
-            flow.denoiser.train(was_training)
+        x = randn()
+        with eval_mode(flow.denoiser), self.guidance(torch.full((b,), float(guidance))):
+            for i, t in enumerate(timesteps):
+                ts = torch.full((b,), t, device=device, dtype=torch.long)
+                eps = flow.apply_model(x, ts, cond, fps=fps).float()
+                a_t = alphas[t]
+                x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+                # LCM boundary condition (sigma_data 0.5, timestep scaling 10).
+                scaled = t * 10.0
+                c_skip = 0.25 / (scaled**2 + 0.25)
+                c_out = scaled / math.sqrt(scaled**2 + 0.25)
+                denoised = c_out * x0 + c_skip * x
+                if i + 1 < len(timesteps):
+                    a_prev = alphas[timesteps[i + 1]]
+                    x = a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * randn()
         videos = self.decode_latents(denoised)  # [B, C, F, H, W] in [-1, 1]
         return ((videos.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).contiguous()

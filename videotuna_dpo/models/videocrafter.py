@@ -19,7 +19,8 @@ from torch import nn
 
 from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.base import PredictFn, atomic_directory, read_trainable_meta
+from videotuna_dpo.models.base import PredictFn, atomic_directory, init_weights_id, read_trainable_meta, seed_list
+from videotuna_dpo.models.finetune import merge_lora
 from videotuna_dpo.models.videotuna_host import (build_flow, flow_section, import_videotuna, load_into,
                                                  load_vc2_components)
 
@@ -54,6 +55,7 @@ class VideoCrafter2Schema:
     reference_on_cpu: bool = False  # full: keep the frozen copy on CPU, move it in per step
     reference_dtype: str = "fp32"  # full: dtype of the frozen copy (bf16 halves its memory; runs under autocast)
     trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
+    init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
     load_text_and_vae: bool = True  # false when training on a latent cache: VAE/text weights are not loaded
     fps: int = 28  # fps condition for generate (VideoTuna's VC2 inference setting)
     ddim_eta: float = 1.0  # generate: DDIM eta (the paper sampled with 1.0)
@@ -132,6 +134,8 @@ class VideoCrafter2Backend(nn.Module):
         for module in (flow.first_stage_model, flow.cond_stage_model):
             module.requires_grad_(False).eval()
         flow.denoiser.requires_grad_(False)
+        if self.cfg.init_weights:
+            self.merge_init_weights(self.cfg.init_weights)
         if self.cfg.finetune == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -162,11 +166,41 @@ class VideoCrafter2Backend(nn.Module):
             denoiser.requires_grad_(True)
         denoiser.train()
 
+    def merge_init_weights(self, directory: str | Path) -> None:
+        """``model.init_weights``: a VC2 weights folder (LoRA or full, e.g. an SFT run's) made part of the base.
+
+        It runs before the DPO adapter or the reference copy exists, so the reference is that model.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = read_trainable_meta(directory, self.family)
+        what = f"model.init_weights={directory}"
+        if meta.get("finetune") == "lora":
+            merge_lora(self.flow.denoiser, load_file(str(directory / LORA_FILE)), meta["lora"], what)
+        else:
+            load_into(self.flow.denoiser, load_file(str(directory / FULL_FILE)), what)
+
     # -- the protocol -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, C, F, H, W]`` in [-1, 1] -> latents ``[B, 4, F, H/8, W/8]`` (times scale_factor)."""
         return self.flow.encode_first_stage(pixels.float()).float()
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, C, F, H, W]`` in [-1, 1] -> the first stage's posterior (mean, std), each ``[B, 4, F, H/8, W/8]``.
+
+        Frame by frame, as the host's 2D-VAE ``encode_first_stage``, times ``scale_factor``: ``mean + std * eps``
+        is distributed as ``encode_video``. VC2's ``scale_arr`` is not applied here; the training step applies it.
+        """
+        flow = self.flow
+        means, stds = [], []
+        for i in range(pixels.shape[2]):
+            posterior = flow.first_stage_model.encode(pixels[:, :, i].float())
+            means.append(posterior.mean * flow.scale_factor)
+            stds.append(posterior.std * flow.scale_factor)
+        return torch.stack(means, 2).float(), torch.stack(stds, 2).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -238,7 +272,8 @@ class VideoCrafter2Backend(nn.Module):
         """LoRA: peft adapter tensors; full: the denoiser's state dict (safetensors)."""
         from safetensors.torch import save_file
 
-        meta = {"family": self.family, "finetune": self.cfg.finetune, "base": str(self.cfg.ckpt)}
+        meta = {"family": self.family, "finetune": self.cfg.finetune, "base": str(self.cfg.ckpt),
+                "init_weights": init_weights_id(self.cfg)}
         if self.cfg.finetune == "lora":
             from peft.utils import get_peft_model_state_dict
 
@@ -267,24 +302,30 @@ class VideoCrafter2Backend(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_frames: int | None = None, steps: int = 50, guidance: float = 12.0,
-                 seed: int = 0, height: int | None = None, width: int | None = None,
+                 seed: int | list[int] = 0, height: int | None = None, width: int | None = None,
                  negative_prompt: str = "") -> torch.Tensor:
-        """The host's DDIM sampler (``sample_batch_t2v``; 50 steps, eta 1.0, guidance 12) -> ``[B, F, C, H, W]`` in [0, 1]."""
+        """The host's DDIM sampler (``sample_batch_t2v``; 50 steps, eta 1.0, guidance 12) -> ``[B, F, C, H, W]`` in [0, 1].
+
+        Each prompt is sampled with its own seed (a list, one per prompt; an int ``s`` means ``s, s+1, ...``):
+        the host's DDIM draws its eta noise for the whole batch from the global generator, so a video is the
+        same whatever its batch only when each is sampled on its own.
+        """
+        seeds = seed_list(seed, len(prompts))
         sampler_module = import_videotuna("videotuna.schedulers.ddim", self.family, self.checkpoint_keys)
         flow = self.flow
         h, w = (height // 8 if height else flow.image_size[0]), (width // 8 if width else flow.image_size[1])
-        shape = [len(prompts), flow.channels, num_frames or flow.temporal_length, h, w]
-        was_training = flow.denoiser.training
-        flow.denoiser.eval()
+        frames = num_frames or flow.temporal_length
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(int(seed))
-                flow.ddim_sampler = sampler_module.DDIMSampler(flow)
-                videos = flow.sample_batch_t2v(list(prompts), self.cfg.fps, noise_shape=shape, n_samples_prompt=1,
-                                               ddim_steps=steps, ddim_eta=self.cfg.ddim_eta, cfg_scale=guidance,
-                                               uncond_prompt=negative_prompt)
-        finally:
-            flow.denoiser.train(was_training)
-        videos = videos[:, 0].float()  # [B, C, F, H, W] in [-1, 1]
+        videos = []
+        with eval_mode(flow.denoiser):
+            flow.ddim_sampler = sampler_module.DDIMSampler(flow)
+            for prompt, s in zip(prompts, seeds):
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(s)
+                    video = flow.sample_batch_t2v([prompt], self.cfg.fps, noise_shape=[1, flow.channels, frames, h, w],
+                                                  n_samples_prompt=1, ddim_steps=steps, ddim_eta=self.cfg.ddim_eta,
+                                                  cfg_scale=guidance, uncond_prompt=negative_prompt or "")
+                videos.append(video[:, 0].float())  # [1, C, F, H, W] in [-1, 1]
+        videos = torch.cat(videos)
         return ((videos.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).contiguous()
+

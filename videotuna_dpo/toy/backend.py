@@ -16,6 +16,7 @@ from torch import nn
 
 from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.base import seed_list
 from videotuna_dpo.models.finetune import DenoiserFinetuning
 from videotuna_dpo.toy.model import ToyTextEncoder, ToyVideoUNet, tokenize
 
@@ -39,6 +40,7 @@ class ToySchema:
     lora: ToyLoraSchema = field(default_factory=ToyLoraSchema)
     reference_on_cpu: bool = False
     trainable_weights: Optional[str] = None
+    init_weights: Optional[str] = None  # a weights folder (LoRA or full) merged into the base: the reference
     load_text_and_vae: bool = True  # accepted for the cache path; the toy model has no VAE
 
 
@@ -129,9 +131,7 @@ class ToyBackend(DenoiserFinetuning, nn.Module):
         from diffusers import DDIMScheduler
 
         device = next(self.unet.parameters()).device
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(len(prompts))]
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        seeds = seed_list(seed, len(prompts))
         x = torch.stack([torch.randn(3, num_frames, height, width, generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(device)
         cond = self.encode_prompt(prompts)

@@ -96,8 +96,11 @@ class VideocrafterFlow(GenerationBase):
             uncond = {"c_crossattn": [self.get_learned_conditioning(batch_size * [uncond_prompt])], "fps": fps}
         samples = []
         for _ in range(n_samples_prompt):
+            # As the host: temporal_length and the temporal guidance scale reach p_sample_ddim through **kwargs.
             z, _ = self.ddim_sampler.sample(S=ddim_steps, conditioning=cond, batch_size=batch_size, shape=noise_shape[1:],
                                             verbose=False, unconditional_guidance_scale=cfg_scale,
-                                            unconditional_conditioning=uncond, eta=ddim_eta)
+                                            unconditional_conditioning=uncond, eta=ddim_eta,
+                                            temporal_length=noise_shape[2],
+                                            conditional_guidance_scale_temporal=temporal_cfg_scale, **kwargs)
             samples.append(self.decode_first_stage(z))
         return torch.stack(samples, dim=1)

@@ -23,8 +23,11 @@ class DDIMSampler:
             self.ddim_scale_arr_prev = torch.tensor([scale[0].item()] + scale[self.ddim_timesteps[:-1]].tolist())
 
     @torch.no_grad()
-    def sample(self, S, batch_size, shape, conditioning=None, eta=0.0, verbose=True, x_T=None,
-               unconditional_guidance_scale=1.0, unconditional_conditioning=None, **kwargs):
+    def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None, img_callback=None,
+               quantize_x0=False, eta=0.0, mask=None, x0=None, temperature=1.0, noise_dropout=0.0,
+               score_corrector=None, corrector_kwargs=None, verbose=True, schedule_verbose=False, x_T=None,
+               log_every_t=100, unconditional_guidance_scale=1.0, unconditional_conditioning=None, precision=None,
+               fs=None, timestep_spacing="uniform", guidance_rescale=0.0, **kwargs):
         self.make_schedule(S, eta)
         device = self.model.device
         img = torch.randn((batch_size, *shape), device=device) if x_T is None else x_T
