@@ -148,3 +148,24 @@ def test_weights_of_another_family_or_rank_are_refused(tiny_cogvideox, tmp_path)
     (out / "trainable.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"LoRA rank 4 but model.lora.rank=8"):
         make_backend(tiny_cogvideox, lora={"rank": 8, "alpha": 8}, trainable_weights=str(out))
+
+
+@pytest.mark.parametrize("sft", ["lora", "full"])
+def test_init_weights_make_the_sft_model_the_reference(tiny_cogvideox, tmp_path, sft):
+    base = make_backend(tiny_cogvideox, finetune=sft)
+    with torch.no_grad():
+        for p in base.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    base.save_trainable(tmp_path / "sft")
+    x = torch.randn(2, 3, 4, 8, 8)
+    t = torch.tensor([100, 700])
+    cond = base.encode_prompt(["a red square", "a dog"])
+    with torch.no_grad():
+        want = base.predict(x, t, cond)
+    dpo = make_backend(tiny_cogvideox, init_weights=str(tmp_path / "sft"))  # a fresh LoRA over the SFT model
+    with torch.no_grad(), dpo.reference() as reference:
+        assert torch.allclose(reference(x, t, cond), want, atol=1e-5)
+        assert torch.allclose(dpo.predict(x, t, cond), want, atol=1e-5)
+    with torch.no_grad():
+        plain = make_backend(tiny_cogvideox).predict(x, t, cond)
+    assert not torch.allclose(plain, want, atol=1e-4)  # without init_weights the reference is the base

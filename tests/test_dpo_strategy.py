@@ -102,3 +102,39 @@ def test_overfitting_two_pairs_drives_implicit_accuracy_to_one(tiny_cogvideox, t
     assert end.implicit_acc.item() == 1.0
     assert end.reward_margin.item() > 3.0
     assert end.loss.item() < 0.05
+
+
+def test_caption_dropout_replaces_a_pairs_caption_for_winner_and_loser_together(tiny_cogvideox, tiny_dataset):
+    from videotuna_dpo.errors import UserError
+
+    backend = make_backend(tiny_cogvideox)
+    batch = _batch(tiny_dataset)
+    cond = backend.encode_prompt(list(batch["caption"]))
+    null = backend.encode_prompt([""])[0]
+    seen = []
+    original = backend.predict
+    backend.predict = lambda noisy, t, c: seen.append(c.clone()) or original(noisy, t, c)
+    module = _module(backend, uncond_prob=0.5)
+    torch.manual_seed(0)
+    assert (torch.rand(2) < 0.5).tolist() == [True, False]  # seed 0 drops the first pair only
+    torch.manual_seed(0)
+    dropped = module._drop_captions(batch, cond)
+    assert torch.allclose(dropped[0], null) and torch.equal(dropped[1], cond[1])
+    for seed in range(4):
+        torch.manual_seed(seed)
+        module.dpo_step(batch)
+        c2 = seen.pop()
+        assert torch.equal(c2[:2], c2[2:])  # winners (first half) and losers (second half) share the caption
+        assert all(torch.allclose(c2[i], null) or torch.equal(c2[i], cond[i]) for i in range(2))
+    with pytest.raises(UserError, match=r"dpo.uncond_prob must be in \[0, 1\), got 1.0"):
+        _module(backend, uncond_prob=1.0)
+
+
+def test_every_dropout_layer_is_disabled_unless_asked_to_keep_it(tiny_cogvideox):
+    backend = make_backend(tiny_cogvideox, lora={"rank": 4, "alpha": 4, "dropout": 0.1})
+    dropouts = [m for m in backend.modules() if isinstance(m, torch.nn.Dropout)]
+    assert any(m.p == 0.1 for m in dropouts)  # peft's lora_dropout
+    _module(backend, disable_dropout=False)
+    assert any(m.p == 0.1 for m in dropouts)
+    _module(backend)
+    assert all(m.p == 0.0 for m in dropouts)

@@ -22,14 +22,16 @@ def test_reference_holds_adapter_weights_only(vc2_files):
     vc2 = make_vc2(vc2_files, finetune="lora", lora={"rank": 4, "alpha": 4})
     assert not hasattr(backend, "ref_denoiser") or backend.ref_denoiser is None
     trainable, reference = backend.trainable_parameters(), backend.reference_parameters()
-    assert [p.shape for p in trainable] == [p.shape for p in reference]
+    policy = [p for layer in backend._lora_layers() for p in (layer.lora_up.weight, layer.lora_down.weight)]
+    assert [p.shape for p in policy] == [p.shape for p in reference]
     assert all(not p.requires_grad for p in reference) and all(p.requires_grad for p in trainable)
-    adapters = sum(p.numel() for p in trainable)
+    adapters = sum(p.numel() for p in policy)
     base_unet = sum(p.numel() for n, p in vc2.flow.denoiser.named_parameters() if "lora_" not in n)
     time_cond_proj = 256 * 32
     unet_total = sum(p.numel() for p in backend.flow.denoiser.parameters())
     assert unet_total == base_unet + time_cond_proj + 2 * adapters  # one UNet, the LoRA twice
-    assert len(backend.lora_names) == len(trainable) // 2 and "time_cond_proj" in backend.lora_names
+    assert len(backend.lora_names) == len(policy) // 2 and "time_cond_proj" in backend.lora_names
+    assert len(trainable) == len(policy) - 2  # all but time_cond_proj's pair, which training never calls
 
 
 def test_starting_policy_and_reference_are_the_loaded_turbo_lora(vc2_files, pair_batch):
@@ -90,7 +92,8 @@ def test_save_trainable_writes_t2v_turbo_format_and_round_trips(vc2_files, pair_
     assert len(exported) == len(policy) and all(torch.equal(a, b) for a, b in zip(exported, policy))
     restarted = make_turbo(vc2_files, lora_ckpt=str(tmp_path / "w" / "unet_lora.pt"))
     resumed = make_turbo(vc2_files, trainable_weights=str(tmp_path / "w"))
-    for a, b, c in zip(restarted.trainable_parameters(), resumed.trainable_parameters(), policy):
+    for a, b, c in zip(restarted.trainable_parameters(), resumed.trainable_parameters(),
+                       [p for p in policy if p.requires_grad]):
         assert torch.equal(a, c) and torch.equal(b, c)
     start = torch.load(vc2_files["lora"], weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(resumed.reference_parameters(), start))  # reference = starting LoRA
@@ -112,3 +115,29 @@ def test_generate_uses_four_lcm_steps_and_the_guidance_embedding(vc2_files, monk
     assert video.shape == (1, 4, 3, 32, 32) and 0.0 <= video.min() and video.max() <= 1.0
     assert torch.equal(video, backend.generate(["a red square"], num_frames=4, seed=1))
     assert not torch.equal(video, backend.generate(["a red square"], num_frames=4, seed=1, guidance=1.0))
+
+
+def test_the_trainable_set_is_exactly_what_receives_gradients(vc2_files, pair_batch):
+    # Under DDP a trainable parameter without a gradient stops the run: time_cond_proj's LoRA is only
+    # called with a guidance embedding, which training does not pass, so it must not be trainable.
+    backend = make_turbo(vc2_files)
+    module = dpo_module(backend)
+    out, _ = module.dpo_step(pair_batch)
+    out.loss.backward()
+    trainable = {n for n, p in backend.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in backend.named_parameters() if p.grad is not None}
+    assert trainable and trainable == with_grad
+    assert not any("time_cond_proj" in n for n in trainable)
+    assert len(backend.trainable_parameters()) == len(trainable)
+
+
+def test_init_weights_start_policy_and_reference_from_a_previous_run(vc2_files, pair_batch, tmp_path):
+    first = make_turbo(vc2_files)
+    with torch.no_grad():
+        for p in first.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    first.save_trainable(tmp_path / "round1")
+    second = make_turbo(vc2_files, init_weights=str(tmp_path / "round1"))
+    for layer_a, layer_b in zip(first._lora_layers(), second._lora_layers()):
+        assert torch.equal(layer_b.ref_up.weight, layer_a.lora_up.weight)  # the reference is round 1's policy
+        assert torch.equal(layer_b.lora_up.weight, layer_a.lora_up.weight)

@@ -1,5 +1,7 @@
 """VC2 through the VideoTuna stand-in: host-equivalent eps loss with input scaling, DPO, checkpoints, DDIM sampling."""
 
+import json
+
 import pytest
 import torch
 
@@ -188,3 +190,47 @@ def test_generate_runs_the_hosts_ddim_sampler_with_the_papers_defaults(vc2_files
     assert video.shape == (2, 4, 3, 32, 32) and 0.0 <= video.min() and video.max() <= 1.0
     assert torch.equal(video, backend.generate(["a red square", "a dog"], num_frames=4, seed=7))
     assert not torch.equal(video, backend.generate(["a red square", "a dog"], num_frames=4, seed=8))
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_in_the_training_step_so_the_first_loss_is_log_2(vc2_files, pair_batch, disable):
+    import math
+
+    backend = make_vc2(vc2_files)
+    module = dpo_module(backend, beta=5000.0, disable_dropout=disable)
+    module.train()  # as the Trainer leaves it: VC2's temporal convolutions carry dropout 0.1
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        out, _ = module.dpo_step(pair_batch)
+        losses.append(out.loss.item())
+    if disable:
+        assert losses == [pytest.approx(math.log(2), abs=1e-6)] * 2
+    else:  # dropout noise times beta / 2: the loss is far from log 2 and changes with the dropout draw
+        assert abs(losses[0] - math.log(2)) > 1e-2
+
+
+def test_init_weights_merge_an_sft_lora_into_the_base_which_becomes_the_reference(vc2_files, pair_batch, tmp_path):
+    lora = {"finetune": "lora", "lora": {"rank": 4, "alpha": 4}}
+    sft = make_vc2(vc2_files, **lora)
+    with torch.no_grad():
+        for name, p in sft.flow.denoiser.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.2)
+    sft.save_trainable(tmp_path / "sft")
+    sft.eval()
+    z = sft.encode_video(pair_batch["winner"])
+    t, cond = torch.tensor([10, 900]), sft.encode_prompt(list(pair_batch["caption"]))
+    noisy = sft.add_noise(z, torch.randn_like(z), t)
+    with torch.no_grad():
+        want = sft.predict(noisy, t, cond)
+    for finetune in ({"finetune": "full"}, lora):
+        dpo = make_vc2(vc2_files, init_weights=str(tmp_path / "sft"), **finetune).eval()
+        with torch.no_grad(), dpo.reference() as reference:
+            assert torch.allclose(reference(noisy, t, cond), want, atol=1e-5)  # the SFT model, not the base
+            assert torch.allclose(dpo.predict(noisy, t, cond), want, atol=1e-5)  # policy == reference at start
+        assert not any(n.endswith("lora_A.init.weight") for n, _ in dpo.flow.denoiser.named_parameters())
+    dpo.save_trainable(tmp_path / "dpo")
+    assert json.loads((tmp_path / "dpo" / "trainable.json").read_text())["init_weights"] == str((tmp_path / "sft").resolve())
+    with pytest.raises(UserError, match="trained on top of model.init_weights="):
+        make_vc2(vc2_files, trainable_weights=str(tmp_path / "dpo"), **lora)  # without the SFT weights under it

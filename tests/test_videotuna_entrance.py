@@ -104,10 +104,17 @@ def test_shipped_dpo_configs_carry_the_papers_settings(name, accumulate):
     assert (top.dpo.beta, top.optimizer.lr, data.batch_size) == (5000, 6e-6, 1)
     assert (data.video_length, data.frame_stride, list(data.resolution)) == (16, 4, [320, 512])
     assert top.lightning.trainer["accumulate_grad_batches"] == accumulate
+    assert (top.dpo.uncond_prob, top.dpo.disable_dropout) == (0.2, True)  # the official caption dropout
+    from videotuna_dpo.pipeline.generate import GenerateSchema
+
+    gen = validate(cfg.generate, GenerateSchema, "generate", str(source))
+    sampler = (gen.num_frames, gen.steps, gen.guidance, gen.height, gen.width)
     if name == "t2v_turbo":
         assert (model.lora_rank, model.num_ddim_timesteps, model.lora_ckpt) == (64, 50, "checkpoints/t2v-turbo/unet_lora.pt")
+        assert sampler == (16, 4, 7.5, 320, 512)  # 4 LCM steps
     else:
-        assert model.finetune == "full"
+        assert model.finetune == "full" and model.ddim_eta == 1.0
+        assert sampler == (16, 50, 12.0, 320, 512)  # 50 DDIM steps, guidance 12
 
 
 @pytest.mark.parametrize("backend,extra_key", [("videocrafter2", "model.ckpt"), ("t2v_turbo", "model.lora_ckpt")])
@@ -181,3 +188,54 @@ def test_log_images_samples_the_batch_captions_at_the_batch_size_or_the_model_de
     default = flow.log_images(latent_batch, ddim_steps=2)["samples"]
     frames, (h, w) = flow.inner.temporal_length, flow.inner.image_size
     assert default.shape == (1, 3, frames, h * 8, w * 8)
+
+
+def _image_logger(every):
+    return {"image_logger": {"target": "videotuna.utils.callbacks.ImageLogger",
+                             "params": {"batch_frequency": every, "max_images": 1,
+                                        "log_images_kwargs": {"ddim_steps": 2, "unconditional_guidance_scale": 12.0}}}}
+
+
+def test_dpo_flow_sets_logdir_so_the_image_logger_samples_and_exports_each_step_once(vc2_files, tiny_dataset,
+                                                                                     tmp_path, monkeypatch):
+    from videotuna_dpo.models.videocrafter import VideoCrafter2Backend
+
+    saved = []
+    original = VideoCrafter2Backend.save_trainable
+    monkeypatch.setattr(VideoCrafter2Backend, "save_trainable",
+                        lambda self, directory: saved.append(Path(directory).name) or original(self, directory))
+    config = _videotuna_yaml(vc2_files, tiny_dataset, tmp_path)
+    config.flow.params.export_every_n_steps = 2
+    config.train.data.params.batch_size = 1
+    config.train.lightning.trainer.update(max_steps=4, accumulate_grad_batches=2)
+    config.train.lightning.callbacks = _image_logger(2)
+    flow = _run_like_train_new(config)
+    assert flow.logdir == str(tmp_path) and flow.trainer.global_step == 4
+    # step-N once per optimizer step (not once per micro-batch), never the untrained step 0.
+    assert saved == ["step-2", "step-4", "last"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "dpo_weights").iterdir()) == ["last", "step-2", "step-4"]
+    images = sorted((tmp_path / "images" / "train").glob("*.pt"))
+    assert len(images) == 4  # every second batch of 8 micro-batches (2 pairs, batch 1: batch_idx 1 of each epoch)
+    logged = torch.load(images[0], weights_only=True)
+    assert logged["samples"].shape == (1, 3, 4, 32, 32) and logged["samples"].std() > 0
+
+
+@pytest.mark.parametrize("name", ["vc2_dpo", "t2v_turbo_dpo"])
+def test_shipped_videotuna_configs_run_as_they_are(vc2_files, tiny_dataset, tmp_path, name):
+    """Only what a tiny CPU run must change is changed: the architecture, the files, sizes and devices."""
+    cfg = OmegaConf.load(ROOT / "configs" / "videotuna" / f"{name}.yaml")
+    cfg.flow.params.flow_config = vc2_files["section"]
+    if name == "t2v_turbo_dpo":
+        cfg.flow.params.model.update(lora_ckpt=str(vc2_files["lora"]), lora_rank=4)
+    cfg.train.update(ckpt=str(vc2_files["ckpt"]), trained_ckpt=None, lorackpt=None, workdir=str(tmp_path),
+                     ckptdir=str(tmp_path / "checkpoints"))
+    cfg.train.data.params.update(train_data=str(tiny_dataset), video_length=4, resolution=[32, 32], num_workers=0)
+    cfg.train.lightning.trainer.update(accelerator="cpu", max_steps=2, precision="32-true",
+                                       enable_progress_bar=False, enable_model_summary=False)
+    del cfg.train.lightning.callbacks.model_checkpoint  # VideoTuna's checkpoint callback: not in the stand-in
+    cfg.train.lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps = 2
+    torch.manual_seed(0)
+    flow = _run_like_train_new(cfg)
+    assert flow.trainer.global_step == 2
+    assert flow._dpo.dpo.uncond_prob == 0.2 and flow._dpo.dpo.disable_dropout is True
+    assert (tmp_path / "checkpoints" / "dpo_weights" / "last" / "trainable.json").is_file()

@@ -60,6 +60,11 @@ class GenerationBase(pl.LightningModule):
         self.data.setup()
         assert all(len(d) > 0 for d in self.data.datasets.values())
         trainer_config.pop("num_nodes", None)
-        self.trainer = pl.Trainer(**trainer_config, logger=False, callbacks=[], num_sanity_val_steps=0,
+        # As the host: every lightning.callbacks entry instantiated, the image logger saving under workdir.
+        callbacks_cfg = OmegaConf.to_container(lightning_config.get("callbacks") or OmegaConf.create(), resolve=True)
+        if "image_logger" in callbacks_cfg:
+            callbacks_cfg["image_logger"].setdefault("params", {})["save_dir"] = train_config["workdir"]
+        callbacks = [instantiate_from_config(OmegaConf.create(c)) for c in callbacks_cfg.values()]
+        self.trainer = pl.Trainer(**trainer_config, logger=False, callbacks=callbacks, num_sanity_val_steps=0,
                                   default_root_dir=train_config["workdir"])
         self.set_trainable_components(["denoiser"])
