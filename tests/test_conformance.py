@@ -224,3 +224,13 @@ def test_ddp_on_two_processes_ends_with_identical_weights_on_both_ranks(loop):
     assert ranks[0].keys() == ranks[1].keys() and ranks[0]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     assert json.loads((out / "run" / "run.json").read_text())["global_step"] == 2
+
+
+def test_cache_records_the_weights_it_was_built_from_and_the_empty_caption(loop):
+    name, root, config = loop
+    index = json.loads((root / "cache" / "index.json").read_text())
+    model = OmegaConf.load(config).model
+    built_from = model.get("pretrained") or model.get("ckpt")
+    expected = built_from if built_from == "builtin" else str(Path(built_from).resolve())
+    assert index["settings"]["pretrained"] == expected and index["settings"]["backend"] == RECIPES[name][0]
+    assert sorted(index["captions"]) == sorted(["", *PROMPTS]) and len(index["videos"]) == 4

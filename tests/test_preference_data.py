@@ -185,3 +185,13 @@ def test_datamodule_normalizes_pair_weights_to_mean_one(dataset):
     raw.setup()
     assert [p.weight for p in raw.pairs] == [2.0, 4.0, 6.0]
     assert raw.dataset[2]["weight"].item() == 6.0 and dm.dataset[2]["weight"].item() == pytest.approx(1.5)
+
+
+def test_a_cache_with_random_clip_starts_is_refused_by_name(dataset):
+    cfg = {"train_data": str(dataset), "cache": "data/cache"}
+    with pytest.raises(UserError, match=r"data.cache holds each video's first clip only, but data.frame_start='random'"):
+        PreferenceDataModule.from_config(OmegaConf.create({**cfg, "frame_start": "random"}))
+    assert PreferenceDataModule.from_config(OmegaConf.create(cfg)).cfg.frame_start == "auto"
+    for key in ("video_length", "frame_stride"):
+        with pytest.raises(UserError, match=rf"data.{key} must be >= 1, got 0"):
+            PreferenceDataModule.from_config(OmegaConf.create({"train_data": str(dataset), key: 0}))

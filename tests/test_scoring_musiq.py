@@ -54,12 +54,15 @@ def test_musiq_scores_a_file_as_vbench_does(musiq_checkpoint, monkeypatch, tmp_p
     video = read_video(FIXTURES / "musiq_clip.mp4").float().div(255)
     expected = float(np.load(FIXTURES / "musiq_reference.npz")["score"])
     got = scorer(video[None], ["unused"]).item()
-    assert got == pytest.approx(expected, rel=1e-5)
+    tolerance = 1e-5 * abs(expected)
+    assert abs(got - expected) <= tolerance
     # The 512-px cap is VBench's exact resize: a smooth (antialiased) resize gives another score.
     assert cap_longer_side(video).shape[-2:] == (240, 512)
     smooth = torch.nn.functional.interpolate(video, size=(240, 512), mode="bilinear", antialias=True)
     other = scorer._musiq(smooth).mean().item() / 100.0
-    assert abs(other - expected) > 100 * abs(got - expected)
+    # Measured against the tolerance above, not against this machine's rounding error (which varies):
+    # the check above would fail the variant by a wide margin (here about 30x).
+    assert abs(other - expected) > 10 * tolerance
 
 
 def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path, musiq_arch):
