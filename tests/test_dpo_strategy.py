@@ -126,7 +126,7 @@ def test_caption_dropout_replaces_a_pairs_caption_for_winner_and_loser_together(
         c2 = seen.pop()
         assert torch.equal(c2[:2], c2[2:])  # winners (first half) and losers (second half) share the caption
         assert all(torch.allclose(c2[i], null) or torch.equal(c2[i], cond[i]) for i in range(2))
-    with pytest.raises(UserError, match=r"dpo.uncond_prob must be in \[0, 1\), got 1.0"):
+    with pytest.raises(UserError, match=r"bad value for .dpo.uncond_prob.: 1.0 \(expected a probability in \[0, 1\)\)"):
         _module(backend, uncond_prob=1.0)
 
 

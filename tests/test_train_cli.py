@@ -75,3 +75,32 @@ def test_cli_reports_bad_data_before_training(tiny_cogvideox, tmp_path):
     assert proc.returncode == 2
     assert "pair.json row 0: video2=5 out of range (metadata.json has 2 entries)" in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("dpo.beta=-5", "bad value for 'dpo.beta': -5.0 (expected a finite number > 0)"),
+    ("dpo.beta=nan", "bad value for 'dpo.beta': nan (expected a finite number > 0)"),
+    ("optimizer.lr=-1", "bad value for 'optimizer.lr': -1.0 (expected a finite number > 0)"),
+    ("data.video_length=0", "data.video_length must be >= 1, got 0"),
+    ("data.frame_stride=0", "data.frame_stride must be >= 1, got 0"),
+    ("lightning.trainer.max_steps=lots", "bad value for 'lightning.trainer.max_steps': 'lots' (expected an integer)"),
+    ("dpo.loss_type=hinj", "bad value for 'dpo.loss_type': 'hinj' (expected one of sigmoid, hinge, ipo)"),
+])
+def test_bad_values_are_refused_by_key_before_any_model_loads(tmp_path, capsys, override, message):
+    from videotuna_dpo.cli import main
+
+    # model.pretrained points nowhere: reaching the model would fail with another message.
+    code = main(["train", "--strategy", "dpo", "--config", str(CONFIG), f"model.pretrained={tmp_path / 'nowhere'}",
+                 f"data.train_data={tmp_path / 'nowhere.yaml'}", f"output_dir={tmp_path / 'run'}", override])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("samples", [0, -2])
+def test_generate_refuses_a_non_positive_sample_count(tmp_path, capsys, samples):
+    from videotuna_dpo.cli import main
+
+    (tmp_path / "p.txt").write_text("a red square\n")
+    code = main(["generate", "--config", str(CONFIG), "--prompts", str(tmp_path / "p.txt"), "--num-samples",
+                 str(samples), "--out", str(tmp_path / "out"), f"model.pretrained={tmp_path / 'nowhere'}"])
+    assert code == 2 and f"--num-samples must be >= 1, got {samples}" in capsys.readouterr().err

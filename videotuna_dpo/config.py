@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from videotuna_dpo.errors import UserError
 from omegaconf import DictConfig, OmegaConf
@@ -93,6 +94,27 @@ def check_kwargs(options: Mapping[str, Any], target: Any, where: str, source: st
             suggestion = f" Did you mean '{_join(where, hint[0])}'?" if hint else ""
             raise ConfigError(f"{source}: unknown key '{_join(where, key)}'.{suggestion}")
     return dict(options)
+
+
+Rule = tuple[Callable[[Any], bool], str]  # (is the value allowed, what is allowed, in words)
+POSITIVE: Rule = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE: Rule = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+AT_LEAST_ONE: Rule = (lambda v: v >= 1, "an integer >= 1")
+FINITE: Rule = (lambda v: math.isfinite(v), "a finite number")
+
+
+def check_values(node: Any, where: str, rules: Mapping[str, Rule], source: str = "<config>") -> None:
+    """Refuse a value outside its range before anything loads, naming the full key and what is allowed."""
+    for key, (allowed, words) in rules.items():
+        value = node.get(key) if hasattr(node, "get") else getattr(node, key, None)
+        if value is None:
+            continue
+        try:
+            ok = bool(allowed(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{source}: bad value for '{_join(where, key)}': {value!r} (expected {words})")
 
 
 def to_container(node: Any) -> Any:

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from videotuna_dpo.config import check_kwargs, validate
+from videotuna_dpo.config import NON_NEGATIVE, POSITIVE, check_kwargs, check_values, validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
 
@@ -63,15 +63,39 @@ class TrainSchema:
     lightning: LightningSchema = field(default_factory=LightningSchema)
 
 
+DPO_RULES = {"beta": POSITIVE, "sft_weight": NON_NEGATIVE,
+             "uncond_prob": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+             "loss_type": (lambda v: v in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}")}
+OPTIMIZER_RULES = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,
+                   "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+                   "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")}
+TRAINER_INTS = ("max_steps", "max_epochs", "accumulate_grad_batches", "log_every_n_steps", "num_nodes")
+
+
+def check_training_values(dpo: Any, optimizer: Any, where: str = "", source: str = "<config>") -> None:
+    """dpo.* and optimizer.* in range, before any model loads (both entrances)."""
+    prefix = f"{where}." if where else ""
+    check_values(dpo, f"{prefix}dpo", DPO_RULES, source)
+    check_values(optimizer, f"{prefix}optimizer", OPTIMIZER_RULES, source)
+
+
+def check_trainer_kwargs(trainer: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
+    """``lightning.trainer`` keys that Trainer accepts, the integer ones integers (``max_steps=lots`` refused)."""
+    kwargs = check_kwargs(trainer, L.Trainer.__init__, "lightning.trainer", source)
+    check_values(kwargs, "lightning.trainer",
+                 {k: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1, "an integer")
+                  for k in TRAINER_INTS}, source)
+    if "gradient_clip_val" in kwargs:
+        check_values(kwargs, "lightning.trainer", {"gradient_clip_val": NON_NEGATIVE}, source)
+    return kwargs
+
+
 class DPOModule(L.LightningModule):
     """One step: encode the pair, shared noise and timestep, policy and reference errors, DPO loss."""
 
     def __init__(self, backend: Any, dpo: DPOSchema | Any, optimizer: OptimizerSchema | Any):
         super().__init__()
-        if dpo.loss_type not in LOSS_TYPES:
-            raise UserError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {dpo.loss_type!r}")
-        if not 0.0 <= dpo.uncond_prob < 1.0:
-            raise UserError(f"dpo.uncond_prob must be in [0, 1), got {dpo.uncond_prob}")
+        check_training_values(dpo, optimizer)
         self.backend = backend
         self.dpo = dpo
         self.optim = optimizer
@@ -249,6 +273,10 @@ class DPOStrategy:
     def build(cls, cfg: Any, registry: Any, source: str = "<config>") -> tuple[Any, DPOModule, L.LightningDataModule]:
         """Validated config, the LightningModule and the DataModule of a run."""
         top = validate(cfg, TrainSchema, "", source)
+        check_training_values(top.dpo, top.optimizer, "", source)
+        check_trainer_kwargs(OmegaConf.to_container(top.lightning.trainer, resolve=True), source)
+        check_values(top.lightning.checkpoint, "lightning.checkpoint",
+                     {"every_n_train_steps": (lambda v: v >= 0, "an integer >= 0")}, source)
         model_cfg, data_cfg = cfg.get("model") or {}, cfg.get("data") or {}
         if "name" not in model_cfg:
             raise UserError(f"{source}: missing required key model.name (installed: {', '.join(registry.names('model'))})")
@@ -266,8 +294,7 @@ class DPOStrategy:
         top, module, datamodule = cls.build(cfg, registry, source)
         L.seed_everything(top.seed, workers=True)
         out = Path(top.output_dir)
-        trainer_kwargs = check_kwargs(OmegaConf.to_container(top.lightning.trainer, resolve=True),
-                                      L.Trainer.__init__, "lightning.trainer", source)
+        trainer_kwargs = check_trainer_kwargs(OmegaConf.to_container(top.lightning.trainer, resolve=True), source)
         ck = top.lightning.checkpoint
         callbacks = [
             L.pytorch.callbacks.ModelCheckpoint(

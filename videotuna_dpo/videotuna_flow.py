@@ -19,8 +19,8 @@ from videotuna_dpo.config import validate
 from videotuna_dpo.data.datamodule import PreferenceDataModule
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.videotuna_host import build_flow
-from videotuna_dpo.strategy import (DPOModule, DPOSchema, ExportCadence, OptimizerSchema, keep_trainable_only,
-                                    log_step)
+from videotuna_dpo.strategy import (DPOModule, DPOSchema, ExportCadence, OptimizerSchema, check_training_values,
+                                    keep_trainable_only, log_step)
 
 BACKENDS = ("videocrafter2", "t2v_turbo")  # the backends built on a VideoTuna flow
 
@@ -51,6 +51,7 @@ class DPOFlow(pl.LightningModule):
         self.model_cfg = validate({"name": backend, **(model or {})}, self.backend_class.schema, "flow.params.model")
         self.dpo_cfg = validate(dpo or {}, DPOSchema, "flow.params.dpo")
         self.optim_cfg = validate(optimizer or {}, OptimizerSchema, "flow.params.optimizer")
+        check_training_values(self.dpo_cfg, self.optim_cfg, "flow.params")
         self.export_every = int(export_every_n_steps)
         self.inner = build_flow(section, backend, self.backend_class.checkpoint_keys)
         self.backend: torch.nn.Module | None = None

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from videotuna_dpo.config import validate
+from videotuna_dpo.config import AT_LEAST_ONE, FINITE, check_values, validate
+from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import write_json_atomic
 from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.pipeline.prompts import load_prompt_file
@@ -32,6 +33,10 @@ class GenerateSchema:
     negative_prompt: Optional[str] = None
     batch_size: int = 1
     lossless: bool = False  # exact RGB mp4 (libx264rgb, crf 0): for tiny videos, where H.264's chroma loss matters
+
+
+GENERATE_RULES = {"num_frames": AT_LEAST_ONE, "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "fps": AT_LEAST_ONE,
+                  "guidance": FINITE, "height": AT_LEAST_ONE, "width": AT_LEAST_ONE}
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,9 @@ def generate_videos(
 ) -> dict[str, int]:
     """Generate what is missing under ``out``; returns counts of generated and kept videos."""
     settings = validate(cfg.get("generate"), GenerateSchema, "generate", source)
+    check_values(settings, "generate", GENERATE_RULES, source)
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(load_prompt_file(prompts_file), num_samples, seed)
