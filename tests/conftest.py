@@ -26,6 +26,14 @@ def make_distribution(site: Path, dist_name: str, entry_points: dict[str, str], 
         (site / f"{name}.py").write_text(textwrap.dedent(source))
 
 
+@pytest.fixture
+def umask_022():
+    """Run the test under umask 022, as a typical login shell does."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture(scope="session")
 def example_scorer_site(tmp_path_factory) -> Path:
     """hooks/example_scorer installed (for real, by pip) into a private site directory."""

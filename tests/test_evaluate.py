@@ -219,6 +219,49 @@ def test_z_score_of_constant_differences_is_infinite_and_reported_as_text(tmp_pa
     assert json.loads(json.dumps(json_safe(table)))["rows"][0]["z"] == "inf"
 
 
+def _report_inputs(tmp_path, label):
+    """A summary with one table: two tiny videos per side, so the report has plots and a sample grid."""
+    from videotuna_dpo.data.video_io import write_video
+
+    rows = {"base": [], "tuned": []}
+    for side, omni in (("base", 0.5), ("tuned", 0.6)):
+        for k in range(2):
+            video = write_video(tmp_path / side / f"x_s{k}.mp4", torch.full((2, 3, 8, 8), 0.2 * k + 0.3), lossless=True)
+            rows[side].append(_record(str(video), "x", omni + 0.1 * k, 0.9))
+    table = compare_scores(_write(tmp_path / "b.jsonl", rows["base"]), _write(tmp_path / "t.jsonl", rows["tuned"]))
+    return {"tables": {label: table}, "settings": {"seed": 1}}
+
+
+def _files(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_report_that_fails_midway_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    from videotuna_dpo.pipeline import report
+
+    out = tmp_path / "report"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "keep.mp4").write_bytes(b"not the report's")
+    paths = report.write_report(out, _report_inputs(tmp_path, "run"))
+    before = _files(out)
+    assert {"report.json", "report.html", "plots/omniscore_diff_run.png", "grids/x_s0.png"} <= set(before)
+    def killed(*args):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(report, "_page", killed)
+    with pytest.raises(RuntimeError, match="killed"):  # plots, grids and report.json of "run2" were rendered
+        report.write_report(out, _report_inputs(tmp_path, "run2"))
+    assert _files(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["grids", "plots", "report.html", "report.json", "samples"]
+    monkeypatch.undo()
+    again = report.write_report(out, _report_inputs(tmp_path, "run2"))
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["deltas.png", "omniscore_diff_run2.png"]
+    assert json.loads((out / "report.json").read_text())["plots"]["diff_run2"] == "plots/omniscore_diff_run2.png"
+    assert again["html"] == paths["html"] == str(out / "report.html")
+    assert again["diff_run2"] == str(out / "plots" / "omniscore_diff_run2.png")
+    assert (out / "samples" / "keep.mp4").read_bytes() == b"not the report's"
+
+
 def test_pairs_with_different_seeds_or_no_common_video_are_refused(tmp_path):
     base = _write(tmp_path / "b.jsonl", [_record("/b/x_s0.mp4", "x", 0.5, 0.9, {"prompt_id": "x", "sample": 0, "seed": 1})])
     other_seed = _write(tmp_path / "t.jsonl", [_record("/t/x_s0.mp4", "x", 0.5, 0.9, {"prompt_id": "x", "sample": 0, "seed": 2})])

@@ -8,13 +8,7 @@ import torch
 
 from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.fileio import atomic_file, write_json_atomic
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
+from videotuna_dpo.models.base import atomic_directory
 
 
 def test_written_files_get_umask_permissions_not_mkstemps_0600(tmp_path, umask_022):
@@ -36,6 +30,35 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     with pytest.raises(ValueError):  # NaN is refused before anything is replaced
         write_json_atomic(target, {"x": float("nan")})
     assert target.read_text() == '{\n "old": true\n}'
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("out of memory"), KeyboardInterrupt()])
+def test_a_failure_inside_write_leaves_the_previous_weights_folder_intact(tmp_path, failure):
+    target = tmp_path / "weights" / "last"
+    atomic_directory(target, lambda d: (d / "lora.safetensors").write_bytes(b"step 1"), {"step": 1})
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def write(directory):
+        (directory / "lora.safetensors").write_bytes(b"step 2, half wr")
+        (directory / "extra.bin").write_bytes(b"x")
+        raise failure
+
+    with pytest.raises(type(failure)):
+        atomic_directory(target, write, {"step": 2})
+    assert before == {"lora.safetensors": b"step 1", "trainable.json": b'{\n  "step": 1\n}'}
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last"]
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_exported_weights_get_umask_permissions_not_mkdtemps_0700(tiny_cogvideox, tmp_path, umask_022, finetune):
+    from tests.conftest import make_backend
+
+    saved = make_backend(tiny_cogvideox, finetune=finetune).save_trainable(tmp_path / "weights" / "last")
+    modes = {str(p.relative_to(saved)): stat.S_IMODE(p.stat().st_mode) for p in saved.rglob("*")}
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o755
+    assert "trainable.json" in modes and any(name.endswith(".safetensors") for name in modes)
+    assert modes == {name: 0o755 if (saved / name).is_dir() else 0o644 for name in modes}
 
 
 def test_unreadable_weight_files_are_named_whatever_their_format(tmp_path):

@@ -1,10 +1,13 @@
 import json
+import os
+import re
+import stat
 
 import numpy as np
 import pytest
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.pairs import bin_probabilities, pair_weights, select_pairs
+from videotuna_dpo.pipeline.pairs import bin_probabilities, build_pairs_dataset, pair_weights, select_pairs
 
 ALL = [0.101, 0.105, 0.152, 0.158, 0.159, 0.30, 0.305, 0.309, 0.5, 0.9]
 W = [0.9, 0.309, 0.5]
@@ -65,3 +68,105 @@ def test_all_pairs_above_a_gap_and_the_min_gap_filter():
     assert select_pairs(records, "best-worst", min_gap=0.25)[0] == []
     with pytest.raises(UserError, match="--strategy must be one of"):
         select_pairs(records, "random")
+
+
+# ---------------------------------------------------------------- the dataset is written whole or not at all
+
+
+def _scored(path, omniscores, raw_nan_line=None):
+    """scores.jsonl of two prompts' videos under ``path.parent / "samples"``; one line's raw flicker NaN on request."""
+    lines = []
+    for n, (prompt, omni) in enumerate(omniscores, 1):
+        raw = {"temporal_flickering": float("nan") if n == raw_nan_line else 0.9}
+        lines.append(json.dumps({"path": str(path.parent / "samples" / f"{prompt}_{n}.mp4"), "status": "ok",
+                                 "prompt": prompt, "omniscore": omni, "raw": raw,
+                                 "normalized": {"temporal_flickering": omni}, "quality": omni, "semantic": omni,
+                                 "meta": {"seed": n}, "frames": 8}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+SCORES = [("a", 0.5), ("a", 0.7), ("b", 0.3), ("b", 0.6)]
+
+
+def _snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def old_dataset(tmp_path):
+    out = tmp_path / "ds"
+    build_pairs_dataset(_scored(tmp_path / "old.jsonl", SCORES), out, plots=False)
+    return out, _snapshot(out)
+
+
+def test_a_rerun_failing_after_metadata_is_written_leaves_the_old_dataset_byte_identical(old_dataset, tmp_path,
+                                                                                        monkeypatch):
+    out, before = old_dataset
+    written = []
+
+    def failing_plots(directory, *args):
+        written.append(sorted(p.name for p in (directory.parent / "pairs").iterdir()))
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("videotuna_dpo.pipeline.plots.pair_plots", failing_plots)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_pairs_dataset(_scored(tmp_path / "new.jsonl", SCORES[:2] + [("c", 0.1), ("c", 0.9)]), out, alpha=2.0)
+    assert written == [["manifest.json", "metadata.json", "pair.json"]]  # the new files existed when it failed
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "new.jsonl", "old.jsonl"]  # no staging dir left
+
+
+def test_a_nan_raw_dimension_is_refused_naming_line_and_dimension_and_nothing_is_written(old_dataset, tmp_path):
+    out, before = old_dataset
+    scores = _scored(tmp_path / "new.jsonl", SCORES, raw_nan_line=3)
+    with pytest.raises(UserError, match=rf"new\.jsonl:3: raw dimension 'temporal_flickering' of .*b_3\.mp4 is nan"):
+        build_pairs_dataset(scores, out)
+    assert _snapshot(out) == before
+    with pytest.raises(UserError, match="new.jsonl:3: raw dimension"):
+        build_pairs_dataset(scores, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"beta": -1.0}, "--beta must be a finite number > 0, got -1.0"),
+    ({"alpha": float("nan")}, "--alpha must be a finite number >= 0 (0 = plain DPO), got nan"),
+    ({"alpha": -0.5}, "--alpha must be a finite number >= 0"),
+    ({"bin_width": 0.0}, "--bin-width must be a finite number > 0, got 0.0"),
+    ({"min_gap": float("inf")}, "--min-gap must be a finite number >= 0, got inf"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(old_dataset, tmp_path, setting, message):
+    out, before = old_dataset
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_pairs_dataset(tmp_path / "old.jsonl", out, **setting)
+    assert _snapshot(out) == before
+
+
+def test_clip_paths_are_relative_to_the_final_dataset_dir_which_gets_mkdirs_permissions(tmp_path, umask_022):
+    out = tmp_path / "data" / "ds"
+    summary = build_pairs_dataset(_scored(tmp_path / "s.jsonl", SCORES), out, plots=False)
+    metadata = json.loads((out / "pairs" / "metadata.json").read_text())
+    assert metadata[0]["basic"]["clip_path"] == "../../../samples/a_2.mp4"
+    assert {os.path.normpath(out / "pairs" / m["basic"]["clip_path"]) for m in metadata} == {
+        str(tmp_path / "samples" / f"{name}.mp4") for name in ("a_2", "a_1", "b_4", "b_3")}
+    assert summary["train_data"] == str(out / "train_data.yaml")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and stat.S_IMODE((out / "pairs").stat().st_mode) == 0o755
+
+
+def test_a_dataset_dir_holding_other_files_is_refused_not_replaced(tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"--out .*ds holds notes\.txt, which is not part of a pairs dataset"):
+        build_pairs_dataset(_scored(tmp_path / "s.jsonl", SCORES), out, plots=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+
+def test_cli_refuses_a_negative_beta_with_the_message_and_exit_code_2(old_dataset, tmp_path, capsys):
+    from videotuna_dpo.cli import main
+
+    out, before = old_dataset
+    assert main(["pairs", "--scores", str(tmp_path / "old.jsonl"), "--out", str(out), "--beta", "-1"]) == 2
+    assert "videotuna: error: --beta must be a finite number > 0, got -1.0" in capsys.readouterr().err
+    assert _snapshot(out) == before

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +191,42 @@ def test_cache_resumes_after_an_interruption(tiny_cogvideox, tmp_path, loop):
     summary = build_cache(cfg.model, cfg.data, backend, root / "ds", out, shard_size=1, batch_size=2)
     assert summary["kept"] == 2 and summary["encoded"] == 4
     assert len(json.loads((out / "index.json").read_text())["videos"]) == 6
+
+
+@pytest.mark.parametrize("dies_in", ["save_file", "write_json_atomic"])
+def test_cache_killed_while_writing_a_shard_or_the_index_resumes_to_the_uninterrupted_cache(
+        tiny_cogvideox, tmp_path, loop, monkeypatch, dies_in):
+    from videotuna_dpo.data import latent_cache
+
+    root = loop[0]
+    cfg = OmegaConf.load(CONFIG)
+    cfg.model.pretrained = str(tiny_cogvideox)
+    backend = make_backend(tiny_cogvideox)
+    build = lambda out: build_cache(cfg.model, cfg.data, backend, root / "ds", out, shard_size=1, batch_size=2)  # noqa: E731
+    whole = tmp_path / "whole"
+    build(whole)
+    real, calls = getattr(latent_cache, dies_in), []
+
+    def killed_on_the_second_call(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            if dies_in == "save_file":  # save_file(tensors, path): half the shard is on disk
+                Path(args[1]).write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(latent_cache, dies_in, killed_on_the_second_call)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        build(out)
+    index = json.loads((out / "index.json").read_text())
+    assert index["shards"] == ["shard-00000.safetensors"]
+    assert {e["shard"] for kind in ("videos", "captions") for e in index[kind].values()} == {"shard-00000.safetensors"}
+    # Killed between a shard and the index that would name it, the shard is an orphan that the resume overwrites.
+    orphan = ["shard-00001.safetensors"] if dies_in == "write_json_atomic" else []
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-00000.safetensors", *orphan]
+    monkeypatch.undo()
+    summary = build(out)
+    assert summary["kept"] == 2 and summary["encoded"] == 4 and summary["shards"] == 3
+    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
+    assert files(out) == files(whole)  # byte-identical shards and index

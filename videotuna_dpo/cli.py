@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: videotuna pairs --scores scores.jsonl --out data/pairs --strategy best-worst --alpha 1.0",
     )
     p.add_argument("--scores", required=True, help="scores.jsonl from `videotuna score`")
-    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument("--out", required=True, help="dataset directory to write (a rerun replaces it as a whole)")
     p.add_argument("--strategy", default="best-worst", choices=["best-worst", "all-gap"],
                    help="best-worst: one pair per prompt (paper); all-gap: every pair above --min-gap")
     p.add_argument("--min-gap", type=float, default=0.0, help="minimum OmniScore gap of a pair (ties never pair)")

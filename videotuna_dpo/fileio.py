@@ -1,7 +1,7 @@
 """Atomic writes: a temporary sibling, then ``os.replace``, so readers see the old file or the new one.
 
-Files get the permissions a plain ``open()`` would give (0666 minus the umask), not ``mkstemp``'s 0600,
-so videos, scores and checkpoints stay readable by the rest of a team.
+Files and directories get the permissions a plain ``open()``/``mkdir()`` would give (0666/0777 minus the
+umask), not ``mkstemp``'s 0600 or ``mkdtemp``'s 0700, so videos, scores and weights stay readable by a team.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 def _current_umask() -> int:
@@ -65,3 +67,68 @@ def write_text_atomic(path: str | Path, text: str) -> str:
 def write_json_atomic(path: str | Path, data: Any) -> str:
     """Write ``data`` as JSON (no NaN or infinity) atomically."""
     return write_text_atomic(path, json.dumps(data, indent=1, allow_nan=False))
+
+
+@contextlib.contextmanager
+def _staging_directory(near: Path) -> Iterator[Path]:
+    """An empty directory next to ``near``, removed afterwards if still there."""
+    near.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.", dir=near.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _follow_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the modes ``mkdir``/``open`` give (``mkdtemp``/``mkstemp``: 0700/0600)."""
+    umask = _current_umask()
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & stat.S_IXUSR
+                os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Put ``source`` (a file, a directory or nothing) where ``target`` is, removing the old ``target``."""
+    if source.is_dir() and target.is_dir():
+        old = target.with_name(f".{target.name}.old")  # a directory cannot be renamed over a full one
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old)
+    elif source.exists():
+        os.replace(source, target)
+    elif target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield an empty directory next to ``target``; when the block succeeds it replaces ``target`` as a whole.
+
+    On any error, interruption included, the temporary directory is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    with _staging_directory(target) as tmp:
+        yield tmp
+        _follow_umask(tmp)
+        _replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_entries(directory: str | Path, names: Sequence[str]) -> Iterator[Path]:
+    """Yield a staging directory; when the block succeeds each of ``names`` there replaces its namesake in
+    ``directory`` (in order; one the block did not write is removed). On error ``directory`` is untouched.
+    """
+    directory = Path(directory)
+    with _staging_directory(directory / "staging") as stage:
+        yield stage
+        _follow_umask(stage)
+        for name in names:
+            _replace(stage / name, directory / name)

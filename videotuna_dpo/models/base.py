@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
+
+from videotuna_dpo import fileio
 
 # predict(noisy [B, ...latent], t [B], cond) -> prediction shaped like noisy
 PredictFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -68,26 +67,11 @@ def seed_list(seed: int | list[int], n: int) -> list[int]:
 
 
 def atomic_directory(target: str | Path, write: Callable[[Path], None], meta: dict) -> Path:
-    """Run ``write(tmpdir)`` then swap ``tmpdir`` into ``target``: readers never see half a save."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """Run ``write(tmpdir)``, add ``trainable.json``, swap ``tmpdir`` into ``target``: readers never see half a save."""
+    with fileio.atomic_directory(target) as tmp:
         write(tmp)
         (tmp / TRAINABLE_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(target)
 
 
 def init_weights_id(cfg: Any) -> str | None:

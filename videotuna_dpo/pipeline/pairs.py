@@ -17,11 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from videotuna_dpo.data.preference import write_official_layout
-from videotuna_dpo.fileio import write_json_atomic
+from videotuna_dpo.fileio import atomic_directory, write_json_atomic
 from videotuna_dpo.errors import UserError
 
 PAIR_STRATEGIES = ("best-worst", "all-gap")
 PROBABILITY_MODES = ("sqrt", "product")
+DATASET_ENTRIES = ("train_data.yaml", "pairs", "plots", "summary.json")  # what a rerun replaces
 
 
 def bin_probabilities(scores: Sequence[float], all_scores: Sequence[float], bin_width: float = 0.01) -> np.ndarray:
@@ -114,10 +115,46 @@ def read_scored(scores_path: str | Path) -> tuple[list[dict], list[dict]]:
         s = r.get("omniscore")
         if not isinstance(s, (int, float)) or not math.isfinite(s):
             raise UserError(f"{scores_path}: record for {r['path']} has a non-finite omniscore {s!r}")
+        _check_dimensions(r, scores_path)
         if not r.get("prompt"):
             raise UserError(f"{scores_path}: record for {r['path']} has no prompt")
         ok.append(r)
     return ok, failed
+
+
+def _check_dimensions(record: dict, scores_path: str | Path) -> None:
+    """Refuse a NaN or infinite dimension (raw, normalised, quality, semantic), naming its scores.jsonl line."""
+    from videotuna_dpo.pipeline.score import record_line
+
+    values = {**{f"raw dimension {k!r}": v for k, v in (record.get("raw") or {}).items()},
+              **{f"normalized dimension {k!r}": v for k, v in (record.get("normalized") or {}).items()},
+              "quality": record.get("quality"), "semantic": record.get("semantic")}
+    for what, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{scores_path}:{record_line(scores_path, record['path'])}: {what} of {record['path']} "
+                            f"is {value}; rescore that video or remove its line")
+
+
+def check_pair_settings(min_gap: float, alpha: float, beta: float, bin_width: float, mode: str) -> None:
+    """Refuse settings that would give no weights or meaningless ones, naming the option."""
+    rules = [("--min-gap", min_gap, min_gap >= 0, ">= 0"), ("--alpha", alpha, alpha >= 0, ">= 0 (0 = plain DPO)"),
+             ("--beta", beta, beta > 0, "> 0"), ("--bin-width", bin_width, bin_width > 0, "> 0")]
+    problems = [f"{flag} must be a finite number {rule}, got {value}"
+                for flag, value, ok, rule in rules if not (ok and math.isfinite(value))]
+    if mode not in PROBABILITY_MODES:
+        problems.append(f"--mode must be one of {', '.join(PROBABILITY_MODES)}, got {mode!r}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def _check_replaceable(out: Path) -> None:
+    """``out`` is replaced as a whole: refuse one that holds anything but a pairs dataset."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: not a directory")
+    other = sorted(p.name for p in out.iterdir() if p.name not in DATASET_ENTRIES) if out.is_dir() else []
+    if other:
+        raise UserError(f"--out {out} holds {', '.join(other[:5])}, which is not part of a pairs dataset and would be "
+                        f"replaced with it; write the dataset to a new or empty directory")
 
 
 def build_pairs_dataset(
@@ -131,8 +168,14 @@ def build_pairs_dataset(
     mode: str = "sqrt",
     plots: bool = True,
 ) -> dict[str, Any]:
-    """Pair, weight and write a dataset; returns a summary (counts, weight range, paths)."""
+    """Pair, weight and write a dataset; returns a summary (counts, weight range, paths).
+
+    Everything is checked first and the dataset is built next to ``out``, then swapped in: ``out`` ends up
+    the new dataset or, on any failure, stays the old one.
+    """
     out = Path(out)
+    check_pair_settings(min_gap, alpha, beta, bin_width, mode)
+    _check_replaceable(out)
     ok, failed = read_scored(scores_path)
     if not ok:
         raise UserError(f"{scores_path}: no successfully scored videos")
@@ -144,8 +187,11 @@ def build_pairs_dataset(
     s_l = [p.loser["omniscore"] for p in pairs]
     probability = pair_probabilities(s_w, s_l, all_scores, bin_width, mode)
     weights = (beta / probability) ** alpha
+    if not np.isfinite(weights).all():
+        raise UserError(f"--alpha {alpha}: the weight (beta / p) ** alpha of the rarest pair overflows; "
+                        f"use a smaller --alpha")
 
-    meta_dir = out / "pairs"
+    meta_dir = out / "pairs"  # clip paths are relative to where the dataset will be, not to its staging dir
     index: dict[str, int] = {}
     clips, videos = [], []
     for r in (v for p in pairs for v in (p.winner, p.loser)):
@@ -172,15 +218,17 @@ def build_pairs_dataset(
                   for row, p, prob, w in zip(rows, pairs, probability, weights)],
         "failed_videos": [{"path": r["path"], "reason": r.get("reason", "")} for r in failed],
     }
-    train_data = write_official_layout(meta_dir, clips, rows, manifest)
     summary = {
-        "train_data": str(train_data), "pairs": len(pairs), "videos": len(clips), "scored": len(ok),
+        "train_data": str(out / "train_data.yaml"), "pairs": len(pairs), "videos": len(clips), "scored": len(ok),
         "failed_videos_left_out": len(failed), **stats,
         "weight_min": float(weights.min()), "weight_max": float(weights.max()), "weight_mean": float(weights.mean()),
     }
-    if plots:
-        from videotuna_dpo.pipeline.plots import pair_plots
+    with atomic_directory(out) as tmp:
+        write_official_layout(tmp / meta_dir.name, clips, rows, manifest)
+        if plots:
+            from videotuna_dpo.pipeline.plots import pair_plots
 
-        summary["plots"] = pair_plots(out / "plots", ok, pairs, weights)
-    write_json_atomic(out / "summary.json", summary)
+            drawn = pair_plots(tmp / "plots", ok, pairs, weights)
+            summary["plots"] = {name: str(out / Path(png).relative_to(tmp)) for name, png in drawn.items()}
+        write_json_atomic(tmp / "summary.json", summary)
     return summary

@@ -1,8 +1,8 @@
 """The evaluation report: report.json, a self-contained report.html, PNG plots and sample grids.
 
 Input is the summary of :func:`videotuna_dpo.pipeline.evaluate.evaluate` (or one built by hand):
-``{"tables": {label: compare_scores table}, "settings": {...}, "counts": {...}}``. Every file is
-written atomically; the HTML refers to the PNGs by paths relative to the report directory.
+``{"tables": {label: compare_scores table}, "settings": {...}, "counts": {...}}``. The report is
+written as a whole; the HTML refers to the PNGs by paths relative to the report directory.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from videotuna_dpo.fileio import write_text_atomic
+from videotuna_dpo.fileio import atomic_entries, write_text_atomic
 from videotuna_dpo.pipeline.plots import _pyplot, save_figure
 
 GRID_PROMPTS = 4
@@ -193,19 +193,26 @@ def _page(summary: Mapping[str, Any], plots: Mapping[str, str], grids: list[dict
     return "\n".join(parts)
 
 
+REPORT_ENTRIES = ("plots", "grids", "report.json", "report.html")  # the page last: it names the others
+
+
 def write_report(out: str | Path, summary: Mapping[str, Any], grid_prompts: int = GRID_PROMPTS) -> dict[str, str]:
-    """Write plots, sample grids, report.json and report.html under ``out``; returns their paths."""
+    """Write plots, sample grids, report.json and report.html under ``out``; returns their paths.
+
+    All are rendered first and then renamed into place, so a failure leaves the previous report whole.
+    """
     out = Path(out)
     tables = summary.get("tables", {})
     plots: dict[str, str] = {}
-    if tables:
-        plots["deltas"] = os.path.relpath(delta_bars(out / "plots" / "deltas.png", tables), out)
-        for label, table in tables.items():
-            plots[f"diff_{label}"] = os.path.relpath(diff_histogram(out / "plots" / f"omniscore_diff_{label}.png",
-                                                                    table, label), out)
-    grids = _grids(out, tables, grid_prompts) if tables else []
-    report = {**summary, "plots": plots, "grids": grids}
-    json_path = write_text_atomic(out / "report.json", json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
-    html_path = write_text_atomic(out / "report.html", _page(summary, plots, grids))
-    return {"json": json_path, "html": html_path, **{k: str(out / v) for k, v in plots.items()},
-            **{f"grid_{g['key']}": str(out / g["png"]) for g in grids}}
+    with atomic_entries(out, REPORT_ENTRIES) as stage:
+        if tables:
+            plots["deltas"] = os.path.relpath(delta_bars(stage / "plots" / "deltas.png", tables), stage)
+            for label, table in tables.items():
+                plots[f"diff_{label}"] = os.path.relpath(diff_histogram(stage / "plots" / f"omniscore_diff_{label}.png",
+                                                                        table, label), stage)
+        grids = _grids(stage, tables, grid_prompts) if tables else []
+        report = {**summary, "plots": plots, "grids": grids}
+        write_text_atomic(stage / "report.json", json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
+        write_text_atomic(stage / "report.html", _page(summary, plots, grids))
+    return {"json": str(out / "report.json"), "html": str(out / "report.html"),
+            **{k: str(out / v) for k, v in plots.items()}, **{f"grid_{g['key']}": str(out / g["png"]) for g in grids}}

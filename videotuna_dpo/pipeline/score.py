@@ -177,8 +177,8 @@ class ScoresFile:
             os.close(fd)
 
 
-def parse_records(data: bytes, path: Path) -> list[dict]:
-    records = []
+def numbered_records(data: bytes, path: Path) -> Iterator[tuple[int, dict]]:
+    """The records of scores.jsonl bytes with their 1-based line numbers; a malformed line is an error naming it."""
     for number, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue
@@ -188,17 +188,29 @@ def parse_records(data: bytes, path: Path) -> list[dict]:
             raise UserError(f"{path}:{number}: not a JSON record ({exc}); remove or fix that line") from exc
         if not isinstance(record, dict) or "path" not in record or "status" not in record:
             raise UserError(f"{path}:{number}: a score record needs \"path\" and \"status\" keys")
-        records.append(record)
-    return records
+        yield number, record
 
 
-def read_scores(path: str | os.PathLike) -> dict[str, dict]:
-    """scores.jsonl -> {video path: its last record}; ignores a trailing partial line, leaves the file as is."""
+def parse_records(data: bytes, path: Path) -> list[dict]:
+    return [record for _, record in numbered_records(data, path)]
+
+
+def _complete_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: scores file not found")
     data = path.read_bytes()
-    return {r["path"]: r for r in parse_records(data[: data.rfind(b"\n") + 1], path)}
+    return numbered_records(data[: data.rfind(b"\n") + 1], path)
+
+
+def read_scores(path: str | os.PathLike) -> dict[str, dict]:
+    """scores.jsonl -> {video path: its last record}; ignores a trailing partial line, leaves the file as is."""
+    return {r["path"]: r for _, r in _complete_records(path)}
+
+
+def record_line(path: str | os.PathLike, video: str) -> int:
+    """The line number of ``video``'s last record in scores.jsonl, for messages that point at it."""
+    return max(number for number, r in _complete_records(path) if r["path"] == video)
 
 
 # ---------------------------------------------------------------- scoring

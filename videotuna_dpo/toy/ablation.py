@@ -38,13 +38,14 @@ def ablation(out: Path, seeds: int, alphas: list[float], betas: list[float], ste
     for alpha in alphas:
         data = out / f"pairs_a{alpha:g}"
         _run(["pairs", "--scores", str(out / "scores.jsonl"), "--out", str(data), "--alpha", str(alpha)])
-        _run(["cache", "--config", cfg, "--data", str(data), "--out", str(data / "cache"),
+        cache = out / f"cache_a{alpha:g}"  # not inside the dataset dir, which a rerun of pairs replaces whole
+        _run(["cache", "--config", cfg, "--data", str(data), "--out", str(cache),
               f"data.train_data={data / 'train_data.yaml'}"])
         for beta in betas:
             for seed in range(seeds):
                 name = f"a{alpha:g}_b{beta:g}_s{seed}"
                 common = [f"output_dir={out / 'runs' / name}", f"data.train_data={data / 'train_data.yaml'}",
-                          f"data.cache={data / 'cache'}", f"dpo.beta={beta}", f"seed={seed}",
+                          f"data.cache={cache}", f"dpo.beta={beta}", f"seed={seed}",
                           f"lightning.trainer.max_steps={steps}", f"lightning.checkpoint.every_n_train_steps={steps}"]
                 _run(["train", "--strategy", "dpo", "--config", cfg, *common])
                 _run(["eval", "--config", cfg, "--prompts", str(out / "prompts.txt"), "--num-samples", "4",
