@@ -37,7 +37,7 @@ class OptimizerSchema:
 
 @dataclass
 class CheckpointSchema:
-    every_n_train_steps: int = 500  # Lightning checkpoint (exact resume) and weights export cadence
+    every_n_train_steps: int = 500  # Lightning checkpoint (--resume) and weights export cadence
     save_top_k: int = -1
     export_weights: bool = True  # also write weights/step-N (safetensors) that `generate` loads
 
