@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strategy", required=True, help="strategy name, see `videotuna plugins`")
     p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--resume", default=None, help="Lightning checkpoint to resume from (weights, optimizer, step), or 'last'")
+    p.add_argument("--resume", default=None, help="Lightning checkpoint to resume from exactly, or 'last'")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser(
