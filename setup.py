@@ -11,7 +11,7 @@ setup(
     include_package_data=True,
     package_data={"videotuna_dpo": ["toy/*.yaml", "toy/base/*.json", "toy/base/*/*"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "torchvision",
         "diffusers>=0.32",
         "lightning>=2.4",
