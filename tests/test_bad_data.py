@@ -161,3 +161,71 @@ def test_mixed_resolution_videos_all_arrive_at_the_training_resolution(dataset, 
     cfg.model.pretrained = str(tiny_cogvideox)
     summary = build_cache(cfg.model, cfg.data, make_backend(tiny_cogvideox), dataset, tmp_path / "cache")
     assert summary["encoded"] == 6 and summary["skipped_now"] == 0
+
+
+def _cache(dataset, tiny_cogvideox, out, **kwargs):
+    cfg = OmegaConf.load(CONFIG)
+    cfg.model.pretrained = str(tiny_cogvideox)
+    summary = build_cache(cfg.model, cfg.data, make_backend(tiny_cogvideox), dataset, out, **kwargs)
+    cfg.data.train_data, cfg.data.cache = str(dataset), str(out)
+    return summary, cfg
+
+
+def _open_cache(cfg):
+    dm = PreferenceDataModule.from_config(cfg.data)
+    dm.setup("fit")
+    return dm.dataset
+
+
+def test_a_corrupt_cache_shard_is_named_before_training_and_cache_encodes_it_again(dataset, tiny_cogvideox, tmp_path):
+    out = tmp_path / "cache"
+    _, cfg = _cache(dataset, tiny_cogvideox, out, shard_size=2, batch_size=2)
+    shard = out / "shard-00001.safetensors"
+    held = [k for k, e in json.loads((out / "index.json").read_text())["videos"].items() if e["shard"] == shard.name]
+    data = shard.read_bytes()
+    shard.write_bytes(b"\xff" * 8 + data[8:])  # the header length field now claims exabytes: "header too large"
+    with pytest.raises(UserError) as info:
+        _open_cache(cfg)
+    message = str(info.value)
+    assert f"shard {shard} is unreadable (Error while deserializing header: header too large)" in message
+    assert "`videotuna cache` with the same --data and --out" in message
+    summary, _ = _cache(dataset, tiny_cogvideox, out, shard_size=2, batch_size=2)
+    assert summary["encoded"] == len(held) == 2 and summary["kept"] == 4
+    cached = _open_cache(cfg)
+    assert len(cached) == 3 and all(torch.isfinite(cached[i]["winner_latents"]).all() for i in range(3))
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "..", "sub/shard.safetensors"])
+def test_cache_index_naming_a_shard_outside_the_cache_dir_is_refused(dataset, tiny_cogvideox, tmp_path, name):
+    out = tmp_path / "cache"
+    _, cfg = _cache(dataset, tiny_cogvideox, out)
+    index = json.loads((out / "index.json").read_text())
+    (tmp_path / "outside.safetensors").write_bytes((out / index["shards"][0]).read_bytes())  # a readable decoy
+    index["shards"] = [name]
+    for kind in ("videos", "captions"):
+        for entry in index[kind].values():
+            entry["shard"] = name
+    (out / "index.json").write_text(json.dumps(index))
+    expected = f"{out / 'index.json'}: shard name {name!r} is not a plain file name inside the cache directory"
+    with pytest.raises(UserError, match="shard name") as info:
+        _open_cache(cfg)
+    assert expected in str(info.value)
+    with pytest.raises(UserError) as info:
+        _cache(dataset, tiny_cogvideox, out)
+    assert expected in str(info.value)
+
+
+def test_a_video_skipped_by_cache_is_tried_again_and_encoded_once_fixed(dataset, tiny_cogvideox, tmp_path, capsys):
+    bad = _video(dataset, "0_1_good.mp4")
+    original = bad.read_bytes()
+    _empty(bad)
+    out = tmp_path / "cache"
+    summary, cfg = _cache(dataset, tiny_cogvideox, out)
+    assert (summary["encoded"], summary["skipped_now"], summary["kept"]) == (5, 1, 0)
+    again, _ = _cache(dataset, tiny_cogvideox, out)  # still broken: tried again, skipped again, never "kept"
+    assert (again["encoded"], again["skipped_now"], again["kept"], again["skipped_total"]) == (0, 1, 5, 1)
+    assert f"skipped {bad}: empty file (0 bytes)" in capsys.readouterr().err
+    bad.write_bytes(original)
+    fixed, _ = _cache(dataset, tiny_cogvideox, out)
+    assert (fixed["encoded"], fixed["skipped_now"], fixed["kept"], fixed["skipped_total"]) == (1, 0, 5, 0)
+    assert [p.row for p in _open_cache(cfg).pairs] == [0, 1, 2]
