@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from videotuna_dpo.errors import UserError
+
 
 def _current_umask() -> int:
     """The process umask, read from /proc where possible: setting it to read it (the portable way)
@@ -132,3 +134,34 @@ def atomic_entries(directory: str | Path, names: Sequence[str]) -> Iterator[Path
         _follow_umask(stage)
         for name in names:
             _replace(stage / name, directory / name)
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """Check that directory ``path`` can be written in (or created), before any long work; nothing is created.
+
+    ``what`` names the option in messages (e.g. ``"--out samples"``); a file in the way or no permission is a UserError.
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise UserError(f"{what}: {existing} is a file, not a directory; give a directory (it is created if missing)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write in {existing} ({exc.strerror or exc})") from None
+    return path
+
+
+def check_writable_file(path: str | Path, what: str) -> Path:
+    """Check that file ``path`` can be created or appended to; nothing is created."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what}: {path} is a directory; give a file path (e.g. {path / 'scores.jsonl'})")
+    check_writable_dir(path.parent, what)
+    try:
+        if path.exists():
+            open(path, "ab").close()
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write {path} ({exc.strerror or exc})") from None
+    return path

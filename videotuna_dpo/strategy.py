@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from videotuna_dpo.config import NON_NEGATIVE, POSITIVE, check_kwargs, check_values, validate
 from videotuna_dpo.errors import UserError, first_line
+from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
 
 
@@ -310,7 +311,9 @@ class DPOStrategy:
 
     @classmethod
     def run(cls, cfg: Any, registry: Any, resume: str | None = None, source: str = "<config>") -> Path:
-        ckpt_path = resume_checkpoint(resume, Path(validate(cfg, TrainSchema, "", source).output_dir))  # before any model loads
+        out = Path(validate(cfg, TrainSchema, "", source).output_dir)
+        check_writable_dir(out, f"output_dir={out}")  # before any model loads
+        ckpt_path = resume_checkpoint(resume, out)
         top, module, datamodule = cls.build(cfg, registry, source)
         L.seed_everything(top.seed, workers=True)
         out = Path(top.output_dir)

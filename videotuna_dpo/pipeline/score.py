@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.fileio import check_writable_file
 from videotuna_dpo.scoring.omniscore import DIMENSIONS
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"}
@@ -383,6 +384,7 @@ def score_videos(
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_writable_file(out, f"--out {out}")  # before the scorers load
     paths = list_videos(videos) if isinstance(videos, (str, os.PathLike)) else [Path(v) for v in videos]
     prompt_map = load_prompts(paths, prompts)
     names = list(scorers or DEFAULT_SCORERS)
