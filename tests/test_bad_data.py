@@ -143,6 +143,14 @@ def _edit(dataset, name, edit):
          "part0/metadata.json row 3: duplicate video videos/0_0_bad.mp4 (also row 1)"),
         ("dir_listed_twice", lambda d: d.write_text("META: [part0, part0]\n"),
          "train_data.yaml: META[1] part0 is listed twice (also META[0])"),
+        ("manifest_is_a_list", lambda d: (d.parent / "part0" / "manifest.json").write_text("[]"),
+         "part0/manifest.json: expected a JSON object with a \"pairs\" list of objects, one per pair.json row "
+         "(as `videotuna pairs` writes it), got a JSON list"),
+        ("manifest_pairs_not_objects", lambda d: (d.parent / "part0" / "manifest.json").write_text('{"pairs": [1, 2, 3]}'),
+         "part0/manifest.json: expected a JSON object with a \"pairs\" list of objects"),
+        ("pair_row_repeated", lambda d: _edit(d, "pair.json", lambda p: p.append(dict(p[1]))),
+         "part0/pair.json row 3: the same pair as {root}/part0/pair.json row 1 (winner, loser and caption); "
+         "a pair listed twice trains twice"),
     ],
 )
 def test_malformed_dataset_is_an_error_naming_file_and_row(dataset, case, edit, message):
