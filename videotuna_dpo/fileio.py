@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -37,6 +38,28 @@ def _default_mode() -> int:
     return 0o666 & ~_current_umask()
 
 
+# Temporary names: "." + the target's name + "~" + mkstemp's 8 random characters (+ a suffix). "~" is in no name this
+# package writes for good (prompt ids are reduced to [A-Za-z0-9_.-]), so cleanup can never take a finished file.
+_TEMPORARY = re.compile(r"\..+~[a-z0-9_]{8}(\.[A-Za-z0-9]+)?")
+
+
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name}~"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file or directory of :func:`atomic_file` / :func:`atomic_directory`."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def remove_stale_temporaries(directory: str | Path) -> int:
+    """Delete the temporary files a killed writer left in ``directory`` (nothing else); returns how many."""
+    stale = [p for p in Path(directory).iterdir() if is_temporary(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path next to ``path``; when the block succeeds it becomes ``path``.
@@ -46,7 +69,7 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[str]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -75,7 +98,7 @@ def write_json_atomic(path: str | Path, data: Any) -> str:
 def _staging_directory(near: Path) -> Iterator[Path]:
     """An empty directory next to ``near``, removed afterwards if still there."""
     near.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.", dir=near.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(near), dir=near.parent))
     try:
         yield tmp
     finally:

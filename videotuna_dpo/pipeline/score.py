@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.fileio import check_writable_file
+from videotuna_dpo.fileio import check_writable_file, is_temporary
 from videotuna_dpo.scoring.omniscore import DIMENSIONS
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"}
@@ -33,9 +33,11 @@ def list_videos(spec: str | os.PathLike) -> list[Path]:
     """A directory (searched recursively), a .txt list (one path per line) or one video -> sorted paths."""
     path = Path(spec)
     if path.is_dir():
+        # Left out: temporaries of a killed writer and macOS "._" metadata files; a video named ".x.mp4" is a video.
         found = sorted(
             p for p in path.rglob("*")
-            if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file() and not p.name.startswith(".")
+            if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file() and not is_temporary(p.name)
+            and not p.name.startswith("._")
         )
         if not found:
             raise UserError(f"--videos {path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) in this directory")
