@@ -105,6 +105,8 @@ class VideoCrafter2Backend(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: Any, source: str = "<config>", flow: Any = None) -> "VideoCrafter2Backend":
+        if flow is None:  # without VideoTuna, say so before asking for keys that point into it (host_config, ckpt)
+            import_videotuna("videotuna", cls.family, cls.checkpoint_keys)
         cfg = validate(model_cfg, cls.schema, "model", source)
         if flow is None and not cfg.ckpt:
             raise UserError(f"{source}: missing required key model.ckpt; point {cls.checkpoint_keys}")
