@@ -112,7 +112,8 @@ def read_trainable_meta(directory: str | Path, family: str | None = None, cfg: A
     return meta
 
 
-SAVE_AS_SAFETENSORS = "save the weights as safetensors (save_pretrained(..., safe_serialization=True) or safetensors.torch.save_file)"
+SAVE_AS_SAFETENSORS = ("save the weights as safetensors (save_pretrained(..., safe_serialization=True) or "
+                       "safetensors.torch.save_file)")
 
 
 def _pickled_note(folder: Path, read_bin: bool) -> str:
@@ -123,7 +124,8 @@ def _pickled_note(folder: Path, read_bin: bool) -> str:
     if read_bin:
         return (f"; {bins[0]} is a pickled file, loaded only if it holds nothing but tensors (torch.load "
                 f"weights_only), since unpickling anything else can run code: {SAVE_AS_SAFETENSORS}")
-    return f"; it holds {bins[0]}, a pickled file, which a weights folder never loads (unpickling can run code): {SAVE_AS_SAFETENSORS}"
+    return (f"; it holds {bins[0]}, a pickled file, which a weights folder never loads (unpickling can run code): "
+            f"{SAVE_AS_SAFETENSORS}")
 
 
 @contextmanager
