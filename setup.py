@@ -11,11 +11,11 @@ setup(
     include_package_data=True,
     package_data={"videotuna_dpo": ["toy/*.yaml", "toy/base/*.json", "toy/base/*/*"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "torchvision",
         "diffusers>=0.32",
         "lightning>=2.4",
-        "omegaconf>=2.3",
+        "omegaconf>=2.4",  # its YAML loader limits alias expansion (user_files.py relies on it)
         "transformers>=4.44",
         "open_clip_torch>=2.24",
         "peft>=0.12",

@@ -69,3 +69,31 @@ def test_unreadable_weight_files_are_named_whatever_their_format(tmp_path):
         (tmp_path / name).write_bytes(b"xx")
         with pytest.raises(UserError, match=rf"{name.replace('.', '[.]')}: not a readable checkpoint"):
             load_weights(tmp_path / name, "model.trust_checkpoint")
+
+
+class _Scripted(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(2, 3)
+        self.register_buffer("scale", torch.tensor([4.0]))
+        self.steps = 7  # an int attribute: not a tensor, not in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.scale
+
+
+def test_torchscript_tensors_are_read_under_their_state_dict_names(tmp_path):
+    from videotuna_dpo.errors import UserError
+    from videotuna_dpo.models.checkpoint_io import load_torchscript_tensors
+
+    module = torch.jit.script(_Scripted())
+    module.save(str(tmp_path / "scripted.pt"))
+    tensors = load_torchscript_tensors(tmp_path / "scripted.pt")
+    assert sorted(tensors) == sorted(module.state_dict()) == ["proj.bias", "proj.weight", "scale"]
+    assert all(torch.equal(tensors[k], v) for k, v in module.state_dict().items())
+    torch.save({"w": torch.ones(1)}, tmp_path / "plain.pt")  # a zip, but no TorchScript pickle of modules
+    with pytest.raises(UserError, match=r"plain\.pt: the TorchScript archive holds a dict, not a module"):
+        load_torchscript_tensors(tmp_path / "plain.pt")
+    (tmp_path / "broken.pt").write_bytes(b"xx")
+    with pytest.raises(UserError, match=r"broken\.pt: not a readable TorchScript archive"):
+        load_torchscript_tensors(tmp_path / "broken.pt")

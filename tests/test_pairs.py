@@ -3,7 +3,6 @@ import os
 import re
 import stat
 
-import numpy as np
 import pytest
 
 from videotuna_dpo.errors import UserError
@@ -120,7 +119,7 @@ def test_a_rerun_failing_after_metadata_is_written_leaves_the_old_dataset_byte_i
 def test_a_nan_raw_dimension_is_refused_naming_line_and_dimension_and_nothing_is_written(old_dataset, tmp_path):
     out, before = old_dataset
     scores = _scored(tmp_path / "new.jsonl", SCORES, raw_nan_line=3)
-    with pytest.raises(UserError, match=rf"new\.jsonl:3: raw dimension 'temporal_flickering' of .*b_3\.mp4 is nan"):
+    with pytest.raises(UserError, match=r"new\.jsonl:3: raw dimension 'temporal_flickering' of .*b_3\.mp4 is nan"):
         build_pairs_dataset(scores, out)
     assert _snapshot(out) == before
     with pytest.raises(UserError, match="new.jsonl:3: raw dimension"):

@@ -195,3 +195,21 @@ def test_a_cache_with_random_clip_starts_is_refused_by_name(dataset):
     for key in ("video_length", "frame_stride"):
         with pytest.raises(UserError, match=rf"data.{key} must be >= 1, got 0"):
             PreferenceDataModule.from_config(OmegaConf.create({"train_data": str(dataset), key: 0}))
+
+
+def test_epoch_order_is_seeded_by_epoch_shared_across_ranks_and_resumes_mid_epoch():
+    from videotuna_dpo.data.order import EpochOrder
+
+    whole = EpochOrder(5, seed=7)
+    epoch0 = [i for i, _ in whole]
+    assert sorted(epoch0) == [0, 1, 2, 3, 4] and [i for i, _ in EpochOrder(5, seed=7)] == epoch0  # no history
+    whole.set_epoch(1)
+    assert [k for k in whole][0][1] == 1 and [i for i, _ in whole] != epoch0
+    ranks = [EpochOrder(5, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    shares = [[i for i, _ in r] for r in ranks]
+    assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == 3  # padded to equal shares, as DistributedSampler
+    assert sorted(set(shares[0] + shares[1])) == [0, 1, 2, 3, 4]
+    resumed = EpochOrder(5, seed=7)
+    resumed.skip = 2
+    assert [i for i, _ in resumed] == epoch0[2:] and [i for i, _ in resumed] == epoch0  # the skip applies once
+    assert EpochOrder(5, seed=7, shuffle=False).indices() == [0, 1, 2, 3, 4]

@@ -1,6 +1,7 @@
 """Model-based scorers end to end on random-weight models loaded from a weights directory; missing weights."""
 
 import json
+from typing import Tuple
 
 import pytest
 import torch
@@ -210,3 +211,43 @@ def test_weight_files_that_pickle_objects_or_are_corrupt_are_refused_naming_scor
         OverallConsistency(device="cpu", viclip_weights=str(broken))
     with pytest.raises(UserError, match=r"aesthetic_quality: cannot load .*broken\.pth as open_clip's"):
         AestheticQuality(device="cpu", clip_weights=str(broken), head_weights=str(dino))
+
+
+class _WritesOnLoad(torch.nn.Module):
+    """A TorchScript module whose ``__setstate__`` (run by ``torch.jit.load``) writes a file of its choosing."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, bool]:
+        return (self.target, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, bool]) -> None:
+        self.target = state[0]
+        self.training = state[1]
+        torch.ops.aten.save(torch.zeros(1), state[0])
+
+
+def test_a_torchscript_clip_file_is_read_without_running_its_code(weights_dir, tmp_path, monkeypatch):
+    written = tmp_path / "written_by_payload"
+    archive = tmp_path / "ViT-L-14.pt"
+    torch.jit.script(_WritesOnLoad(str(written))).save(str(archive))
+    head = tmp_path / "head.pth"
+    torch.save(torch.nn.Linear(32, 1).state_dict(), head)
+    for trust in ("0", "1"):  # trusting weights files does not make an archive's code run either
+        monkeypatch.setenv("VIDEOTUNA_TRUST_WEIGHTS", trust)
+        with pytest.raises(UserError, match=r"aesthetic_quality: .*ViT-L-14\.pt: not a readable TorchScript archive "
+                                            r"\(UnpicklingError: __torch__\.[\w.]*_WritesOnLoad restores itself "
+                                            r"with its own __setstate__ \(code in the archive, not run here\)"):
+            AestheticQuality(device="cpu", clip_weights=str(archive), head_weights=str(head), model_name=TINY_CLIP)
+        with pytest.raises(UserError, match=r"overall_consistency: .*ViT-L-14\.pt: not a readable TorchScript"):
+            OverallConsistency(device="cpu", clip_weights=str(archive), model_name=TINY_CLIP)
+        assert not written.exists()
+    torch.jit.load(str(archive))  # the payload is live: loading the archive as TorchScript writes the file
+    assert written.is_file()

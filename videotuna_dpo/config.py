@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.user_files import load_yaml_config
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
@@ -26,9 +27,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        cfg = OmegaConf.load(path)
-    except Exception as exc:
-        raise ConfigError(f"{path}: not a valid YAML config: {exc}") from exc
+        cfg = load_yaml_config(path)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(cfg).__name__}")
     return apply_overrides(cfg, overrides)

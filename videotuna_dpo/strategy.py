@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from videotuna_dpo.config import NON_NEGATIVE, POSITIVE, check_kwargs, check_values, validate
+from videotuna_dpo.data.order import seeded
 from videotuna_dpo.errors import UserError, first_line
 from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
@@ -39,7 +40,7 @@ class OptimizerSchema:
 
 @dataclass
 class CheckpointSchema:
-    every_n_train_steps: int = 500  # Lightning checkpoint (exact resume) and weights export cadence
+    every_n_train_steps: int = 500  # Lightning checkpoint (--resume) and weights export cadence
     save_top_k: int = -1
     export_weights: bool = True  # also write weights/step-N (safetensors) that `generate` loads
 
@@ -95,12 +96,13 @@ def check_trainer_kwargs(trainer: dict[str, Any], source: str = "<config>") -> d
 class DPOModule(L.LightningModule):
     """One step: encode the pair, shared noise and timestep, policy and reference errors, DPO loss."""
 
-    def __init__(self, backend: Any, dpo: DPOSchema | Any, optimizer: OptimizerSchema | Any):
+    def __init__(self, backend: Any, dpo: DPOSchema | Any, optimizer: OptimizerSchema | Any, seed: int | None = None):
         super().__init__()
         check_training_values(dpo, optimizer)
         self.backend = backend
         self.dpo = dpo
         self.optim = optimizer
+        self.seed = torch.initial_seed() if seed is None else int(seed)  # steps draw from seeds derived from it
         if dpo.disable_dropout:
             disable_dropout(backend)
         # Only trainable tensors go into checkpoints; frozen weights come from model.pretrained.
@@ -172,9 +174,16 @@ class DPOModule(L.LightningModule):
         return out, used
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out, used = self.dpo_step(batch)
+        out, used = self.seeded_step(batch, batch_idx)
         log_step(self, out, used)
         return out.loss
+
+    def seeded_step(self, batch: dict[str, Any], batch_idx: int, module: Any = None) -> tuple[Any, dict]:
+        """``dpo_step`` with noise, timesteps, caption dropout and dropout drawn from a seed of (run seed,
+        epoch, batch, rank), so a run resumed at this batch draws exactly what the uninterrupted run drew."""
+        module = module or self
+        with seeded("step", self.seed, module.current_epoch, batch_idx, module.global_rank):
+            return self.dpo_step(batch)
 
     def configure_optimizers(self):
         params = self.backend.trainable_parameters()
@@ -307,7 +316,9 @@ class DPOStrategy:
             datamodule.setup("fit")
             datamodule.dataset.check_model(OmegaConf.create(model_cfg))
         backend = registry.get("model", model_cfg["name"]).from_config(model_cfg, source)
-        return top, DPOModule(backend, top.dpo, top.optimizer), datamodule
+        if hasattr(datamodule, "seed"):
+            datamodule.seed = top.seed
+        return top, DPOModule(backend, top.dpo, top.optimizer, seed=top.seed), datamodule
 
     @classmethod
     def run(cls, cfg: Any, registry: Any, resume: str | None = None, source: str = "<config>") -> Path:
@@ -333,6 +344,10 @@ class DPOStrategy:
         if evaluator is not None:
             callbacks.append(evaluator)
         trainer_kwargs.setdefault("max_steps", 1000)
+        if hasattr(datamodule, "shard_by_rank"):
+            # Our sampler shards by rank itself and resumes mid-epoch; Lightning's DistributedSampler would not.
+            datamodule.shard_by_rank = True
+            trainer_kwargs["use_distributed_sampler"] = False
         trainer_kwargs.setdefault("log_every_n_steps", 1)
         trainer = L.Trainer(
             default_root_dir=str(out),

@@ -97,7 +97,7 @@ class DPOFlow(pl.LightningModule):
 
     # -- Lightning ------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out, used = self._dpo.dpo_step(batch)
+        out, used = self._dpo.seeded_step(batch, batch_idx, module=self)
         log_step(self, out, used)
         return out.loss
 

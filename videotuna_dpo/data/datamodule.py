@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from videotuna_dpo.config import validate
+from videotuna_dpo.data.order import EpochOrder, generator, item_key
 from videotuna_dpo.data.frames import fit_stride, frame_indices, frame_span, resize_center_crop, to_model_range
 from videotuna_dpo.data.preference import DataError, PairRecord, load_pairs
 from videotuna_dpo.data.video_io import VideoReadError, count_frames, read_video
@@ -85,6 +85,7 @@ class PreferenceVideoDataset(Dataset):
     """Decodes both videos of a pair at the same frame positions -> ``[C, F, H, W]`` in [-1, 1].
 
     ``strides[i]`` is pair i's frame stride (``plan_strides``: the configured one, or the largest that fits).
+    A random clip start is drawn from a generator seeded by (``seed``, epoch, index): see ``data.order``.
     """
 
     def __init__(self, pairs: list[PairRecord], video_length: int, frame_stride: int,
@@ -96,6 +97,7 @@ class PreferenceVideoDataset(Dataset):
         self.height, self.width = resolution
         self.frame_start = frame_start
         self.strides = strides if strides is not None else plan_strides(pairs, video_length, frame_stride)
+        self.seed = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -107,7 +109,8 @@ class PreferenceVideoDataset(Dataset):
             # Never substitute another video: the pair names exactly these two.
             raise UserError(f"{pair.meta_dir}/pair.json row {pair.row}: {exc}") from exc
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = item_key(key)
         pair = self.pairs[index]
         winner, loser = self._read(pair.winner, pair), self._read(pair.loser, pair)
         frames = min(winner.shape[0], loser.shape[0])
@@ -116,7 +119,9 @@ class PreferenceVideoDataset(Dataset):
         except UserError as exc:
             raise UserError(f"{pair.meta_dir}/pair.json row {pair.row}: {exc}") from exc
         latest = frames - frame_span(self.video_length, stride)
-        start = random.randint(0, latest) if self.frame_start == "random" else 0
+        start = 0
+        if self.frame_start == "random":
+            start = int(torch.randint(0, latest + 1, (1,), generator=generator("clip", self.seed, epoch, index)))
         idx = frame_indices(self.video_length, stride, start)
         out = {}
         for key, clip in (("winner", winner), ("loser", loser)):
@@ -135,6 +140,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.pairs: list[PairRecord] | None = None
         self.dataset: Dataset | None = None
+        self.seed: int | None = None  # the run's seed (default: torch.initial_seed(), set by seed_everything)
+        self.shard_by_rank = False  # True when the Trainer leaves sharding to us (use_distributed_sampler=False)
 
     @classmethod
     def from_config(cls, data_cfg: Any, source: str = "<config>") -> "PreferenceDataModule":
@@ -172,12 +179,26 @@ class PreferenceDataModule(L.LightningDataModule):
         self.pairs = self.dataset.pairs
 
     def train_dataloader(self) -> DataLoader:
+        """Pairs in an order seeded by (seed, epoch), this rank's share, continuing mid-epoch after a resume."""
         self.setup("fit")
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and self.shard_by_rank else (0, 1)
+        seed = self.seed if self.seed is not None else torch.initial_seed()
+        self.dataset.seed = seed
+        order = EpochOrder(len(self.dataset), seed, self.cfg.shuffle, rank, world)
+        order.skip = self._batches_done(-(-len(order) // self.cfg.batch_size)) * self.cfg.batch_size
         return DataLoader(
             self.dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=self.cfg.shuffle,
+            sampler=order,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
             drop_last=False,
         )
+
+    def _batches_done(self, batches_per_epoch: int) -> int:
+        """Batches of the current epoch a restored run already trained on (0 when not resuming mid-epoch)."""
+        if self.trainer is None:
+            return 0
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return done if 0 < done < batches_per_epoch else 0

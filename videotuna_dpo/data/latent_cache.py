@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from videotuna_dpo.data.frames import fit_stride, frame_indices, resize_center_crop, to_model_range
+from videotuna_dpo.data.order import generator, item_key
 from videotuna_dpo.data.preference import PairRecord, load_pairs
 from videotuna_dpo.fileio import atomic_file, write_json_atomic
 from videotuna_dpo.data.video_io import VideoReadError, read_video
@@ -242,6 +243,7 @@ class CachedPreferenceDataset(Dataset):
         self.cache_dir = cache_dir
         self.index = index
         self.pairs = pairs
+        self.seed = 0
         self._handles: dict[str, Any] = {}
 
     @classmethod
@@ -297,16 +299,18 @@ class CachedPreferenceDataset(Dataset):
         except (SafetensorError, OSError) as exc:
             raise _shard_error(self.cache_dir, shard, first_line(exc)) from None
 
-    def _sample(self, path: str) -> torch.Tensor:
+    def _sample(self, path: str, draws: torch.Generator) -> torch.Tensor:
         entry = self.index["videos"][video_id(path)]
         mean, std = self._tensor(entry, "/mean"), self._tensor(entry, "/std")
-        return mean + std * torch.randn_like(mean)
+        return mean + std * torch.randn(mean.shape, generator=draws)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, epoch = item_key(key)
         pair = self.pairs[i]
+        draws = generator("posterior", self.seed, epoch, i)  # a resumed run draws the same samples
         item = {
-            "winner_latents": self._sample(pair.winner),  # the backend's latent layout, e.g. [F', C', H', W']
-            "loser_latents": self._sample(pair.loser),
+            "winner_latents": self._sample(pair.winner, draws),  # the backend's latent layout, e.g. [F', C', H', W']
+            "loser_latents": self._sample(pair.loser, draws),
             "prompt_embeds": self._tensor(self.index["captions"][pair.caption]),  # [L, D]
             "caption": pair.caption,
             "weight": torch.tensor(pair.weight, dtype=torch.float32),

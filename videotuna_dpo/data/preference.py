@@ -6,7 +6,6 @@ problem is reported with the dir, the pair row and what is wrong.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import write_json_atomic, write_text_atomic
+from videotuna_dpo.user_files import read_json, read_yaml
 
 OFFICIAL_WEIGHT_BETA = 0.72  # weight = (0.72 / p) ** alpha, p = the pair probability in pair.json
 MAX_LISTED_PROBLEMS = 20
@@ -53,9 +53,9 @@ def _load_json(path: Path, problems: list[str]) -> Any:
         problems.append(f"{path}: file not found")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        problems.append(f"{path}: malformed JSON ({exc})")
+        return read_json(path)
+    except UserError as exc:
+        problems.append(str(exc))
         return None
 
 
@@ -79,9 +79,9 @@ def meta_dirs(train_data: str | Path) -> list[Path]:
     if not train_data.is_file():
         raise DataError([f"{train_data}: train_data.yaml not found"])
     try:
-        doc = yaml.safe_load(train_data.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise DataError([f"{train_data}: malformed YAML ({exc})"]) from None
+        doc = read_yaml(train_data)
+    except UserError as exc:
+        raise DataError([str(exc)]) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("META"), list) or not doc["META"]:
         raise DataError([f"{train_data}: expected a mapping with a non-empty list `META: [dir, ...]`"])
     dirs, seen, problems = [], {}, []

@@ -89,6 +89,7 @@ def read_trainable_meta(directory: str | Path, family: str | None = None, cfg: A
     Family, ``finetune`` (lora/full) and LoRA rank must match ``cfg``; a mismatch names what to set.
     """
     from videotuna_dpo.errors import UserError
+    from videotuna_dpo.user_files import read_json
 
     path = Path(directory) / TRAINABLE_META
     if not path.is_file():
@@ -96,7 +97,7 @@ def read_trainable_meta(directory: str | Path, family: str | None = None, cfg: A
             f"{directory}: not a trainable-weights directory ({TRAINABLE_META} missing); point at a "
             f"run's weights/last or weights/step-N folder"
         )
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     if family is not None and meta.get("family") != family:
         raise UserError(f"{directory}: weights of model family {meta.get('family')!r}, not {family!r}; set model.name")
     if cfg is not None and meta.get("init_weights", None) != init_weights_id(cfg):

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.checkpoint_io import load_weights
+from videotuna_dpo.user_files import load_yaml_config
 
 VIDEOTUNA_REPO = "https://github.com/VideoVerses/VideoTuna"
 # VideoTuna's split-checkpoint file names (GenerationBase's Component.get_component_path()).
@@ -76,7 +77,7 @@ def flow_section(host_config: str | None, flow: Any, key: str) -> DictConfig:
         source = f"{key}.flow"
     elif host_config:
         path = resolve_host_path(host_config, f"{key}.host_config")
-        loaded = OmegaConf.load(path)
+        loaded = load_yaml_config(path)
         if "flow" not in loaded:
             raise UserError(f"{path}: no top-level `flow:` section (a VideoTuna flow YAML has flow.target and flow.params)")
         section = loaded.flow

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.toy.world import all_specs
+from videotuna_dpo.user_files import read_json
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "toy" / "demo.yaml"
 SCORERS = "temporal_flickering,dynamic_degree,motion_smoothness,toy_alignment"
@@ -75,7 +76,7 @@ def run_demo(out: str | Path, samples: int = 4, eval_samples: int = 4, steps: in
         if code != 0:
             raise UserError(f"demo step `videotuna {name}` failed (exit code {code})")
         timings[name] = round(time.time() - start, 1)
-    report = json.loads((out / "report" / "report.json").read_text())
+    report = read_json(out / "report" / "report.json")
     table = next(iter(report["tables"].values()))
     row = table_row(table, "omniscore")
     passed = row["delta"] > 0 and (row["z"] or 0) > MIN_Z and row["win_rate"] > MIN_WIN_RATE

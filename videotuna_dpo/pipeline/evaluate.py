@@ -9,7 +9,6 @@ z-score. :class:`EvalCallback` logs the same OmniScore during DPO training.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_dir
+from videotuna_dpo.user_files import read_json
 
 NO_WEIGHTS_SCORERS = ("temporal_flickering", "dynamic_degree", "motion_smoothness")
 BASE = "base"
@@ -194,7 +194,7 @@ def weight_labels(weights: Sequence[Path]) -> list[str]:
 def _check_samples(directory: Path, weights: str | None, sampler: Mapping[str, Any]) -> None:
     """Refuse to resume into a sample directory made with other weights or sampler settings."""
     for record_file in sorted(directory.glob("*_s*.json"))[:1]:
-        record = json.loads(record_file.read_text(encoding="utf-8"))
+        record = read_json(record_file)
         made = (record.get("model") or {}).get("weights")
         if made != weights:
             raise UserError(f"{record_file}: these samples were made with weights {made!r}, this run asks for "

@@ -6,7 +6,6 @@ are written atomically, the record last, so a rerun keeps every complete video a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +19,7 @@ from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_dir, remove_stale_temporaries, write_json_atomic
 from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.pipeline.prompts import load_prompt_file
+from videotuna_dpo.user_files import read_json
 
 
 @dataclass
@@ -121,4 +121,4 @@ def generate_videos(
 def read_record(video: Path) -> dict:
     """The generation record next to ``video`` (empty when there is none)."""
     path = video.with_suffix(".json")
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}

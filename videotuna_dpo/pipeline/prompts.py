@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.user_files import read_bounded, read_json
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -16,14 +16,14 @@ def load_prompt_file(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--prompts {path}: file not found")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".txt":
+        text = read_bounded(path, "lines").decode("utf-8")
         items = [(f"p{i:05d}", line.strip()) for i, line in enumerate(l for l in text.splitlines() if l.strip())]
     elif path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--prompts {path}: malformed JSON ({exc})") from None
+            data = read_json(path)
+        except UserError as exc:
+            raise UserError(f"--prompts {exc}") from None
         if isinstance(data, list):
             items = [(f"p{i:05d}", p) for i, p in enumerate(data)]
         elif isinstance(data, dict):

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_file, is_temporary
 from videotuna_dpo.scoring.omniscore import DIMENSIONS
+from videotuna_dpo.user_files import read_bounded, read_json
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -72,10 +73,7 @@ def _sidecar(video: Path) -> dict:
     """The record a generator wrote next to ``video``: ``<video>.json`` (e.g. a.mp4.json) or ``<stem>.json``."""
     for candidate in (video.with_name(video.name + ".json"), video.with_suffix(".json")):
         if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{candidate}: not valid JSON ({exc})") from exc
+            data = read_json(candidate)
             if not isinstance(data, dict):
                 raise UserError(f"{candidate}: expected a JSON object with a \"prompt\" key")
             return data
@@ -84,23 +82,20 @@ def _sidecar(video: Path) -> dict:
 
 def _prompt_entries(prompts_file: Path) -> list[tuple[str, Any]] | list[str]:
     """Entries of a prompts file: (video key, prompt or record) pairs, or for .txt a plain prompt list."""
-    text = prompts_file.read_text(encoding="utf-8")
     if prompts_file.suffix.lower() == ".txt":
+        text = read_bounded(prompts_file, "lines").decode("utf-8")
         return [ln.strip() for ln in text.splitlines() if ln.strip()]
     if prompts_file.suffix.lower() == ".jsonl":
         rows = []
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(read_bounded(prompts_file, "lines").splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
+                except ValueError as exc:
                     raise UserError(f"{prompts_file}:{i}: not valid JSON ({exc})") from exc
         data: Any = rows
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{prompts_file}: not valid JSON ({exc})") from exc
+        data = read_json(prompts_file)
     if isinstance(data, dict):
         return list(data.items())
     if isinstance(data, list):
@@ -172,7 +167,7 @@ class ScoresFile:
         """Drop a trailing partial line (truncating the file) and return the complete records."""
         if not self.path.exists():
             return []
-        data = self.path.read_bytes()
+        data = read_bounded(self.path, "lines")
         end = data.rfind(b"\n") + 1
         if end < len(data):
             self.dropped_bytes = len(data) - end
@@ -202,7 +197,7 @@ def numbered_records(data: bytes, path: Path) -> Iterator[tuple[int, dict]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
             raise UserError(f"{path}:{number}: not a JSON record ({exc}); remove or fix that line") from exc
         if not isinstance(record, dict) or "path" not in record or "status" not in record:
             raise UserError(f"{path}:{number}: a score record needs \"path\" and \"status\" keys")
@@ -218,13 +213,13 @@ def _complete_records(path: str | os.PathLike) -> tuple[Iterator[tuple[int, dict
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: scores file not found")
-    data = path.read_bytes()
+    data = read_bounded(path, "lines")
     end = data.rfind(b"\n") + 1
     tail = data[end:]
     try:
         json.loads(tail.strip() or b"{}")  # a last record lacking only its newline is complete
         return numbered_records(data, path), None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
         line = data.count(b"\n") + 1
     note = (f"{path}:{line}: ignored a partial last line ({len(tail)} bytes), left by an interrupted "
             f"`videotuna score` or a file cut short; rerun `videotuna score` with this --out to finish it")

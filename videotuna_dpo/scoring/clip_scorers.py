@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from videotuna_dpo.errors import UserError, first_line
+from videotuna_dpo.models.checkpoint_io import load_torchscript_tensors
 from videotuna_dpo.scoring.base import (
     WEIGHTS_ENV,
     BaseScorer,
@@ -42,8 +43,8 @@ def load_clip(model_name: str, path: Path, device: torch.device, scorer: str = "
     if key not in _LOADED:
         model = open_clip.create_model(model_name, pretrained=None)
         try:
-            if is_torchscript_archive(path):  # OpenAI's ViT-L-14.pt
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            if is_torchscript_archive(path):  # OpenAI's ViT-L-14.pt: its tensors are read, its code never runs
+                state = load_torchscript_tensors(path)
                 state = {k: v for k, v in state.items()
                          if k not in ("input_resolution", "context_length", "vocab_size")}
                 if "logit_scale" in state:
@@ -51,6 +52,8 @@ def load_clip(model_name: str, path: Path, device: torch.device, scorer: str = "
                 model.load_state_dict(state, strict=True)
             else:  # a state dict: tensors only, nothing unpickled
                 open_clip.load_checkpoint(model, str(path), weights_only=True)
+        except UserError as exc:  # already names the file and what is wrong with it
+            raise UserError(f"{scorer}: {exc}") from None
         except Exception as exc:  # unreadable file, pickled objects, other architecture
             raise UserError(f"{scorer}: cannot load {path} as open_clip's {model_name} "
                             f"({type(exc).__name__}: {first_line(exc)})") from None
@@ -59,7 +62,7 @@ def load_clip(model_name: str, path: Path, device: torch.device, scorer: str = "
 
 
 def is_torchscript_archive(path: Path) -> bool:
-    """Whether ``path`` is a TorchScript zip (it carries ``code/``), read with ``torch.jit.load``, not unpickled."""
+    """Whether ``path`` is a TorchScript zip (it carries ``code/``): its tensors are read without its code."""
     import zipfile
 
     if not zipfile.is_zipfile(path):

@@ -65,6 +65,9 @@ class GenerationBase(pl.LightningModule):
         if "image_logger" in callbacks_cfg:
             callbacks_cfg["image_logger"].setdefault("params", {})["save_dir"] = train_config["workdir"]
         callbacks = [instantiate_from_config(OmegaConf.create(c)) for c in callbacks_cfg.values()]
+        # As the host's get_trainer_strategy: DDP unless lightning.strategy says otherwise, even on one device,
+        # so a trainable parameter that gets no gradient stops the run here as it does there.
+        strategy = lightning_config.get("strategy") or pl.strategies.DDPStrategy()
         self.trainer = pl.Trainer(**trainer_config, logger=False, callbacks=callbacks, num_sanity_val_steps=0,
-                                  default_root_dir=train_config["workdir"])
+                                  strategy=strategy, default_root_dir=train_config["workdir"])
         self.set_trainable_components(["denoiser"])
