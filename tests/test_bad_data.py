@@ -14,6 +14,7 @@ from videotuna_dpo.data.datamodule import PreferenceDataModule, PreferenceVideoD
 from videotuna_dpo.data.latent_cache import CachedPreferenceDataset, build_cache
 from videotuna_dpo.data.preference import DataError, load_pairs
 from videotuna_dpo.data.video_io import write_video
+from videotuna_dpo.errors import UserError
 
 CAPTIONS = ["a red square moving right", "a blue square moving right", "a green square moving right"]
 CONFIG = ROOT / "configs" / "dpo" / "cogvideox_tiny.yaml"
