@@ -14,6 +14,7 @@ from videotuna_dpo.data.datamodule import PreferenceDataModule, PreferenceVideoD
 from videotuna_dpo.data.latent_cache import CachedPreferenceDataset, build_cache
 from videotuna_dpo.data.preference import DataError, load_pairs
 from videotuna_dpo.data.video_io import write_video
+from videotuna_dpo.errors import UserError
 
 CAPTIONS = ["a red square moving right", "a blue square moving right", "a green square moving right"]
 CONFIG = ROOT / "configs" / "dpo" / "cogvideox_tiny.yaml"
@@ -142,6 +143,14 @@ def _edit(dataset, name, edit):
          "part0/metadata.json row 3: duplicate video videos/0_0_bad.mp4 (also row 1)"),
         ("dir_listed_twice", lambda d: d.write_text("META: [part0, part0]\n"),
          "train_data.yaml: META[1] part0 is listed twice (also META[0])"),
+        ("manifest_is_a_list", lambda d: (d.parent / "part0" / "manifest.json").write_text("[]"),
+         "part0/manifest.json: expected a JSON object with a \"pairs\" list of objects, one per pair.json row "
+         "(as `videotuna pairs` writes it), got a JSON list"),
+        ("manifest_pairs_not_objects", lambda d: (d.parent / "part0" / "manifest.json").write_text('{"pairs": [1, 2, 3]}'),
+         "part0/manifest.json: expected a JSON object with a \"pairs\" list of objects"),
+        ("pair_row_repeated", lambda d: _edit(d, "pair.json", lambda p: p.append(dict(p[1]))),
+         "part0/pair.json row 3: the same pair as {root}/part0/pair.json row 1 (winner, loser and caption); "
+         "a pair listed twice trains twice"),
     ],
 )
 def test_malformed_dataset_is_an_error_naming_file_and_row(dataset, case, edit, message):
@@ -160,3 +169,71 @@ def test_mixed_resolution_videos_all_arrive_at_the_training_resolution(dataset, 
     cfg.model.pretrained = str(tiny_cogvideox)
     summary = build_cache(cfg.model, cfg.data, make_backend(tiny_cogvideox), dataset, tmp_path / "cache")
     assert summary["encoded"] == 6 and summary["skipped_now"] == 0
+
+
+def _cache(dataset, tiny_cogvideox, out, **kwargs):
+    cfg = OmegaConf.load(CONFIG)
+    cfg.model.pretrained = str(tiny_cogvideox)
+    summary = build_cache(cfg.model, cfg.data, make_backend(tiny_cogvideox), dataset, out, **kwargs)
+    cfg.data.train_data, cfg.data.cache = str(dataset), str(out)
+    return summary, cfg
+
+
+def _open_cache(cfg):
+    dm = PreferenceDataModule.from_config(cfg.data)
+    dm.setup("fit")
+    return dm.dataset
+
+
+def test_a_corrupt_cache_shard_is_named_before_training_and_cache_encodes_it_again(dataset, tiny_cogvideox, tmp_path):
+    out = tmp_path / "cache"
+    _, cfg = _cache(dataset, tiny_cogvideox, out, shard_size=2, batch_size=2)
+    shard = out / "shard-00001.safetensors"
+    held = [k for k, e in json.loads((out / "index.json").read_text())["videos"].items() if e["shard"] == shard.name]
+    data = shard.read_bytes()
+    shard.write_bytes(b"\xff" * 8 + data[8:])  # the header length field now claims exabytes: "header too large"
+    with pytest.raises(UserError) as info:
+        _open_cache(cfg)
+    message = str(info.value)
+    assert f"shard {shard} is unreadable (Error while deserializing header: header too large)" in message
+    assert "`videotuna cache` with the same --data and --out" in message
+    summary, _ = _cache(dataset, tiny_cogvideox, out, shard_size=2, batch_size=2)
+    assert summary["encoded"] == len(held) == 2 and summary["kept"] == 4
+    cached = _open_cache(cfg)
+    assert len(cached) == 3 and all(torch.isfinite(cached[i]["winner_latents"]).all() for i in range(3))
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "..", "sub/shard.safetensors"])
+def test_cache_index_naming_a_shard_outside_the_cache_dir_is_refused(dataset, tiny_cogvideox, tmp_path, name):
+    out = tmp_path / "cache"
+    _, cfg = _cache(dataset, tiny_cogvideox, out)
+    index = json.loads((out / "index.json").read_text())
+    (tmp_path / "outside.safetensors").write_bytes((out / index["shards"][0]).read_bytes())  # a readable decoy
+    index["shards"] = [name]
+    for kind in ("videos", "captions"):
+        for entry in index[kind].values():
+            entry["shard"] = name
+    (out / "index.json").write_text(json.dumps(index))
+    expected = f"{out / 'index.json'}: shard name {name!r} is not a plain file name inside the cache directory"
+    with pytest.raises(UserError, match="shard name") as info:
+        _open_cache(cfg)
+    assert expected in str(info.value)
+    with pytest.raises(UserError) as info:
+        _cache(dataset, tiny_cogvideox, out)
+    assert expected in str(info.value)
+
+
+def test_a_video_skipped_by_cache_is_tried_again_and_encoded_once_fixed(dataset, tiny_cogvideox, tmp_path, capsys):
+    bad = _video(dataset, "0_1_good.mp4")
+    original = bad.read_bytes()
+    _empty(bad)
+    out = tmp_path / "cache"
+    summary, cfg = _cache(dataset, tiny_cogvideox, out)
+    assert (summary["encoded"], summary["skipped_now"], summary["kept"]) == (5, 1, 0)
+    again, _ = _cache(dataset, tiny_cogvideox, out)  # still broken: tried again, skipped again, never "kept"
+    assert (again["encoded"], again["skipped_now"], again["kept"], again["skipped_total"]) == (0, 1, 5, 1)
+    assert f"skipped {bad}: empty file (0 bytes)" in capsys.readouterr().err
+    bad.write_bytes(original)
+    fixed, _ = _cache(dataset, tiny_cogvideox, out)
+    assert (fixed["encoded"], fixed["skipped_now"], fixed["kept"], fixed["skipped_total"]) == (1, 0, 5, 0)
+    assert [p.row for p in _open_cache(cfg).pairs] == [0, 1, 2]

@@ -1,7 +1,9 @@
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import make_backend
 from videotuna_dpo.errors import UserError
@@ -169,3 +171,59 @@ def test_init_weights_make_the_sft_model_the_reference(tiny_cogvideox, tmp_path,
     with torch.no_grad():
         plain = make_backend(tiny_cogvideox).predict(x, t, cond)
     assert not torch.allclose(plain, want, atol=1e-4)  # without init_weights the reference is the base
+
+
+class WritesOnUnpickle:
+    """Unpickling this object creates ``path``: proof that loading ran code from the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+BIN_NAMES = {"model.safetensors": "pytorch_model.bin",  # the names diffusers / transformers / our LoRA look for
+             "diffusion_pytorch_model.safetensors": "diffusion_pytorch_model.bin",
+             "pytorch_lora_weights.safetensors": "pytorch_lora_weights.bin"}
+
+
+def _safetensors_to_pickled_bin(folder, marker):
+    """Replace ``folder``'s safetensors file by a torch ``.bin`` of the same tensors plus a code-running object."""
+    [source] = folder.glob("*.safetensors")
+    state = {**load_file(source), "payload": WritesOnUnpickle(marker)}
+    source.unlink()
+    torch.save(state, folder / BIN_NAMES[source.name])
+    return folder / BIN_NAMES[source.name]
+
+
+@pytest.mark.parametrize("subfolder", ["transformer", "text_encoder"])
+def test_a_pickled_bin_in_pretrained_is_refused_by_name_without_running_it(tiny_cogvideox, tmp_path, subfolder):
+    root = tmp_path / "CogVideoX-tiny"
+    shutil.copytree(tiny_cogvideox, root)
+    marker = tmp_path / "code-ran"
+    pickled = _safetensors_to_pickled_bin(root / subfolder, marker)
+    with pytest.raises(UserError) as info:
+        make_backend(root)
+    message = str(info.value)
+    assert message.startswith(f"model.pretrained={root}: cannot load the weights in {root / subfolder} (")
+    assert f"{pickled} is a pickled file, loaded only if it holds nothing but tensors" in message
+    assert message.endswith("save the weights as safetensors (save_pretrained(..., safe_serialization=True) or "
+                            "safetensors.torch.save_file)")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_a_pickled_bin_in_trainable_weights_is_refused_by_name_without_running_it(tiny_cogvideox, tmp_path, finetune):
+    weights = make_backend(tiny_cogvideox, finetune=finetune).save_trainable(tmp_path / "w")
+    folder = weights if finetune == "lora" else weights / "transformer"
+    marker = tmp_path / "code-ran"
+    pickled = _safetensors_to_pickled_bin(folder, marker)
+    with pytest.raises(UserError) as info:
+        make_backend(tiny_cogvideox, finetune=finetune, trainable_weights=str(weights))
+    message = str(info.value)
+    start = f"{weights}: no pytorch_lora_weights.safetensors" if finetune == "lora" else \
+        f"model.trainable_weights={weights}: cannot load the weights in {folder} ("
+    assert message.startswith(start)
+    assert f"it holds {pickled}, a pickled file, which a weights folder never loads (unpickling can run code)" in message
+    assert not marker.exists()

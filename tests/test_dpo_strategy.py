@@ -138,3 +138,50 @@ def test_every_dropout_layer_is_disabled_unless_asked_to_keep_it(tiny_cogvideox)
     assert any(m.p == 0.1 for m in dropouts)
     _module(backend)
     assert all(m.p == 0.0 for m in dropouts)
+
+
+class _NothingLoads:
+    """A registry that fails the test if the run builds its datamodule or model."""
+
+    def get(self, kind, name):
+        raise AssertionError(f"the {kind} was built before --resume was checked")
+
+    def names(self, kind):
+        return []
+
+
+def _spoil_checkpoint(path, how):
+    torch.save({"state_dict": {"lora_A": torch.ones(64, 64)}, "global_step": 3}, path)
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "tensor_not_checkpoint":
+        torch.save(torch.ones(3), path)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated", "not a loadable checkpoint, e.g. truncated by a copy or save cut short ("),
+    ("tensor_not_checkpoint", "not a Lightning checkpoint (no 'state_dict')"),
+])
+def test_a_broken_resume_checkpoint_is_named_before_the_model_loads(tmp_path, how, message):
+    from videotuna_dpo.errors import UserError
+    from videotuna_dpo.strategy import DPOStrategy
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    _spoil_checkpoint(ckpt, how)
+    cfg = OmegaConf.create({"output_dir": str(run), "model": {"name": "cogvideox"}})
+    with pytest.raises(UserError) as info:
+        DPOStrategy.run(cfg, _NothingLoads(), resume="last")
+    assert str(info.value).startswith(f"--resume {ckpt}: {message}")
+    assert str(info.value).endswith(f"resume from another checkpoint (e.g. in {run / 'checkpoints'}) or start without --resume")
+
+
+def test_a_resume_checkpoint_that_loads_as_tensors_passes_the_check(tmp_path):
+    from videotuna_dpo.strategy import resume_checkpoint
+
+    ckpt = tmp_path / "step-3.ckpt"
+    _spoil_checkpoint(ckpt, "intact")
+    assert resume_checkpoint(str(ckpt), tmp_path / "elsewhere") == ckpt
+    assert resume_checkpoint(None, tmp_path) is None

@@ -230,3 +230,26 @@ def test_cache_killed_while_writing_a_shard_or_the_index_resumes_to_the_uninterr
     assert summary["kept"] == 2 and summary["encoded"] == 4 and summary["shards"] == 3
     files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
     assert files(out) == files(whole)  # byte-identical shards and index
+
+
+def test_a_prompt_id_starting_with_a_dot_is_generated_once_and_scored_while_killed_writes_are_cleaned(
+        tiny_cogvideox, tmp_path):
+    from videotuna_dpo.pipeline.generate import generate_videos
+    from videotuna_dpo.pipeline.score import list_videos
+
+    (tmp_path / "prompts.json").write_text(json.dumps({".intro": PROMPTS[0], "main": PROMPTS[1]}))
+    out = tmp_path / "samples"
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), {"model": {"pretrained": str(tiny_cogvideox)}, "generate": {"steps": 1}})
+    backend = make_backend(tiny_cogvideox)
+    generate = lambda: generate_videos(cfg, None, tmp_path / "prompts.json", out, num_samples=1, backend=backend)  # noqa: E731
+    assert generate()["generated"] == 2
+    # A writer killed inside atomic_file leaves its temporary file behind.
+    killed = subprocess.run([sys.executable, "-c", "import os\nfrom videotuna_dpo.fileio import atomic_file\n"
+                             f"with atomic_file({str(out / 'main_s0.mp4')!r}, suffix='.mp4') as tmp:\n"
+                             "    open(tmp, 'w').write('half a video')\n    os._exit(9)\n"], cwd=ROOT)
+    assert killed.returncode == 9
+    [temporary] = [p for p in out.iterdir() if p.name.startswith(".main_s0.mp4")]
+    intro = (out / ".intro_s0.mp4").stat().st_mtime_ns
+    assert generate() == {"generated": 0, "kept": 2, "total": 2}
+    assert not temporary.exists() and (out / ".intro_s0.mp4").stat().st_mtime_ns == intro
+    assert [p.name for p in list_videos(out)] == [".intro_s0.mp4", "main_s0.mp4"]

@@ -112,6 +112,17 @@ def test_cli_plugins_lists_builtin_and_example(example_scorer_site):
     assert any(line.split()[:2] == ["scorer", "example_brightness"] for line in table.stdout.splitlines())
 
 
+def test_cli_output_into_a_closed_pipe_stops_quietly():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, as `videotuna plugins --json | head` can be
+    try:
+        proc = subprocess.run([sys.executable, "-m", "videotuna_dpo", "plugins", "--json"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
 def test_cli_train_unknown_strategy_is_a_clean_error(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {name: cogvideox}\n")

@@ -229,3 +229,35 @@ def test_scores_file_recovery_and_reading(tmp_path):
         "dynamic_degree": {"fps": 16}, "aesthetic_quality": {"clip_weights": "/w/c.pt"}}
     with pytest.raises(UserError, match="SCORER.KEY=VALUE"):
         parse_options(["fps=16"])
+
+
+def test_reading_scores_says_which_partial_last_line_it_leaves_out(tmp_path, capsys):
+    path = tmp_path / "s.jsonl"
+    store = ScoresFile(path)
+    store.append({"path": "/v/a.mp4", "status": "ok", "omniscore": 0.5})
+    store.append({"path": "/v/b.mp4", "status": "ok", "omniscore": 0.4})
+    with open(path, "ab") as fh:
+        fh.write(b'{"path": "/v/c.mp4"')
+    assert list(read_scores(path)) == ["/v/a.mp4", "/v/b.mp4"]
+    assert capsys.readouterr().err == (
+        f"{path}:3: ignored a partial last line (19 bytes), left by an interrupted `videotuna score` or a file cut "
+        f"short; rerun `videotuna score` with this --out to finish it\n")
+    with open(path, "ab") as fh:  # a last record that lacks only its newline (a hand-edited file) is complete
+        fh.write(b', "status": "ok", "omniscore": 0.3}')
+    assert list(read_scores(path)) == ["/v/a.mp4", "/v/b.mp4", "/v/c.mp4"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_video_listed_several_times_is_scored_once(video_dir, tmp_path, capsys):
+    from videotuna_dpo.pipeline.score import score_videos
+
+    listing = tmp_path / "videos.txt"
+    clip0 = video_dir / "clip0.mp4"
+    listing.write_text(f"{clip0}\n{video_dir / 'clip1.mp4'}\n{clip0}\n{os.path.relpath(clip0, tmp_path)}\n")  # relative: same file
+    out = tmp_path / "scores.jsonl"
+    summary = score_videos(listing, out, prompts=video_dir / "prompts.json", scorers=["temporal_flickering"],
+                           progress=False)
+    assert summary["scored"] == 2
+    assert [Path(r["path"]).name for r in lines_of(out)] == ["clip0.mp4", "clip1.mp4"]
+    assert (f"--videos: 2 repeated path(s) dropped, each video is scored once (first: {clip0})"
+            in capsys.readouterr().err)

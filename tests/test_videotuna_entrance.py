@@ -117,15 +117,22 @@ def test_shipped_dpo_configs_carry_the_papers_settings(name, accumulate):
         assert sampler == (16, 50, 12.0, 320, 512)  # 50 DDIM steps, guidance 12
 
 
-@pytest.mark.parametrize("backend,extra_key", [("videocrafter2", "model.ckpt"), ("t2v_turbo", "model.lora_ckpt")])
-def test_without_videotuna_choosing_these_backends_fails_at_once_and_says_how_to_fix_it(monkeypatch, backend, extra_key):
+@pytest.fixture
+def without_videotuna(monkeypatch):
+    """VideoTuna (the stand-in) not importable: the backends' classes by model name."""
     from videotuna_dpo.models.t2v_turbo import T2VTurboBackend
     from videotuna_dpo.models.videocrafter import VideoCrafter2Backend
 
     for name in [m for m in sys.modules if m == "videotuna" or m.startswith("videotuna.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if "videotuna_standin" not in p])
-    cls = T2VTurboBackend if backend == "t2v_turbo" else VideoCrafter2Backend
+    return {"videocrafter2": VideoCrafter2Backend, "t2v_turbo": T2VTurboBackend}
+
+
+@pytest.mark.parametrize("backend,extra_key", [("videocrafter2", "model.ckpt"), ("t2v_turbo", "model.lora_ckpt")])
+def test_without_videotuna_choosing_these_backends_fails_at_once_and_says_how_to_fix_it(without_videotuna, backend,
+                                                                                        extra_key):
+    cls = without_videotuna[backend]
     cfg = {"name": backend, "host_config": "configs/dpo/vc2.yaml", "ckpt": "model.ckpt", "lora_ckpt": "unet_lora.pt"}
     if backend == "videocrafter2":
         cfg.pop("lora_ckpt")
@@ -137,6 +144,13 @@ def test_without_videotuna_choosing_these_backends_fails_at_once_and_says_how_to
     for needed in (f"model.name={backend} needs VideoTuna", "PYTHONPATH", "not a PyPI package",
                    "model.host_config", extra_key, "github.com/VideoVerses/VideoTuna"):
         assert needed in message, needed
+
+
+@pytest.mark.parametrize("backend", ["videocrafter2", "t2v_turbo"])
+def test_without_videotuna_a_config_lacking_its_keys_is_told_videotuna_is_missing_first(without_videotuna, backend):
+    with pytest.raises(VideoTunaMissingError) as err:  # not "missing model.ckpt" / "set model.host_config"
+        without_videotuna[backend].from_config(OmegaConf.create({"name": backend}))
+    assert str(err.value).startswith(f"model.name={backend} needs VideoTuna (https://github.com/VideoVerses/VideoTuna)")
 
 
 def test_videotuna_train_strategy_dpo_runs_the_vc2_backend(vc2_files, tiny_dataset, tmp_path):

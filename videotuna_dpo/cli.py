@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -222,10 +223,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away is found here, not in Python's flush at exit
+        return code
     except UserError as exc:
         print(f"videotuna: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `videotuna plugins --json | head`: stop quietly, as other CLIs do. stdout goes to /dev/null so that
+        # Python's own flush at exit does not report the same closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # killed by SIGPIPE, as a shell reports it for other commands
 
 
 if __name__ == "__main__":

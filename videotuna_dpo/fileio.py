@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from videotuna_dpo.errors import UserError
 
 
 def _current_umask() -> int:
@@ -35,6 +38,28 @@ def _default_mode() -> int:
     return 0o666 & ~_current_umask()
 
 
+# Temporary names: "." + the target's name + "~" + mkstemp's 8 random characters (+ a suffix). "~" is in no name this
+# package writes for good (prompt ids are reduced to [A-Za-z0-9_.-]), so cleanup can never take a finished file.
+_TEMPORARY = re.compile(r"\..+~[a-z0-9_]{8}(\.[A-Za-z0-9]+)?")
+
+
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name}~"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file or directory of :func:`atomic_file` / :func:`atomic_directory`."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def remove_stale_temporaries(directory: str | Path) -> int:
+    """Delete the temporary files a killed writer left in ``directory`` (nothing else); returns how many."""
+    stale = [p for p in Path(directory).iterdir() if is_temporary(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path next to ``path``; when the block succeeds it becomes ``path``.
@@ -44,7 +69,7 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[str]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -73,7 +98,7 @@ def write_json_atomic(path: str | Path, data: Any) -> str:
 def _staging_directory(near: Path) -> Iterator[Path]:
     """An empty directory next to ``near``, removed afterwards if still there."""
     near.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.", dir=near.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(near), dir=near.parent))
     try:
         yield tmp
     finally:
@@ -132,3 +157,34 @@ def atomic_entries(directory: str | Path, names: Sequence[str]) -> Iterator[Path
         _follow_umask(stage)
         for name in names:
             _replace(stage / name, directory / name)
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """Check that directory ``path`` can be written in (or created), before any long work; nothing is created.
+
+    ``what`` names the option in messages (e.g. ``"--out samples"``); a file in the way or no permission is a UserError.
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise UserError(f"{what}: {existing} is a file, not a directory; give a directory (it is created if missing)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write in {existing} ({exc.strerror or exc})") from None
+    return path
+
+
+def check_writable_file(path: str | Path, what: str) -> Path:
+    """Check that file ``path`` can be created or appended to; nothing is created."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what}: {path} is a directory; give a file path (e.g. {path / 'scores.jsonl'})")
+    check_writable_dir(path.parent, what)
+    try:
+        if path.exists():
+            open(path, "ab").close()
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write {path} ({exc.strerror or exc})") from None
+    return path

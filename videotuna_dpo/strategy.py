@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -13,7 +14,8 @@ from omegaconf import OmegaConf
 
 from videotuna_dpo.config import NON_NEGATIVE, POSITIVE, check_kwargs, check_values, validate
 from videotuna_dpo.data.order import seeded
-from videotuna_dpo.errors import UserError
+from videotuna_dpo.errors import UserError, first_line
+from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
 
 
@@ -273,6 +275,24 @@ class ExportTrainableWeights(ExportCadence, L.Callback):
     """Writes ``weights/step-N`` every N steps and ``weights/last`` at the end (safetensors)."""
 
 
+def resume_checkpoint(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint ``--resume`` names (``last``: ``out/checkpoints/last.ckpt``), checked to load as tensors only."""
+    if not resume:
+        return None
+    path = out / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise UserError(f"--resume: checkpoint not found: {path}")
+    fix = f"resume from another checkpoint (e.g. in {path.parent}) or start without --resume"
+    try:  # mmap: the archive's structure is read, its tensors stay on disk
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # torch.load fails in many types (RuntimeError, UnpicklingError, EOFError, ...)
+        raise UserError(f"--resume {path}: not a loadable checkpoint, e.g. truncated by a copy or save cut short "
+                        f"({type(exc).__name__}: {first_line(exc)}); {fix}") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise UserError(f"--resume {path}: not a Lightning checkpoint (no 'state_dict'); {fix}")
+    return path
+
+
 class DPOStrategy:
     """Strategy ``dpo``: Diffusion-DPO on a preference dataset with any registered backend."""
 
@@ -302,6 +322,9 @@ class DPOStrategy:
 
     @classmethod
     def run(cls, cfg: Any, registry: Any, resume: str | None = None, source: str = "<config>") -> Path:
+        out = Path(validate(cfg, TrainSchema, "", source).output_dir)
+        check_writable_dir(out, f"output_dir={out}")  # before any model loads
+        ckpt_path = resume_checkpoint(resume, out)
         top, module, datamodule = cls.build(cfg, registry, source)
         L.seed_everything(top.seed, workers=True)
         out = Path(top.output_dir)
@@ -332,11 +355,6 @@ class DPOStrategy:
             callbacks=callbacks,
             **trainer_kwargs,
         )
-        ckpt_path = None
-        if resume:
-            ckpt_path = out / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
-            if not ckpt_path.is_file():
-                raise UserError(f"--resume: checkpoint not found: {ckpt_path}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         # weights_only: resuming never runs pickled code from the checkpoint.

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import sys
 from collections import OrderedDict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -25,11 +25,12 @@ from videotuna_dpo.data.order import generator, item_key
 from videotuna_dpo.data.preference import PairRecord, load_pairs
 from videotuna_dpo.fileio import atomic_file, write_json_atomic
 from videotuna_dpo.data.video_io import VideoReadError, read_video
-from videotuna_dpo.errors import UserError
+from videotuna_dpo.errors import UserError, first_line
 
 INDEX = "index.json"
 CACHE_VERSION = 1
 STORE_DTYPE = torch.float16
+REENCODE = "run `videotuna cache` with the same --data and --out to encode what it held again"
 
 
 def resolve_train_data(data: str | Path) -> Path:
@@ -77,6 +78,44 @@ def _load_index(out: Path) -> dict[str, Any] | None:
         raise UserError(f"{path}: malformed cache index ({exc})") from None
 
 
+def _check_shard_names(index: dict[str, Any], where: Path) -> None:
+    """Every shard the index names is a plain file name listed in ``shards``: nothing outside the cache dir is opened."""
+    shards = index.get("shards", [])
+    named = [e.get("shard") if isinstance(e, dict) else None
+             for kind in ("videos", "captions") for e in index.get(kind, {}).values()]
+    for name in [*shards, *named]:
+        if not isinstance(name, str) or name in ("", ".", "..") or PurePosixPath(name).name != name or "\\" in name:
+            raise UserError(f"{where / INDEX}: shard name {name!r} is not a plain file name inside the cache "
+                            f"directory (like shard-00000.safetensors); rebuild the cache with `videotuna cache`")
+        if name not in shards:
+            raise UserError(f"{where / INDEX}: an entry points at shard {name!r}, which the index does not list; "
+                            f"rebuild the cache with `videotuna cache`")
+
+
+def _shard_error(cache_dir: Path, shard: str, why: str) -> UserError:
+    return UserError(f"latent cache {cache_dir}: shard {cache_dir / shard} is unreadable ({why}); {REENCODE}")
+
+
+def _unreadable_shards(index: dict[str, Any], cache_dir: Path) -> dict[str, str]:
+    """The shards of ``index`` that are missing, corrupt or lack a key the index puts in them -> why."""
+    keys: dict[str, set[str]] = {s: set() for s in index.get("shards", [])}
+    for entry in index.get("captions", {}).values():
+        keys[entry["shard"]].add(entry["key"])
+    for entry in index.get("videos", {}).values():
+        keys[entry["shard"]].update((entry["key"] + "/mean", entry["key"] + "/std"))
+    bad = {}
+    for shard, needed in keys.items():
+        try:
+            with safe_open(str(cache_dir / shard), framework="pt") as handle:
+                missing = sorted(needed - set(handle.keys()))
+        except (SafetensorError, OSError) as exc:
+            bad[shard] = first_line(exc)
+            continue
+        if missing:
+            bad[shard] = f"lacks {len(missing)} tensor(s) the index names, e.g. {missing[0]}"
+    return bad
+
+
 def check_settings(index: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
     """Refuse a cache whose settings differ, naming each setting that does."""
     built = index.get("settings", {})
@@ -111,9 +150,14 @@ def build_cache(model_cfg: Any, data_cfg: Any, backend: Any, data: str | Path, o
     index = _load_index(out) or {"version": CACHE_VERSION, "settings": settings, "train_data": str(train_data.resolve()),
                                  "videos": {}, "captions": {}, "skipped": {}, "shards": []}
     check_settings(index, settings, out)
+    _check_shard_names(index, out)
+    for shard, why in _unreadable_shards(index, out).items():
+        print(f"{out / shard}: unreadable ({why}); encoding what it held again", file=sys.stderr)
+        _forget_shard(index, shard)
     videos = list(OrderedDict.fromkeys(p for pair in pairs for p in (pair.winner, pair.loser)))
     captions = list(OrderedDict.fromkeys([NULL_CAPTION] + [pair.caption for pair in pairs]))
-    todo_videos = [v for v in videos if video_id(v) not in index["videos"] and video_id(v) not in index["skipped"]]
+    # Videos skipped before are tried again: the file may have been fixed (or replaced) since.
+    todo_videos = [v for v in videos if video_id(v) not in index["videos"]]
     todo_captions = [c for c in captions if c not in index["captions"]]
     summary = {"videos": len(videos), "encoded": 0, "skipped_now": 0, "kept": len(videos) - len(todo_videos)}
 
@@ -123,11 +167,16 @@ def build_cache(model_cfg: Any, data_cfg: Any, backend: Any, data: str | Path, o
     def flush() -> None:
         if not pending:
             return
-        name = f"shard-{len(index['shards']):05d}.safetensors"
+        n = len(index["shards"])
+        while f"shard-{n:05d}.safetensors" in index["shards"]:  # after a forgotten shard, names are not dense
+            n += 1
+        name = f"shard-{n:05d}.safetensors"
         _save_shard(out / name, pending)
         for kind in ("videos", "captions"):
             for key, tensor_key in entries[kind].items():
                 index[kind][key] = {"shard": name, "key": tensor_key}
+        for key in entries["videos"]:
+            index["skipped"].pop(key, None)
         index["shards"].append(name)
         write_json_atomic(out / INDEX, index)  # the shard exists before the index names it
         pending.clear()
@@ -173,6 +222,13 @@ def build_cache(model_cfg: Any, data_cfg: Any, backend: Any, data: str | Path, o
     return summary
 
 
+def _forget_shard(index: dict[str, Any], shard: str) -> None:
+    """Remove ``shard`` and every entry in it from ``index``, so a build encodes those items again."""
+    index["shards"].remove(shard)
+    for kind in ("videos", "captions"):
+        index[kind] = {k: e for k, e in index[kind].items() if e["shard"] != shard}
+
+
 def _device(backend: Any) -> torch.device:
     try:
         return next(backend.parameters()).device
@@ -200,6 +256,11 @@ class CachedPreferenceDataset(Dataset):
         expected.update({"resolution": [int(x) for x in data_cfg.resolution], "video_length": int(data_cfg.video_length),
                          "frame_stride": int(data_cfg.frame_stride), "frame_start": 0})
         check_settings(index, expected, cache_dir)
+        _check_shard_names(index, cache_dir)
+        bad = _unreadable_shards(index, cache_dir)
+        if bad:
+            shard, why = next(iter(bad.items()))
+            raise _shard_error(cache_dir, shard, why + (f"; and {len(bad) - 1} more shard(s)" if len(bad) > 1 else ""))
         # The videos themselves need not be present any more: the cache holds them.
         pairs = load_pairs(data_cfg.train_data, weights=data_cfg.weights, alpha=data_cfg.alpha, check_files=False)
         kept, dropped = [], []
@@ -231,9 +292,12 @@ class CachedPreferenceDataset(Dataset):
 
     def _tensor(self, entry: dict[str, str], suffix: str = "") -> torch.Tensor:
         shard = entry["shard"]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.cache_dir / shard), framework="pt")
-        return self._handles[shard].get_tensor(entry["key"] + suffix).float()
+        try:  # shards were checked when the cache was opened; this catches one changed since
+            if shard not in self._handles:
+                self._handles[shard] = safe_open(str(self.cache_dir / shard), framework="pt")
+            return self._handles[shard].get_tensor(entry["key"] + suffix).float()
+        except (SafetensorError, OSError) as exc:
+            raise _shard_error(self.cache_dir, shard, first_line(exc)) from None
 
     def _sample(self, path: str, draws: torch.Generator) -> torch.Tensor:
         entry = self.index["videos"][video_id(path)]

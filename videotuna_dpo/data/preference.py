@@ -123,6 +123,9 @@ def load_pairs(
         raise UserError(f"data.weights must be auto, none, manifest or pair_score, got {weights!r}")
     problems: list[str] = []
     records: list[PairRecord] = []
+    # A pair listed twice is refused, not warned about: the repeat would silently double its weight, which the pair
+    # weights (manifest, pair_score) exist to set; the layout likewise refuses a video or META dir listed twice.
+    first_row: dict[tuple[Path, Path, str], str] = {}
     dirs = meta_dirs(train_data)
     use_manifest = weights == "manifest" or (weights == "auto" and all((d / "manifest.json").is_file() for d in dirs))
     for d in dirs:
@@ -136,8 +139,13 @@ def load_pairs(
         manifest_weights = None
         if use_manifest:
             manifest = _load_json(d / "manifest.json", problems)
-            if manifest is not None:
-                manifest_weights = [p.get("weight") for p in manifest.get("pairs", [])]
+            rows = manifest.get("pairs") if isinstance(manifest, dict) else None
+            if manifest is not None and not (isinstance(rows, list) and all(isinstance(p, dict) for p in rows)):
+                got = "an object without one" if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+                problems.append(f"{d}/manifest.json: expected a JSON object with a \"pairs\" list of objects, one "
+                                f"per pair.json row (as `videotuna pairs` writes it), got {got}")
+            elif manifest is not None:
+                manifest_weights = [p.get("weight") for p in rows]
                 if len(manifest_weights) != len(pairs):
                     problems.append(f"{d}/manifest.json: {len(manifest_weights)} pair weights for {len(pairs)} rows of pair.json")
                     manifest_weights = None
@@ -182,6 +190,11 @@ def load_pairs(
                 continue
             winner, loser = paths[idx[0]], paths[idx[1]]
             if winner is None or loser is None:
+                continue
+            same = first_row.setdefault((winner.resolve(), loser.resolve(), caption), where)
+            if same != where:
+                problems.append(f"{where}: the same pair as {same} (winner, loser and caption); a pair listed twice "
+                                f"trains twice: remove the repeat (pair weights, not repeats, set how much a pair counts)")
                 continue
             if check_files:
                 bad = [p for p in (winner, loser) if not p.is_file()]

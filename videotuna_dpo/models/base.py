@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-from contextlib import AbstractContextManager
+import pickle
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
+from safetensors import SafetensorError
 
 from videotuna_dpo import fileio
+from videotuna_dpo.errors import UserError, first_line
 
 # predict(noisy [B, ...latent], t [B], cond) -> prediction shaped like noisy
 PredictFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -108,3 +111,45 @@ def read_trainable_meta(directory: str | Path, family: str | None = None, cfg: A
         if cfg.finetune == "lora" and lora and int(lora["rank"]) != cfg.lora.rank:
             raise UserError(f"{directory}: LoRA rank {lora['rank']} but model.lora.rank={cfg.lora.rank}")
     return meta
+
+
+SAVE_AS_SAFETENSORS = ("save the weights as safetensors (save_pretrained(..., safe_serialization=True) or "
+                       "safetensors.torch.save_file)")
+
+
+def _pickled_note(folder: Path, read_bin: bool) -> str:
+    """What to say about a pickled ``.bin`` in ``folder`` (nothing when there is none)."""
+    bins = sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    if not bins:
+        return ""
+    if read_bin:
+        return (f"; {bins[0]} is a pickled file, loaded only if it holds nothing but tensors (torch.load "
+                f"weights_only), since unpickling anything else can run code: {SAVE_AS_SAFETENSORS}")
+    return (f"; it holds {bins[0]}, a pickled file, which a weights folder never loads (unpickling can run code): "
+            f"{SAVE_AS_SAFETENSORS}")
+
+
+@contextmanager
+def named_load_errors(folder: str | Path, key: str, read_bin: bool = True) -> Iterator[None]:
+    """Turn a ``from_pretrained`` failure on ``folder`` into a UserError naming the config key, the folder and its
+    pickled ``.bin`` if any. ``read_bin``: whether the load may read a ``.bin`` (false with ``use_safetensors=True``)."""
+    folder = Path(folder)
+    try:
+        yield
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # diffusers: OSError/ValueError; transformers: unpickling
+        why = "it holds pickled objects beyond tensors" if isinstance(exc, pickle.UnpicklingError) else first_line(exc)
+        raise UserError(f"{key}: cannot load the weights in {folder} ({why}){_pickled_note(folder, read_bin)}") from None
+
+
+def read_safetensors(directory: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory/name`` in a weights folder; missing or unreadable is a UserError naming the file."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / name
+    if not path.is_file():
+        note = _pickled_note(path.parent, read_bin=False) or "; point at a run's weights/last or weights/step-N folder"
+        raise UserError(f"{directory}: no {name}{note}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None

@@ -18,6 +18,7 @@ from torch import nn
 
 from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.base import named_load_errors
 from videotuna_dpo.models.finetune import DenoiserFinetuning
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -72,17 +73,21 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
         if cfg.weight_dtype not in DTYPES:
             raise UserError(f"model.weight_dtype must be one of {', '.join(DTYPES)}, got {cfg.weight_dtype!r}")
         weight_dtype = DTYPES[cfg.weight_dtype]
-        local = dict(local_files_only=True)
-        self.scheduler = CogVideoXDDIMScheduler.from_pretrained(root, subfolder="scheduler", **local)
+
+        def load(cls: Any, subfolder: str, **kwargs: Any) -> Any:
+            # Safetensors when the folder has them; a .bin only as plain tensors (diffusers/transformers: weights_only).
+            with named_load_errors(root / subfolder, f"model.pretrained={root}"):
+                return cls.from_pretrained(root, subfolder=subfolder, local_files_only=True, **kwargs)
+
+        self.scheduler = load(CogVideoXDDIMScheduler, "scheduler")
         # LoRA keeps the frozen base in weight_dtype; a full fine-tune trains fp32 master weights.
-        self.transformer = CogVideoXTransformer3DModel.from_pretrained(
-            root, subfolder="transformer", torch_dtype=weight_dtype if cfg.finetune == "lora" else torch.float32, **local
-        )
+        self.transformer = load(CogVideoXTransformer3DModel, "transformer",
+                                torch_dtype=weight_dtype if cfg.finetune == "lora" else torch.float32)
         self.vae = self.tokenizer = self.text_encoder = None
         if cfg.load_text_and_vae:
-            self.vae = AutoencoderKLCogVideoX.from_pretrained(root, subfolder="vae", torch_dtype=weight_dtype, **local)
-            self.text_encoder = T5EncoderModel.from_pretrained(root, subfolder="text_encoder", dtype=weight_dtype, **local)
-            self.tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer", **local)
+            self.vae = load(AutoencoderKLCogVideoX, "vae", torch_dtype=weight_dtype)
+            self.text_encoder = load(T5EncoderModel, "text_encoder", dtype=weight_dtype)
+            self.tokenizer = load(AutoTokenizer, "tokenizer")
             for module in (self.vae, self.text_encoder):
                 module.requires_grad_(False).eval()
             if cfg.vae_slicing:

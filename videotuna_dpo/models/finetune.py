@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.base import PredictFn, atomic_directory, init_weights_id, read_trainable_meta
+from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, named_load_errors, read_safetensors,
+                                      read_trainable_meta)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -93,16 +94,20 @@ class DenoiserFinetuning:
 
         It runs before the DPO adapter or the reference copy exists, so the reference is that model.
         """
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         meta = read_trainable_meta(directory, self.family)
         if meta.get("finetune") == "lora":
             prefix = f"{self.denoiser_attr}."
-            state = {k.removeprefix(prefix): v for k, v in load_file(str(directory / LORA_FILE)).items()}
+            state = {k.removeprefix(prefix): v for k, v in read_safetensors(directory, LORA_FILE).items()}
             merge_lora(self.denoiser, state, meta["lora"], f"model.init_weights={directory}")
             return
-        loaded = type(self.denoiser).from_pretrained(directory, subfolder=self.denoiser_attr, local_files_only=True)
+        self._load_full_denoiser(directory, "model.init_weights")
+
+    def _load_full_denoiser(self, directory: Path, key: str) -> None:
+        """The denoiser ``save_trainable`` wrote with ``save_pretrained``: safetensors only, as it is written."""
+        with named_load_errors(directory / self.denoiser_attr, f"{key}={directory}", read_bin=False):
+            loaded = type(self.denoiser).from_pretrained(directory, subfolder=self.denoiser_attr, local_files_only=True,
+                                                         use_safetensors=True)
         self.denoiser.load_state_dict(loaded.state_dict(), strict=True)
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -153,19 +158,16 @@ class DenoiserFinetuning:
 
     def load_trainable(self, directory: str | Path) -> None:
         """Load what ``save_trainable`` wrote; a LoRA/full or rank mismatch is an error saying which."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         read_trainable_meta(directory, self.family, self.cfg)
         if self.cfg.finetune == "lora":
             from peft.utils import set_peft_model_state_dict
 
             prefix = f"{self.denoiser_attr}."
-            state = {k.removeprefix(prefix): v for k, v in load_file(str(directory / LORA_FILE)).items()}
+            state = {k.removeprefix(prefix): v for k, v in read_safetensors(directory, LORA_FILE).items()}
             result = set_peft_model_state_dict(self.denoiser, state, adapter_name="default")
             unexpected = list(getattr(result, "unexpected_keys", []) or [])
             if unexpected:
                 raise UserError(f"{directory / LORA_FILE}: keys not in this model's LoRA: {unexpected[:5]}")
             return
-        loaded = type(self.denoiser).from_pretrained(directory, subfolder=self.denoiser_attr, local_files_only=True)
-        self.denoiser.load_state_dict(loaded.state_dict(), strict=True)
+        self._load_full_denoiser(directory, "model.trainable_weights")

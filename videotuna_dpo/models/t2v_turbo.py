@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.base import PredictFn, atomic_directory, init_weights_id, read_trainable_meta, seed_list
+from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, read_safetensors, read_trainable_meta,
+                                      seed_list)
 from videotuna_dpo.models.checkpoint_io import load_weights
 from videotuna_dpo.models.videocrafter import VideoCrafter2Backend, eval_mode
 
@@ -271,14 +272,12 @@ class T2VTurboBackend(VideoCrafter2Backend):
 
     def _load_adapters(self, directory: str | Path, reference: bool) -> None:
         """A ``save_trainable`` folder into the policy adapters, or (``init_weights``) into policy and reference."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         meta = read_trainable_meta(directory, cfg=None if reference else self.cfg)
         if meta.get("family") != self.family or meta.get("layers") != self.lora_names:
             raise UserError(f"{directory}: holds {meta.get('family')} LoRA for other layers than this T2V-Turbo UNet; "
                             f"use the host config it was trained with")
-        tensors = load_file(str(directory / TRAINABLE_FILE))
+        tensors = read_safetensors(directory, TRAINABLE_FILE)
         for i, layer in enumerate(self._lora_layers()):
             if reference:
                 layer.set_pair(tensors[f"{i:04d}.up"], tensors[f"{i:04d}.down"])

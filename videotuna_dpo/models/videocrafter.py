@@ -19,7 +19,8 @@ from torch import nn
 
 from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.base import PredictFn, atomic_directory, init_weights_id, read_trainable_meta, seed_list
+from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, read_safetensors, read_trainable_meta,
+                                      seed_list)
 from videotuna_dpo.models.finetune import merge_lora
 from videotuna_dpo.models.videotuna_host import (build_flow, flow_section, import_videotuna, load_into,
                                                  load_vc2_components)
@@ -104,6 +105,8 @@ class VideoCrafter2Backend(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: Any, source: str = "<config>", flow: Any = None) -> "VideoCrafter2Backend":
+        if flow is None:  # without VideoTuna, say so before asking for keys that point into it (host_config, ckpt)
+            import_videotuna("videotuna", cls.family, cls.checkpoint_keys)
         cfg = validate(model_cfg, cls.schema, "model", source)
         if flow is None and not cfg.ckpt:
             raise UserError(f"{source}: missing required key model.ckpt; point {cls.checkpoint_keys}")
@@ -171,15 +174,13 @@ class VideoCrafter2Backend(nn.Module):
 
         It runs before the DPO adapter or the reference copy exists, so the reference is that model.
         """
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         meta = read_trainable_meta(directory, self.family)
         what = f"model.init_weights={directory}"
         if meta.get("finetune") == "lora":
-            merge_lora(self.flow.denoiser, load_file(str(directory / LORA_FILE)), meta["lora"], what)
+            merge_lora(self.flow.denoiser, read_safetensors(directory, LORA_FILE), meta["lora"], what)
         else:
-            load_into(self.flow.denoiser, load_file(str(directory / FULL_FILE)), what)
+            load_into(self.flow.denoiser, read_safetensors(directory, FULL_FILE), what)
 
     # -- the protocol -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -286,19 +287,17 @@ class VideoCrafter2Backend(nn.Module):
         return atomic_directory(directory, lambda tmp: save_file(tensors, str(tmp / name)), meta)
 
     def load_trainable(self, directory: str | Path) -> None:
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         read_trainable_meta(directory, self.family, self.cfg)
         if self.cfg.finetune == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            result = set_peft_model_state_dict(self.flow.denoiser, load_file(str(directory / LORA_FILE)))
+            result = set_peft_model_state_dict(self.flow.denoiser, read_safetensors(directory, LORA_FILE))
             unexpected = list(getattr(result, "unexpected_keys", []) or [])
             if unexpected:
                 raise UserError(f"{directory / LORA_FILE}: keys not in this model's LoRA: {unexpected[:5]}")
         else:
-            load_into(self.flow.denoiser, load_file(str(directory / FULL_FILE)), str(directory / FULL_FILE))
+            load_into(self.flow.denoiser, read_safetensors(directory, FULL_FILE), str(directory / FULL_FILE))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_frames: int | None = None, steps: int = 50, guidance: float = 12.0,

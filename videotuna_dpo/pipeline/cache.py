@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from videotuna_dpo.config import validate
 from videotuna_dpo.data.datamodule import PreferenceDataSchema
 from videotuna_dpo.data.latent_cache import build_cache
+from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.pipeline.generate import load_backend
 
 
@@ -18,6 +19,7 @@ def cache_dataset(cfg: Any, registry: Any, data: str | Path, out: str | Path, sh
     """Encode ``data`` (a dataset dir or train_data.yaml) at the config's training settings into ``out``."""
     data_cfg = validate(OmegaConf.merge(cfg.get("data") or {}, {"train_data": str(data), "cache": None}),
                         PreferenceDataSchema, "data", source)
+    check_writable_dir(out, f"--out {out}")  # before the model loads
     if backend is None:
         backend = load_backend(OmegaConf.merge(cfg, {"model": {"load_text_and_vae": True}}), registry, source=source)
     return build_cache(cfg.model, data_cfg, backend, data, out, shard_size=shard_size,

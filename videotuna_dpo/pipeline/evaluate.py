@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.user_files import read_json
 
 NO_WEIGHTS_SCORERS = ("temporal_flickering", "dynamic_degree", "motion_smoothness")
@@ -230,6 +231,7 @@ def evaluate(
 
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    check_writable_dir(out, f"--out {out}")  # before any model loads
     if cfg.model.get("trainable_weights"):
         raise UserError(f"{source}: model.trainable_weights is set ({cfg.model.trainable_weights}), so the base would "
                         f"not be the pretrained model; remove it and pass those weights with --weights")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from videotuna_dpo.config import AT_LEAST_ONE, FINITE, check_values, validate
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.fileio import write_json_atomic
+from videotuna_dpo.fileio import check_writable_dir, remove_stale_temporaries, write_json_atomic
 from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.pipeline.prompts import load_prompt_file
 from videotuna_dpo.user_files import read_json
@@ -87,11 +87,10 @@ def generate_videos(
     check_values(settings, "generate", GENERATE_RULES, source)
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
-    out = Path(out)
+    out = check_writable_dir(out, f"--out {out}")  # before the model loads
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(load_prompt_file(prompts_file), num_samples, seed)
-    for stale in out.glob(".*.mp4"):  # temporary files of a killed run
-        stale.unlink()
+    remove_stale_temporaries(out)  # of a killed run; a finished video is never one, whatever its prompt id
     todo = [j for j in jobs if not is_done(out, j)]
     if todo and backend is None:
         backend = load_backend(cfg, registry, weights, source)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from videotuna_dpo.data.preference import write_official_layout
-from videotuna_dpo.fileio import atomic_directory, write_json_atomic
+from videotuna_dpo.fileio import atomic_directory, check_writable_dir, write_json_atomic
 from videotuna_dpo.errors import UserError
 
 PAIR_STRATEGIES = ("best-worst", "all-gap")
@@ -149,8 +149,8 @@ def check_pair_settings(min_gap: float, alpha: float, beta: float, bin_width: fl
 
 def _check_replaceable(out: Path) -> None:
     """``out`` is replaced as a whole: refuse one that holds anything but a pairs dataset."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: not a directory")
+    # The new dataset is staged next to out, then swapped in: out's parent must be writable.
+    check_writable_dir(out.parent if out.is_dir() else out, f"--out {out}")
     other = sorted(p.name for p in out.iterdir() if p.name not in DATASET_ENTRIES) if out.is_dir() else []
     if other:
         raise UserError(f"--out {out} holds {', '.join(other[:5])}, which is not part of a pairs dataset and would be "

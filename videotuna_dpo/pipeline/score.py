@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.fileio import check_writable_file, is_temporary
 from videotuna_dpo.scoring.omniscore import DIMENSIONS
 from videotuna_dpo.user_files import read_bounded, read_json
 
@@ -33,9 +34,11 @@ def list_videos(spec: str | os.PathLike) -> list[Path]:
     """A directory (searched recursively), a .txt list (one path per line) or one video -> sorted paths."""
     path = Path(spec)
     if path.is_dir():
+        # Left out: temporaries of a killed writer and macOS "._" metadata files; a video named ".x.mp4" is a video.
         found = sorted(
             p for p in path.rglob("*")
-            if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file() and not p.name.startswith(".")
+            if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file() and not is_temporary(p.name)
+            and not p.name.startswith("._")
         )
         if not found:
             raise UserError(f"--videos {path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) in this directory")
@@ -49,6 +52,21 @@ def list_videos(spec: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     raise UserError(f"--videos {path}: not a directory, a .txt list of videos, or a video file")
+
+
+def unique_videos(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` with each video once (the same file by any spelling), saying how many repeats were dropped."""
+    unique: dict[Path, Path] = {}
+    repeats = []
+    for path in paths:
+        if path.resolve() in unique:
+            repeats.append(path)
+        else:
+            unique[path.resolve()] = path
+    if repeats:
+        print(f"--videos: {len(repeats)} repeated path(s) dropped, each video is scored once (first: {repeats[0]})",
+              file=sys.stderr)
+    return list(unique.values())
 
 
 def _sidecar(video: Path) -> dict:
@@ -190,22 +208,35 @@ def parse_records(data: bytes, path: Path) -> list[dict]:
     return [record for _, record in numbered_records(data, path)]
 
 
-def _complete_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+def _complete_records(path: str | os.PathLike) -> tuple[Iterator[tuple[int, dict]], str | None]:
+    """The numbered complete records of scores.jsonl, and a note on a partial last line left out (None if none)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: scores file not found")
     data = read_bounded(path, "lines")
-    return numbered_records(data[: data.rfind(b"\n") + 1], path)
+    end = data.rfind(b"\n") + 1
+    tail = data[end:]
+    try:
+        json.loads(tail.strip() or b"{}")  # a last record lacking only its newline is complete
+        return numbered_records(data, path), None
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        line = data.count(b"\n") + 1
+    note = (f"{path}:{line}: ignored a partial last line ({len(tail)} bytes), left by an interrupted "
+            f"`videotuna score` or a file cut short; rerun `videotuna score` with this --out to finish it")
+    return numbered_records(data[:end], path), note
 
 
 def read_scores(path: str | os.PathLike) -> dict[str, dict]:
-    """scores.jsonl -> {video path: its last record}; ignores a trailing partial line, leaves the file as is."""
-    return {r["path"]: r for _, r in _complete_records(path)}
+    """scores.jsonl -> {video path: its last record}; a partial last line is left out (and said so), the file as is."""
+    records, partial = _complete_records(path)
+    if partial:
+        print(partial, file=sys.stderr)
+    return {r["path"]: r for _, r in records}
 
 
 def record_line(path: str | os.PathLike, video: str) -> int:
     """The line number of ``video``'s last record in scores.jsonl, for messages that point at it."""
-    return max(number for number, r in _complete_records(path) if r["path"] == video)
+    return max(number for number, r in _complete_records(path)[0] if r["path"] == video)
 
 
 # ---------------------------------------------------------------- scoring
@@ -378,7 +409,8 @@ def score_videos(
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    paths = list_videos(videos) if isinstance(videos, (str, os.PathLike)) else [Path(v) for v in videos]
+    check_writable_file(out, f"--out {out}")  # before the scorers load
+    paths = unique_videos(list_videos(videos) if isinstance(videos, (str, os.PathLike)) else [Path(v) for v in videos])
     prompt_map = load_prompts(paths, prompts)
     names = list(scorers or DEFAULT_SCORERS)
     if len(set(names)) != len(names):
