@@ -8,7 +8,6 @@ written atomically, one shard at a time, so an interrupted build resumes where i
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
@@ -25,7 +24,8 @@ from videotuna_dpo.data.order import generator, item_key
 from videotuna_dpo.data.preference import PairRecord, load_pairs
 from videotuna_dpo.fileio import atomic_file, write_json_atomic
 from videotuna_dpo.data.video_io import VideoReadError, read_video
-from videotuna_dpo.errors import UserError, first_line
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.user_files import read_json, first_line
 
 INDEX = "index.json"
 CACHE_VERSION = 1
@@ -72,10 +72,11 @@ def _load_index(out: Path) -> dict[str, Any] | None:
     path = out / INDEX
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: malformed cache index ({exc})") from None
+    index = read_json(path)  # bounded, and malformed JSON is named
+    if not isinstance(index, dict) or not isinstance(index.get("videos"), dict):
+        raise UserError(f"{path}: not a latent-cache index (expected an object with videos, captions and shards); "
+                        f"rebuild it with `videotuna cache`")
+    return index
 
 
 def _check_shard_names(index: dict[str, Any], where: Path) -> None:
