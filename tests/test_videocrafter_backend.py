@@ -234,3 +234,27 @@ def test_init_weights_merge_an_sft_lora_into_the_base_which_becomes_the_referenc
     assert json.loads((tmp_path / "dpo" / "trainable.json").read_text())["init_weights"] == str((tmp_path / "sft").resolve())
     with pytest.raises(UserError, match="trained on top of model.init_weights="):
         make_vc2(vc2_files, trainable_weights=str(tmp_path / "dpo"), **lora)  # without the SFT weights under it
+
+
+class Payload:
+    """Unpickling it calls os.system: torch's weights-only loader blocks the call by another wording."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_calls_os_system_is_refused_naming_the_trust_switch_and_never_runs(vc2_files, tmp_path):
+    state = torch.load(vc2_files["ckpt"], weights_only=True)
+    marker = tmp_path / "ran"
+    state["payload"] = Payload(marker)
+    path = tmp_path / "model.ckpt"
+    torch.save(state, path)
+    with pytest.raises(UntrustedCheckpointError) as err:
+        make_vc2(vc2_files, ckpt=str(path))
+    assert str(path) in str(err.value) and "model.trust_checkpoint=true" in str(err.value)
+    assert not marker.exists()
