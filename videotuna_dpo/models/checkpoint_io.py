@@ -34,9 +34,9 @@ def load_weights(path: str | Path, trust_switch: str, trusted: bool = False, how
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # "Weights only load failed": the weights-only unpickler refused a global (an object, or a call such as
-        # os.system); any other unpickling error means the file is not a checkpoint at all.
-        if "Weights only load failed" not in str(exc):
+        # The weights-only unpickler refused a GLOBAL: an object ("can still be loaded"), or a call such as
+        # os.system ("unsupported GLOBAL ... is blocked"). Any other unpickling error: not a checkpoint at all.
+        if "GLOBAL" not in str(exc) and "can still be loaded" not in str(exc):
             raise UserError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
         if not trusted:
             how = how_to_trust or f"set `{trust_switch}=true` in the config (or on the command line)"
