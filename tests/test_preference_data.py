@@ -193,7 +193,7 @@ def test_a_cache_with_random_clip_starts_is_refused_by_name(dataset):
         PreferenceDataModule.from_config(OmegaConf.create({**cfg, "frame_start": "random"}))
     assert PreferenceDataModule.from_config(OmegaConf.create(cfg)).cfg.frame_start == "auto"
     for key in ("video_length", "frame_stride"):
-        with pytest.raises(UserError, match=rf"data.{key} must be >= 1, got 0"):
+        with pytest.raises(UserError, match=rf"bad value for 'data.{key}': 0 \(expected an integer >= 1\)"):
             PreferenceDataModule.from_config(OmegaConf.create({"train_data": str(dataset), key: 0}))
 
 

@@ -81,8 +81,8 @@ def test_cli_reports_bad_data_before_training(tiny_cogvideox, tmp_path):
     ("dpo.beta=-5", "bad value for 'dpo.beta': -5.0 (expected a finite number > 0)"),
     ("dpo.beta=nan", "bad value for 'dpo.beta': nan (expected a finite number > 0)"),
     ("optimizer.lr=-1", "bad value for 'optimizer.lr': -1.0 (expected a finite number > 0)"),
-    ("data.video_length=0", "data.video_length must be >= 1, got 0"),
-    ("data.frame_stride=0", "data.frame_stride must be >= 1, got 0"),
+    ("data.video_length=0", "bad value for 'data.video_length': 0 (expected an integer >= 1)"),
+    ("data.frame_stride=0", "bad value for 'data.frame_stride': 0 (expected an integer >= 1)"),
     ("lightning.trainer.max_steps=lots", "bad value for 'lightning.trainer.max_steps': 'lots' (expected an integer)"),
     ("dpo.loss_type=hinj", "bad value for 'dpo.loss_type': 'hinj' (expected one of sigmoid, hinge, ipo)"),
 ])

@@ -12,9 +12,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from videotuna_dpo.config import validate
-from videotuna_dpo.data.order import EpochOrder, generator, item_key
+from videotuna_dpo.config import AT_LEAST_ONE, check_values, validate
 from videotuna_dpo.data.frames import fit_stride, frame_indices, frame_span, resize_center_crop, to_model_range
+from videotuna_dpo.data.order import EpochOrder, generator, item_key
 from videotuna_dpo.data.preference import DataError, PairRecord, load_pairs
 from videotuna_dpo.data.video_io import VideoReadError, count_frames, read_video
 from videotuna_dpo.errors import UserError
@@ -148,9 +148,7 @@ class PreferenceDataModule(L.LightningDataModule):
         cfg = validate(data_cfg, PreferenceDataSchema, "data", source)
         if len(cfg.resolution) != 2:
             raise UserError(f"{source}: data.resolution must be [height, width], got {list(cfg.resolution)}")
-        for key in ("video_length", "frame_stride", "batch_size"):
-            if cfg[key] < 1:
-                raise UserError(f"{source}: data.{key} must be >= 1, got {cfg[key]}")
+        check_values(cfg, "data", {key: AT_LEAST_ONE for key in ("video_length", "frame_stride", "batch_size")}, source)
         if cfg.frame_start not in ("auto", "random", "first"):
             raise UserError(f"{source}: data.frame_start must be auto, random or first, got {cfg.frame_start!r}")
         if cfg.cache and cfg.frame_start == "random":

@@ -24,8 +24,8 @@ from videotuna_dpo.data.order import generator, item_key
 from videotuna_dpo.data.preference import PairRecord, load_pairs
 from videotuna_dpo.fileio import atomic_file, write_json_atomic
 from videotuna_dpo.data.video_io import VideoReadError, read_video
-from videotuna_dpo.errors import UserError
-from videotuna_dpo.user_files import read_json, first_line
+from videotuna_dpo.errors import UserError, first_line
+from videotuna_dpo.user_files import read_json
 
 INDEX = "index.json"
 CACHE_VERSION = 1
