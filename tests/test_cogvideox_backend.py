@@ -84,7 +84,7 @@ def test_full_finetune_reference_is_a_frozen_copy(tiny_cogvideox, on_cpu):
             p.add_(0.05 * torch.randn_like(p))
     with backend.reference() as reference:
         assert torch.allclose(reference(noisy, t, cond), base, atol=1e-5)
-    reference_module = backend._ref_cpu[0] if on_cpu else backend.ref_denoiser
+    reference_module = backend._ref_cpu["transformer"] if on_cpu else backend.ref_denoiser
     assert all(not p.requires_grad for p in reference_module.parameters())
     in_module = {id(p) for p in backend.parameters()}
     # On CPU the copy stays outside the module, so Lightning never moves it to the GPU.

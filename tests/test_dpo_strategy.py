@@ -73,7 +73,7 @@ def test_only_trainable_parameters_change_and_reference_stays_frozen(tiny_cogvid
     frozen = [p for n, p in module.named_parameters() if n not in trainable]
     assert all(p.grad is None for p in frozen)
     if finetune == "full":
-        assert all(torch.equal(p, before["backend.ref_denoiser." + n]) and p.grad is None
+        assert all(torch.equal(p, before["backend.ref_denoisers.transformer." + n]) and p.grad is None
                    for n, p in reference.named_parameters())
     else:
         assert all("lora_" in n for n in trainable)

@@ -17,6 +17,7 @@ from videotuna_dpo.data.order import seeded
 from videotuna_dpo.errors import UserError, first_line
 from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
+from videotuna_dpo.models.flow_matching import TIMESTEP_SAMPLING
 
 
 @dataclass
@@ -27,6 +28,13 @@ class DPOSchema:
     share_noise: bool = True  # winner and loser share noise and timestep; false = official code
     disable_dropout: bool = True  # dropout off in policy and reference: equal at step 0, no noise times beta
     uncond_prob: float = 0.0  # caption dropout: the pair's caption -> "" with this probability (official VC2: 0.2)
+    # Flow-matching backends only: beta on the velocity error as is (constant), or times (1 - s)^2, which
+    # makes it Diffusion-DPO's beta on the implied noise error (eps_equivalent).
+    beta_schedule: str = "constant"
+    timestep_sampling: Optional[str] = None  # flow-matching: uniform | logit_normal | mode; None = uniform
+    logit_mean: float = 0.0  # logit_normal's mean and std, mode's scale (diffusers' names)
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
 
 @dataclass
@@ -66,9 +74,14 @@ class TrainSchema:
     lightning: LightningSchema = field(default_factory=LightningSchema)
 
 
+BETA_SCHEDULES = ("constant", "eps_equivalent")
 DPO_RULES = {"beta": POSITIVE, "sft_weight": NON_NEGATIVE,
              "uncond_prob": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-             "loss_type": (lambda v: v in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}")}
+             "loss_type": (lambda v: v in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}"),
+             "beta_schedule": (lambda v: v in BETA_SCHEDULES, f"one of {', '.join(BETA_SCHEDULES)}"),
+             "timestep_sampling": (lambda v: v is None or v in TIMESTEP_SAMPLING,
+                                   f"one of {', '.join(TIMESTEP_SAMPLING)} (or null)"),
+             "logit_std": POSITIVE}
 OPTIMIZER_RULES = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,
                    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
                    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")}
@@ -105,6 +118,7 @@ class DPOModule(L.LightningModule):
         self.seed = torch.initial_seed() if seed is None else int(seed)  # steps draw from seeds derived from it
         if dpo.disable_dropout:
             disable_dropout(backend)
+        configure_flow_matching(backend, dpo)
         # Only trainable tensors go into checkpoints; frozen weights come from model.pretrained.
         self.strict_loading = False
 
@@ -162,6 +176,9 @@ class DPOModule(L.LightningModule):
         model_err = per_sample_mse(self.backend.predict(noisy, t, cond2), target)
         with torch.no_grad(), self.backend.reference() as reference:
             ref_err = per_sample_mse(reference(noisy, t, cond2), target)
+        if self.dpo.beta_schedule == "eps_equivalent":  # velocity errors -> the noise errors they imply
+            scale = self.backend.eps_equivalent_weight(t).to(model_err)
+            model_err, ref_err = model_err * scale, ref_err * scale
         model_err_w, model_err_l = model_err.chunk(2)
         ref_err_w, ref_err_l = ref_err.chunk(2)
         weights = batch.get("weight")
@@ -210,6 +227,18 @@ class DPOModule(L.LightningModule):
                 f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}); "
                 "resume with the same model config it was trained with"
             )
+
+
+def configure_flow_matching(backend: Any, dpo: Any) -> None:
+    """``dpo.timestep_sampling`` / ``dpo.beta_schedule`` reach a flow-matching backend; any other refuses them by name."""
+    flow = hasattr(backend, "eps_equivalent_weight") and hasattr(backend, "set_timestep_sampling")
+    for key, value, default in (("beta_schedule", dpo.beta_schedule, "constant"),
+                                ("timestep_sampling", dpo.timestep_sampling, None)):
+        if value != default and not flow:
+            raise UserError(f"dpo.{key}={value!r} applies to flow-matching backends (wan, hunyuanvideo, toy_flow); "
+                            f"{type(backend).__name__} trains with its own noise schedule: remove dpo.{key}")
+    if flow and dpo.timestep_sampling is not None:
+        backend.set_timestep_sampling(dpo.timestep_sampling, dpo.logit_mean, dpo.logit_std, dpo.mode_scale)
 
 
 def log_step(module: Any, out: Any, used: dict[str, torch.Tensor]) -> None:

@@ -160,11 +160,12 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
             return self.scheduler.get_velocity(x0, noise, t)
         return noise
 
-    def _write_lora(self, directory: Path, layers: dict[str, torch.Tensor]) -> None:
+    def _write_lora(self, directory: Path, layers: dict[str, dict[str, torch.Tensor]]) -> None:
         from diffusers import CogVideoXPipeline
 
         # diffusers' own LoRA format: `CogVideoXPipeline.load_lora_weights(directory)` reads it.
-        CogVideoXPipeline.save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True)
+        CogVideoXPipeline.save_lora_weights(directory, transformer_lora_layers=layers["transformer"],
+                                            safe_serialization=True)
 
     @torch.no_grad()
     def generate(

@@ -49,10 +49,12 @@ def merge_lora(net: nn.Module, state: dict[str, torch.Tensor], lora: dict[str, A
 
 
 class DenoiserFinetuning:
-    """Mixin for an ``nn.Module`` backend whose trainable network is ``getattr(self, denoiser_attr)``.
+    """Mixin for an ``nn.Module`` backend whose trainable networks are ``getattr(self, attr)`` for each
+    attribute in ``trained_attrs`` (by default just ``denoiser_attr``; Wan2.2-A14B trains one or both experts).
 
     The backend defines ``family``, ``cfg`` (with ``finetune``, ``lora``, ``reference_on_cpu``,
-    ``pretrained``) and ``_predict_with(net, noisy, t, cond)``.
+    ``pretrained``) and ``_predict_with(net, noisy, t, cond)``; a backend with several denoisers also
+    overrides ``_predict_nets(nets, noisy, t, cond)``, which gets every denoiser by attribute name.
     """
 
     denoiser_attr = "denoiser"
@@ -62,32 +64,52 @@ class DenoiserFinetuning:
     def denoiser(self) -> nn.Module:
         return getattr(self, self.denoiser_attr)
 
+    @property
+    def trained_attrs(self) -> tuple[str, ...]:
+        return (self.denoiser_attr,)
+
+    @property
+    def denoiser_attrs(self) -> tuple[str, ...]:
+        """Every denoiser the backend holds, trained or not (predict may use each)."""
+        return (self.denoiser_attr,)
+
+    def _trained(self) -> dict[str, nn.Module]:
+        return {attr: getattr(self, attr) for attr in self.trained_attrs}
+
     def setup_finetuning(self, reference_dtype: torch.dtype = torch.float32) -> None:
-        """Freeze the denoiser, then add LoRA adapters or make the frozen reference copy."""
+        """Freeze the denoisers, then add LoRA adapters or make the frozen reference copies of the trained ones."""
         cfg = self.cfg
         if cfg.finetune not in ("lora", "full"):
             raise UserError(f"model.finetune must be 'lora' or 'full', got {cfg.finetune!r}")
-        net = self.denoiser
-        net.requires_grad_(False)
+        for attr in self.denoiser_attrs:
+            getattr(self, attr).requires_grad_(False)
         if getattr(cfg, "init_weights", None):
             self.merge_init_weights(cfg.init_weights)
-        self._ref_cpu: list[nn.Module] = []
-        self.ref_denoiser: nn.Module | None = None
+        self._ref_cpu: dict[str, nn.Module] = {}  # a plain dict: kept out of .to(device) and the state dict
+        self.ref_denoisers = nn.ModuleDict()  # on-device reference copies, moved with the backend
         if cfg.finetune == "lora":
             from peft import LoraConfig
 
-            net.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                       target_modules=list(cfg.lora.target_modules), init_lora_weights=True))
-            for p in net.parameters():  # adapters train in fp32 over a possibly low-precision base
-                if p.requires_grad:
-                    p.data = p.data.float()
+            for net in self._trained().values():
+                net.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                           target_modules=list(cfg.lora.target_modules), init_lora_weights=True))
+                for p in net.parameters():  # adapters train in fp32 over a possibly low-precision base
+                    if p.requires_grad:
+                        p.data = p.data.float()
             return
-        reference = copy.deepcopy(net).to(reference_dtype).requires_grad_(False).eval()
-        if cfg.reference_on_cpu:
-            self._ref_cpu.append(reference)
-        else:
-            self.ref_denoiser = reference
-        net.requires_grad_(True)
+        for attr, net in self._trained().items():
+            reference = copy.deepcopy(net).to(reference_dtype).requires_grad_(False).eval()
+            if cfg.reference_on_cpu:
+                self._ref_cpu[attr] = reference
+            else:
+                self.ref_denoisers[attr] = reference
+            net.requires_grad_(True)
+
+    @property
+    def ref_denoiser(self) -> nn.Module | None:
+        """The frozen on-device reference copy of the (first) trained denoiser in a full fine-tune, else None."""
+        attr = self.trained_attrs[0]
+        return self.ref_denoisers[attr] if attr in self.ref_denoisers else None
 
     def merge_init_weights(self, directory: str | Path) -> None:
         """``model.init_weights``: a weights folder (LoRA or full, e.g. an SFT run's) made part of the base.
@@ -97,77 +119,108 @@ class DenoiserFinetuning:
         directory = Path(directory)
         meta = read_trainable_meta(directory, self.family)
         if meta.get("finetune") == "lora":
-            prefix = f"{self.denoiser_attr}."
-            state = {k.removeprefix(prefix): v for k, v in read_safetensors(directory, LORA_FILE).items()}
-            merge_lora(self.denoiser, state, meta["lora"], f"model.init_weights={directory}")
+            for attr, state in self._split_lora(directory, meta).items():
+                merge_lora(getattr(self, attr), state, meta["lora"], f"model.init_weights={directory}")
             return
-        self._load_full_denoiser(directory, "model.init_weights")
+        for attr in meta.get("trained", [self.denoiser_attr]):
+            self._load_full_denoiser(directory, "model.init_weights", attr)
 
-    def _load_full_denoiser(self, directory: Path, key: str) -> None:
-        """The denoiser ``save_trainable`` wrote with ``save_pretrained``: safetensors only, as it is written."""
-        with named_load_errors(directory / self.denoiser_attr, f"{key}={directory}", read_bin=False):
-            loaded = type(self.denoiser).from_pretrained(directory, subfolder=self.denoiser_attr, local_files_only=True,
-                                                         use_safetensors=True)
-        self.denoiser.load_state_dict(loaded.state_dict(), strict=True)
+    def _split_lora(self, directory: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """The LoRA file's tensors by denoiser (keys ``<attr>.<peft key>``), each attribute one of ours."""
+        state = read_safetensors(directory, LORA_FILE)
+        by_attr: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            attr, _, rest = key.partition(".")
+            if attr not in self.denoiser_attrs:
+                raise UserError(f"{directory / LORA_FILE}: key {key!r} names no denoiser of this model "
+                                f"({', '.join(self.denoiser_attrs)}); give the weights of a run on the same base model")
+            by_attr.setdefault(attr, {})[rest] = value
+        return by_attr
+
+    def _load_full_denoiser(self, directory: Path, key: str, attr: str | None = None) -> None:
+        """A denoiser ``save_trainable`` wrote with ``save_pretrained``: safetensors only, as it is written."""
+        attr = attr or self.denoiser_attr
+        net = getattr(self, attr)
+        with named_load_errors(directory / attr, f"{key}={directory}", read_bin=False):
+            loaded = type(net).from_pretrained(directory, subfolder=attr, local_files_only=True, use_safetensors=True)
+        net.load_state_dict(loaded.state_dict(), strict=True)
+
+    def _predict_nets(self, nets: dict[str, nn.Module], noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self._predict_with(nets[self.denoiser_attr], noisy, t, cond)
+
+    def _live_nets(self) -> dict[str, nn.Module]:
+        return {attr: getattr(self, attr) for attr in self.denoiser_attrs}
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        return self._predict_with(self.denoiser, noisy, t, cond)
+        return self._predict_nets(self._live_nets(), noisy, t, cond)
 
     @contextmanager
     def reference(self) -> Iterator[PredictFn]:
         """Context yielding the frozen reference model's ``predict``."""
         if self.cfg.finetune == "lora":
-            self.denoiser.disable_adapters()
+            for net in self._trained().values():
+                net.disable_adapters()
             try:
                 yield self.predict
             finally:
-                self.denoiser.enable_adapters()
+                for net in self._trained().values():
+                    net.enable_adapters()
             return
-        if self.ref_denoiser is not None:
-            yield partial(self._predict_with, self.ref_denoiser)
-            return
-        reference = self._ref_cpu[0]
-        reference.to(next(self.denoiser.parameters()).device)
+        nets = {**self._live_nets(), **dict(self.ref_denoisers.items())}
+        device = next(self.denoiser.parameters()).device
+        for attr, reference in self._ref_cpu.items():
+            nets[attr] = reference.to(device)
         try:
-            yield partial(self._predict_with, reference)
+            yield partial(self._predict_nets, nets)
         finally:
-            reference.to("cpu")
+            for reference in self._ref_cpu.values():
+                reference.to("cpu")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.denoiser.parameters() if p.requires_grad]
+        return [p for net in self._trained().values() for p in net.parameters() if p.requires_grad]
 
-    def _write_lora(self, directory: Path, layers: dict[str, torch.Tensor]) -> None:
+    def _write_lora(self, directory: Path, layers: dict[str, dict[str, torch.Tensor]]) -> None:
+        """``layers``: each trained denoiser's peft state dict, by attribute; one file, keys ``<attr>.<key>``."""
         from safetensors.torch import save_file
 
-        save_file({f"{self.denoiser_attr}.{k}": v for k, v in layers.items()}, str(directory / LORA_FILE))
+        save_file({f"{attr}.{k}": v for attr, state in layers.items() for k, v in state.items()},
+                  str(directory / LORA_FILE))
 
     def save_trainable(self, directory: str | Path) -> Path:
-        """Write the LoRA adapter or the full denoiser (safetensors) atomically to ``directory``."""
+        """Write the LoRA adapters or the full denoisers (safetensors) atomically to ``directory``."""
         meta = {"family": self.family, "finetune": self.cfg.finetune, "base": str(self.cfg.pretrained),
-                "init_weights": init_weights_id(self.cfg)}
+                "init_weights": init_weights_id(self.cfg), "trained": list(self.trained_attrs)}
         if self.cfg.finetune == "lora":
             from peft.utils import get_peft_model_state_dict
 
             meta["lora"] = {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
                             "target_modules": list(self.cfg.lora.target_modules)}
-            layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.denoiser).items()}
+            layers = {attr: {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(net).items()}
+                      for attr, net in self._trained().items()}
             return atomic_directory(directory, lambda tmp: self._write_lora(tmp, layers), meta)
-        return atomic_directory(
-            directory, lambda tmp: self.denoiser.save_pretrained(tmp / self.denoiser_attr, safe_serialization=True), meta
-        )
+
+        def write(tmp: Path) -> None:
+            for attr, net in self._trained().items():
+                net.save_pretrained(tmp / attr, safe_serialization=True)
+
+        return atomic_directory(directory, write, meta)
 
     def load_trainable(self, directory: str | Path) -> None:
-        """Load what ``save_trainable`` wrote; a LoRA/full or rank mismatch is an error saying which."""
+        """Load what ``save_trainable`` wrote; a LoRA/full, rank or trained-denoiser mismatch is an error saying which."""
         directory = Path(directory)
-        read_trainable_meta(directory, self.family, self.cfg)
+        meta = read_trainable_meta(directory, self.family, self.cfg)
+        trained = list(meta.get("trained", [self.denoiser_attr]))
+        if trained != list(self.trained_attrs):
+            raise UserError(f"{directory}: weights of the denoiser(s) {', '.join(trained)}, but this config trains "
+                            f"{', '.join(self.trained_attrs)}; set the model's trained denoisers to match")
         if self.cfg.finetune == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            prefix = f"{self.denoiser_attr}."
-            state = {k.removeprefix(prefix): v for k, v in read_safetensors(directory, LORA_FILE).items()}
-            result = set_peft_model_state_dict(self.denoiser, state, adapter_name="default")
-            unexpected = list(getattr(result, "unexpected_keys", []) or [])
-            if unexpected:
-                raise UserError(f"{directory / LORA_FILE}: keys not in this model's LoRA: {unexpected[:5]}")
+            for attr, state in self._split_lora(directory, meta).items():
+                result = set_peft_model_state_dict(getattr(self, attr), state, adapter_name="default")
+                unexpected = list(getattr(result, "unexpected_keys", []) or [])
+                if unexpected:
+                    raise UserError(f"{directory / LORA_FILE}: keys not in this model's LoRA: {unexpected[:5]}")
             return
-        self._load_full_denoiser(directory, "model.trainable_weights")
+        for attr in trained:
+            self._load_full_denoiser(directory, "model.trainable_weights", attr)
