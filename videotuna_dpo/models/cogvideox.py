@@ -16,21 +16,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.base import named_load_errors
-from videotuna_dpo.models.finetune import DenoiserFinetuning
+from videotuna_dpo.models.diffusers_video import DiffusersVideoBackend, LoraSchema
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class LoraSchema:
-    rank: int = 128
-    alpha: float = 128.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass
@@ -50,65 +39,34 @@ class CogVideoXSchema:
     load_text_and_vae: bool = True  # false when training on a latent cache
 
 
-class CogVideoXBackend(DenoiserFinetuning, nn.Module):
+class CogVideoXBackend(DiffusersVideoBackend):
     """CogVideoX (2B, 5B) as a DPO backend: v-prediction, LoRA by default, full fine-tune optional."""
 
     family = "cogvideox"
-    denoiser_attr = "transformer"
+    schema = CogVideoXSchema
+    subfolders = SUBFOLDERS
+    example = "THUDM/CogVideoX-2b at checkpoints/cogvideo/CogVideoX-2b"
 
     def __init__(self, cfg: CogVideoXSchema | Any):
         super().__init__()
         from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
         from transformers import AutoTokenizer, T5EncoderModel
 
-        self.cfg = cfg
-        root = Path(cfg.pretrained)
-        missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
-        if missing:
-            raise UserError(
-                f"model.pretrained={root}: not a diffusers CogVideoX directory; missing subfolder(s) "
-                f"{', '.join(missing)}. Expected {', '.join(SUBFOLDERS)} (e.g. a local copy of "
-                f"THUDM/CogVideoX-2b at checkpoints/cogvideo/CogVideoX-2b)."
-            )
-        if cfg.weight_dtype not in DTYPES:
-            raise UserError(f"model.weight_dtype must be one of {', '.join(DTYPES)}, got {cfg.weight_dtype!r}")
-        weight_dtype = DTYPES[cfg.weight_dtype]
-
-        def load(cls: Any, subfolder: str, **kwargs: Any) -> Any:
-            # Safetensors when the folder has them; a .bin only as plain tensors (diffusers/transformers: weights_only).
-            with named_load_errors(root / subfolder, f"model.pretrained={root}"):
-                return cls.from_pretrained(root, subfolder=subfolder, local_files_only=True, **kwargs)
-
-        self.scheduler = load(CogVideoXDDIMScheduler, "scheduler")
-        # LoRA keeps the frozen base in weight_dtype; a full fine-tune trains fp32 master weights.
-        self.transformer = load(CogVideoXTransformer3DModel, "transformer",
-                                torch_dtype=weight_dtype if cfg.finetune == "lora" else torch.float32)
+        root = self.open_pretrained(cfg)
+        self.scheduler = self.load_part(CogVideoXDDIMScheduler, "scheduler")
+        self.transformer = self.load_part(CogVideoXTransformer3DModel, "transformer", torch_dtype=self.denoiser_dtype)
         self.vae = self.tokenizer = self.text_encoder = None
         if cfg.load_text_and_vae:
-            self.vae = load(AutoencoderKLCogVideoX, "vae", torch_dtype=weight_dtype)
-            self.text_encoder = load(T5EncoderModel, "text_encoder", dtype=weight_dtype)
-            self.tokenizer = load(AutoTokenizer, "tokenizer")
-            for module in (self.vae, self.text_encoder):
-                module.requires_grad_(False).eval()
-            if cfg.vae_slicing:
-                self.vae.enable_slicing()
-            if cfg.vae_tiling:
-                self.vae.enable_tiling()
+            self.vae = self.load_part(AutoencoderKLCogVideoX, "vae", torch_dtype=self.weight_dtype)
+            self.text_encoder = self.load_part(T5EncoderModel, "text_encoder", dtype=self.weight_dtype)
+            self.tokenizer = self.load_part(AutoTokenizer, "tokenizer")
+            self.freeze(self.vae, self.text_encoder)
+            self.setup_vae(self.vae)
         self.max_sequence_length = cfg.max_sequence_length or self.transformer.config.max_text_seq_length
         self.prediction_type = self.scheduler.config.prediction_type
         if self.prediction_type not in ("v_prediction", "epsilon"):
             raise UserError(f"{root}/scheduler: unsupported prediction_type {self.prediction_type!r}")
-
-        self.setup_finetuning(reference_dtype=weight_dtype)
-        if cfg.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        if cfg.trainable_weights:
-            self.load_trainable(cfg.trainable_weights)
-
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, model_cfg: Any, source: str = "<config>") -> "CogVideoXBackend":
-        return cls(validate(model_cfg, CogVideoXSchema, "model", source))
+        self.finish_setup()
 
     @property
     def vae_scale_factor_spatial(self) -> int:
@@ -118,7 +76,7 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
     @torch.no_grad()
     def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, C, F, H, W]`` in [-1, 1] -> VAE posterior (mean, std), each ``[B, F', C', H', W']``, scaled."""
-        self._require_vae("encode videos")
+        self.require_vae("encode videos")
         dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         scale = self.vae.config.scaling_factor
         return tuple((x * scale).permute(0, 2, 1, 3, 4).contiguous().float() for x in (dist.mean, dist.std))
@@ -131,14 +89,14 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, F', C', H', W']`` -> pixels ``[B, C, F, H, W]`` in [-1, 1]."""
-        self._require_vae("decode latents")
+        self.require_vae("decode latents")
         z = latents.permute(0, 2, 1, 3, 4).to(self.vae.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(z).sample.float()
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Captions -> T5 embeddings ``[B, L, D]``."""
-        self._require_vae("encode prompts")
+        self.require_vae("encode prompts")
         embeds, _ = self._pipe.encode_prompt(
             list(prompts),
             do_classifier_free_guidance=False,
@@ -183,35 +141,21 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
 
         ``seed`` as a list gives each prompt its own generator, so a video never depends on its batch.
         """
-        self._require_vae("generate")
-        pipe = self._pipe
-        device = next(self.transformer.parameters()).device
-        if isinstance(seed, (list, tuple)):
-            if len(seed) != len(prompts):
-                raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
-            generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
-        else:
-            generator = torch.Generator(device=device).manual_seed(int(seed))
+        self.require_vae("generate")
         height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
         width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
-        was_training = self.transformer.training
-        self.transformer.eval()
-        try:
-            out = pipe(
-                prompt=list(prompts),
-                negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                num_frames=num_frames,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=generator,
-                height=height,
-                width=width,
-                output_type="pt",
-                max_sequence_length=self.max_sequence_length,
-            ).frames
-        finally:
-            self.transformer.train(was_training)
-        return out.float().clamp(0, 1)
+        return self.sample_with(
+            self._pipe,
+            prompt=list(prompts),
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+            num_frames=num_frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=self.generators(seed, len(prompts)),
+            height=height,
+            width=width,
+            max_sequence_length=self.max_sequence_length,
+        )
 
     # -- helpers ----------------------------------------------------------------------------------
     def _predict_with(self, transformer: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -247,10 +191,3 @@ class CogVideoXBackend(DenoiserFinetuning, nn.Module):
             transformer=self.transformer,
             scheduler=copy.deepcopy(self.scheduler),
         )
-
-    def _require_vae(self, what: str) -> None:
-        if self.vae is None:
-            raise UserError(
-                f"cannot {what}: the VAE and text encoder were not loaded (model.load_text_and_vae=false, "
-                f"as when training from a latent cache)"
-            )

@@ -1,0 +1,135 @@
+"""What every backend over a diffusers video pipeline shares: loading a local diffusers-layout directory,
+the frozen parts, the fine-tuning set-up, per-prompt generators and sampling through the pipeline.
+
+A family is one file: its schema, its classes, its latent layout and how its transformer is called
+(CogVideoX, Wan, HunyuanVideo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from videotuna_dpo.config import validate
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.base import named_load_errors, seed_list
+from videotuna_dpo.models.finetune import DenoiserFinetuning
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class LoraSchema:
+    rank: int = 128
+    alpha: float = 128.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+
+
+def weight_dtype_of(cfg: Any) -> torch.dtype:
+    if cfg.weight_dtype not in DTYPES:
+        raise UserError(f"model.weight_dtype must be one of {', '.join(DTYPES)}, got {cfg.weight_dtype!r}")
+    return DTYPES[cfg.weight_dtype]
+
+
+class DiffusersVideoBackend(DenoiserFinetuning, nn.Module):
+    """Base of the backends over diffusers video pipelines; the denoiser(s) are ``transformer`` (and ``transformer_2``).
+
+    A subclass sets ``schema``, ``subfolders``, ``example`` (a model directory users have), loads its
+    parts in ``__init__`` with :meth:`load_part`, and calls :meth:`finish_setup`.
+    """
+
+    schema: type = object
+    subfolders: tuple[str, ...] = ()
+    example: str = ""
+    denoiser_attr = "transformer"
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, source: str = "<config>") -> "DiffusersVideoBackend":
+        return cls(validate(model_cfg, cls.schema, "model", source))
+
+    def open_pretrained(self, cfg: Any) -> Path:
+        """``model.pretrained`` checked to be this family's diffusers directory (a missing part named)."""
+        self.cfg = cfg
+        root = Path(cfg.pretrained)
+        missing = [s for s in self.subfolders if not (root / s).is_dir()]
+        if missing:
+            raise UserError(
+                f"model.pretrained={root}: not a diffusers {self.family} directory; missing subfolder(s) "
+                f"{', '.join(missing)}. Expected {', '.join(self.subfolders)} (e.g. a local copy of {self.example})."
+            )
+        self.weight_dtype = weight_dtype_of(cfg)
+        self.root = root
+        return root
+
+    def load_part(self, cls: Any, subfolder: str, **kwargs: Any) -> Any:
+        """``cls.from_pretrained(root, subfolder)`` offline; safetensors, or a .bin only as plain tensors."""
+        with named_load_errors(self.root / subfolder, f"model.pretrained={self.root}"):
+            return cls.from_pretrained(self.root, subfolder=subfolder, local_files_only=True, **kwargs)
+
+    @property
+    def denoiser_dtype(self) -> torch.dtype:
+        """LoRA keeps the frozen base in ``weight_dtype``; a full fine-tune trains fp32 master weights."""
+        return self.weight_dtype if self.cfg.finetune == "lora" else torch.float32
+
+    def freeze(self, *modules: nn.Module | None) -> None:
+        for module in modules:
+            if module is not None:
+                module.requires_grad_(False).eval()
+
+    def setup_vae(self, vae: nn.Module) -> None:
+        if self.cfg.vae_slicing and hasattr(vae, "enable_slicing"):
+            vae.enable_slicing()
+        if self.cfg.vae_tiling and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+
+    def finish_setup(self) -> None:
+        """LoRA adapters or the reference copy, gradient checkpointing, then ``model.trainable_weights``."""
+        self.setup_finetuning(reference_dtype=self.weight_dtype)
+        if self.cfg.gradient_checkpointing:
+            for net in self._trained().values():
+                net.enable_gradient_checkpointing()
+        if self.cfg.trainable_weights:
+            self.load_trainable(self.cfg.trainable_weights)
+
+    def require_vae(self, what: str) -> None:
+        if getattr(self, "vae", None) is None:
+            raise UserError(
+                f"cannot {what}: the VAE and text encoder were not loaded (model.load_text_and_vae=false, "
+                f"as when training from a latent cache)"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def generators(self, seed: int | list[int], n: int) -> list[torch.Generator]:
+        """One generator per prompt, so a video never depends on the batch it was sampled in."""
+        return [torch.Generator(device=self.device).manual_seed(s) for s in seed_list(seed, n)]
+
+    def sample_with(self, pipe: Callable[..., Any], **kwargs: Any) -> torch.Tensor:
+        """Run ``pipe`` with the denoisers in eval mode -> float ``[B, F, C, H, W]`` in [0, 1]."""
+        with _eval_mode(self._live_nets().values()):
+            frames = pipe(output_type="pt", **kwargs).frames
+        return frames.float().clamp(0, 1)
+
+
+class _eval_mode:
+    """Modules in eval mode for the block, each restored to its own mode after."""
+
+    def __init__(self, modules: Iterator[nn.Module] | Any):
+        self.modules = list(modules)
+
+    def __enter__(self) -> None:
+        self.modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in zip(self.modules, self.modes):
+            m.train(mode)
