@@ -71,3 +71,19 @@ def make_backend(pretrained, **overrides):
     cfg = {"name": "cogvideox", "pretrained": str(pretrained), "weight_dtype": "fp32", "lora": {"rank": 4, "alpha": 4}}
     cfg.update(overrides)
     return CogVideoXBackend.from_config(OmegaConf.create(cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+    """Tiny random-weight Wan2.1, Wan2.2-A14B (two experts) and Wan2.2-TI2V-5B, by variant, built on first use."""
+    from videotuna_dpo.models.tiny import build_tiny_wan
+
+    root = tmp_path_factory.mktemp("tiny_wan")
+    built: dict[str, Path] = {}
+
+    def get(variant: str = "2.1") -> Path:
+        if variant not in built:
+            built[variant] = build_tiny_wan(root / variant, variant)
+        return built[variant]
+
+    return get

@@ -33,4 +33,5 @@ def videotuna_models():
         "videocrafter2": "videotuna_dpo.models.videocrafter:VideoCrafter2Backend",
         "t2v_turbo": "videotuna_dpo.models.t2v_turbo:T2VTurboBackend",
         "toy": "videotuna_dpo.toy.backend:ToyBackend",
+        "wan": "videotuna_dpo.models.wan:WanBackend",
     }

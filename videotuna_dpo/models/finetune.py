@@ -59,6 +59,7 @@ class DenoiserFinetuning:
 
     denoiser_attr = "denoiser"
     family = "?"
+    trained_setting = "the model's trained denoisers"  # the config key that chooses trained_attrs
 
     @property
     def denoiser(self) -> nn.Module:
@@ -212,7 +213,7 @@ class DenoiserFinetuning:
         trained = list(meta.get("trained", [self.denoiser_attr]))
         if trained != list(self.trained_attrs):
             raise UserError(f"{directory}: weights of the denoiser(s) {', '.join(trained)}, but this config trains "
-                            f"{', '.join(self.trained_attrs)}; set the model's trained denoisers to match")
+                            f"{', '.join(self.trained_attrs)}; set {self.trained_setting} to match")
         if self.cfg.finetune == "lora":
             from peft.utils import set_peft_model_state_dict
 

@@ -13,7 +13,7 @@ beta means on an eps model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,8 @@ class FlowMatchingSchedule:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    low: float = 0.0  # draws kept in [low, high) of s (one expert of two trains only its own range)
+    high: float = 1.0
 
     def __post_init__(self) -> None:
         if self.sampling not in TIMESTEP_SAMPLING:
@@ -58,12 +60,25 @@ class FlowMatchingSchedule:
         return cls(num_train_timesteps=int(config.get("num_train_timesteps", 1000)), shift=float(shift), **sampling)
 
     def sample_sigmas(self, n: int, device: torch.device | str) -> torch.Tensor:
-        """``n`` shifted noise levels ``s`` in (0, 1), float32."""
+        """``n`` shifted noise levels ``s`` in (0, 1), float32; with a range, the draw conditioned on it."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        u = compute_density_for_timestep_sampling(self.sampling, n, logit_mean=self.logit_mean,
-                                                  logit_std=self.logit_std, mode_scale=self.mode_scale, device=device)
-        return shift_sigmas(u.float(), self.shift)
+        def draw(k: int) -> torch.Tensor:
+            u = compute_density_for_timestep_sampling(self.sampling, k, logit_mean=self.logit_mean,
+                                                      logit_std=self.logit_std, mode_scale=self.mode_scale,
+                                                      device=device)
+            return shift_sigmas(u.float(), self.shift)
+
+        if self.low <= 0 and self.high >= 1:
+            return draw(n)
+        kept: list[torch.Tensor] = []
+        for _ in range(1000):  # rejection: the same distribution, restricted to [low, high)
+            s = draw(max(4 * n, 64))
+            kept.append(s[(s >= self.low) & (s < self.high)])
+            if sum(len(k) for k in kept) >= n:
+                return torch.cat(kept)[:n]
+        raise UserError(f"the timestep draw ({self.sampling}, shift {self.shift}) almost never falls in "
+                        f"[{self.low}, {self.high}): choose another dpo.timestep_sampling")
 
     def sample_timesteps(self, n: int, device: torch.device | str) -> torch.Tensor:
         """The transformer's timestep input ``t = s * num_train_timesteps`` (float, ``[n]``)."""
@@ -96,9 +111,8 @@ class FlowMatchingTraining:
 
     def set_timestep_sampling(self, sampling: str, logit_mean: float = 0.0, logit_std: float = 1.0,
                               mode_scale: float = 1.29) -> None:
-        s = self.flow_schedule
-        self.flow_schedule = FlowMatchingSchedule(s.num_train_timesteps, s.shift, sampling, logit_mean, logit_std,
-                                                  mode_scale)
+        self.flow_schedule = replace(self.flow_schedule, sampling=sampling, logit_mean=logit_mean,
+                                     logit_std=logit_std, mode_scale=mode_scale)
 
     def sample_timesteps(self, n: int, device: torch.device | str) -> torch.Tensor:
         return self.flow_schedule.sample_timesteps(n, device)

@@ -70,3 +70,50 @@ def build_tiny_cogvideox(path: str | Path, seed: int = 0, rotary: bool = False) 
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+WAN_VARIANTS = ("2.1", "2.2-a14b", "2.2-ti2v")
+
+
+def build_tiny_wan(path: str | Path, variant: str = "2.1", seed: int = 0) -> Path:
+    """Write a tiny Wan (transformer(s), VAE, UMT5, tokenizer, flow scheduler) in the diffusers layout.
+
+    ``2.1``: as Wan2.1-T2V-1.3B (16-channel VAE, UniPC with flow_shift 3.0); ``2.2-a14b``: two experts
+    switched at boundary_ratio 0.875; ``2.2-ti2v``: as Wan2.2-TI2V-5B (48-channel residual VAE with
+    2x2 patchify, per-patch timesteps). 9 frames of 32x32 pixels -> latents [C', 3, 4, 4] ([48, 3, 2, 2]).
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if variant not in WAN_VARIANTS:
+        raise ValueError(f"variant must be one of {WAN_VARIANTS}, got {variant!r}")
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    )
+    ti2v = variant == "2.2-ti2v"
+    z_dim = 48 if ti2v else 16
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=torch.linspace(-0.5, 0.5, z_dim).tolist(), latents_std=torch.linspace(0.8, 1.6, z_dim).tolist(),
+        **({"is_residual": True, "in_channels": 12, "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16}
+           if ti2v else {}),
+    )
+
+    def transformer() -> WanTransformer3DModel:
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                     in_channels=z_dim, out_channels=z_dim, text_dim=32, freq_dim=32, ffn_dim=64,
+                                     num_layers=2, rope_max_seq_len=64)
+
+    # Wan2.1's shipped scheduler: UniPC over flow sigmas, flow_shift 3.0 (480p).
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0 if variant == "2.1" else 5.0)
+    two = variant == "2.2-a14b"
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer(), transformer_2=transformer() if two else None,
+                       boundary_ratio=0.875 if two else None, expand_timesteps=ti2v)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

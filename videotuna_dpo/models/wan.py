@@ -1,0 +1,225 @@
+"""Wan2.1 / Wan2.2 through diffusers' own classes, trained with Flow-DPO.
+
+Loaded from a local diffusers-layout directory (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, -14B, Wan2.2-TI2V-5B,
+Wan2.2-T2V-A14B). Latents ``[B, C', F', H', W']`` (the transformer's input), normalised with the VAE's
+``latents_mean`` / ``latents_std`` as ``WanPipeline`` does; prompt conditioning ``[B, L, D]`` from UMT5.
+Wan2.2-A14B has two experts: ``transformer`` for noise levels at or above the pipeline's
+``boundary_ratio`` (high noise), ``transformer_2`` below it; each sample is routed as the pipeline routes
+it, and ``model.train_experts`` chooses which of them train.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.diffusers_video import ATTENTION_PROJECTIONS, DiffusersVideoBackend, LoraSchema
+from videotuna_dpo.models.flow_matching import FlowMatchingSchedule, FlowMatchingTraining
+from videotuna_dpo.user_files import read_json
+
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+EXPERTS = ("both", "high", "low")
+
+
+def _wan_lora() -> LoraSchema:
+    return LoraSchema(rank=32, alpha=32.0, target_modules=list(ATTENTION_PROJECTIONS))
+
+
+@dataclass
+class WanSchema:
+    name: str = "wan"
+    pretrained: str = "???"  # diffusers layout: transformer/ [transformer_2/] vae/ text_encoder/ tokenizer/ scheduler/
+    finetune: str = "lora"  # "lora" (reference = adapters disabled) or "full" (frozen copy)
+    lora: LoraSchema = field(default_factory=_wan_lora)
+    reference_on_cpu: bool = False  # full fine-tune: keep the frozen copy on CPU, move it per step
+    weight_dtype: str = "bf16"  # frozen weights (VAE, UMT5, LoRA base, reference copy): fp32|bf16|fp16
+    gradient_checkpointing: bool = False
+    vae_slicing: bool = True
+    vae_tiling: bool = False
+    max_sequence_length: int = 512  # UMT5 tokens, as WanPipeline
+    flow_shift: Optional[float] = None  # training shift; default: the scheduler's flow_shift (3.0 at 480p, 5.0 at 720p)
+    train_experts: str = "both"  # Wan2.2-A14B: both | high (transformer) | low (transformer_2)
+    trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
+    init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
+    load_text_and_vae: bool = True  # false when training on a latent cache
+
+
+class WanBackend(FlowMatchingTraining, DiffusersVideoBackend):
+    """Wan2.1 (1.3B, 14B) and Wan2.2 (TI2V-5B, two-expert A14B) as Flow-DPO backends; LoRA by default."""
+
+    family = "wan"
+    schema = WanSchema
+    subfolders = SUBFOLDERS
+    trained_setting = "model.train_experts (both: transformer, transformer_2; high: transformer; low: transformer_2)"
+    example = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers at checkpoints/wan/Wan2.1-T2V-1.3B-Diffusers"
+
+    def __init__(self, cfg: WanSchema | Any):
+        super().__init__()
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        root = self.open_pretrained(cfg)
+        pipeline_config = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+        self.boundary_ratio: float | None = pipeline_config.get("boundary_ratio")
+        self.expand_timesteps = bool(pipeline_config.get("expand_timesteps", False))  # Wan2.2-TI2V-5B
+        self.two_experts = (root / "transformer_2").is_dir()
+        if self.two_experts and self.boundary_ratio is None:
+            raise UserError(f"model.pretrained={root}: has transformer_2/ but model_index.json sets no boundary_ratio; "
+                            f"a Wan2.2-A14B directory sets it (0.875 for T2V)")
+        if cfg.train_experts not in EXPERTS:
+            raise UserError(f"model.train_experts must be one of {', '.join(EXPERTS)}, got {cfg.train_experts!r}")
+        if cfg.train_experts != "both" and not self.two_experts:
+            raise UserError(f"model.train_experts={cfg.train_experts!r} needs a two-expert model (Wan2.2-A14B, with "
+                            f"transformer_2/); {root} has one transformer: remove model.train_experts")
+        self.scheduler = self.load_part(_scheduler_class(root), "scheduler")
+        self.transformer = self.load_part(WanTransformer3DModel, "transformer", torch_dtype=self.denoiser_dtype)
+        if self.two_experts:
+            self.transformer_2 = self.load_part(WanTransformer3DModel, "transformer_2", torch_dtype=self.denoiser_dtype)
+        self.vae = self.tokenizer = self.text_encoder = None
+        if cfg.load_text_and_vae:
+            self.vae = self.load_part(AutoencoderKLWan, "vae", torch_dtype=torch.float32)  # as WanPipeline: fp32 VAE
+            self.text_encoder = self.load_part(UMT5EncoderModel, "text_encoder", dtype=self.weight_dtype)
+            self.tokenizer = self.load_part(AutoTokenizer, "tokenizer")
+            self.freeze(self.vae, self.text_encoder)
+            self.setup_vae(self.vae)
+        schedule = FlowMatchingSchedule.from_scheduler_config(self.scheduler.config)
+        if cfg.flow_shift is not None:
+            schedule = replace(schedule, shift=float(cfg.flow_shift))
+        self.flow_schedule = self._restricted(schedule)
+        self.finish_setup()
+
+    # -- experts ------------------------------------------------------------------------------------
+    @property
+    def denoiser_attrs(self) -> tuple[str, ...]:
+        return ("transformer", "transformer_2") if self.two_experts else ("transformer",)
+
+    @property
+    def trained_attrs(self) -> tuple[str, ...]:
+        return {"both": self.denoiser_attrs, "high": ("transformer",), "low": ("transformer_2",)}[self.cfg.train_experts]
+
+    @property
+    def boundary_timestep(self) -> float | None:
+        """The pipeline's switch: ``t >= boundary_ratio * num_train_timesteps`` goes to ``transformer``."""
+        if not self.two_experts:
+            return None
+        return self.boundary_ratio * self.flow_schedule.num_train_timesteps
+
+    def _restricted(self, schedule: FlowMatchingSchedule) -> FlowMatchingSchedule:
+        """Training one expert of two: noise levels are drawn only in the range that expert denoises."""
+        expert = self.cfg.train_experts
+        if not self.two_experts or expert == "both":
+            return schedule
+        low, high = (self.boundary_ratio, 1.0) if expert == "high" else (0.0, self.boundary_ratio)
+        return replace(schedule, low=low, high=high)
+
+    # -- the protocol -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, C, F, H, W]`` in [-1, 1] -> posterior (mean, std), each ``[B, C', F', H', W']``, normalised."""
+        self.require_vae("encode videos")
+        frames = pixels.shape[2]
+        step = self.vae.config.scale_factor_temporal
+        if (frames - 1) % step:
+            # The causal VAE encodes frame 0, then chunks of `step`: other counts silently lose their last frames.
+            raise UserError(f"Wan encodes {step}k+1 frames (1, 5, ..., 81); got clips of {frames} frames: set "
+                            f"data.video_length to {(frames - 1) // step * step + 1} or {((frames - 1) // step + 1) * step + 1}")
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        mean, std = self._latents_stats(dist.mean)
+        return ((dist.mean.float() - mean) / std).contiguous(), (dist.std.float() / std).contiguous()
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, H, W]`` in [-1, 1] -> a posterior sample ``[B, C', F', H', W']`` (normalised)."""
+        mean, std = self.latent_distribution(pixels)
+        return mean + std * torch.randn_like(mean)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, C', F', H', W']`` -> pixels ``[B, C, F, H, W]`` in [-1, 1]."""
+        self.require_vae("decode latents")
+        mean, std = self._latents_stats(latents)
+        return self.vae.decode((latents.float() * std + mean).to(self.vae.dtype)).sample.float()
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Captions -> UMT5 embeddings ``[B, L, D]``, zero past each caption's tokens (as WanPipeline)."""
+        self.require_vae("encode prompts")
+        embeds, _ = self._pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False,
+                                             max_sequence_length=self.cfg.max_sequence_length,
+                                             device=self.text_encoder.device, dtype=self.text_encoder.dtype)
+        return embeds.float()
+
+    def _predict_nets(self, nets: dict[str, nn.Module], noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Each sample through the expert the pipeline would use at its ``t``."""
+        boundary = self.boundary_timestep
+        if boundary is None:
+            return self._predict_with(nets["transformer"], noisy, t, cond)
+        high = t >= boundary
+        out = torch.zeros(noisy.shape, dtype=torch.float32, device=noisy.device)
+        for mask, attr in ((high, "transformer"), (~high, "transformer_2")):
+            if mask.any():
+                out = out.index_put((mask,), self._predict_with(nets[attr], noisy[mask], t[mask], cond[mask]))
+        return out
+
+    def _predict_with(self, transformer: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        dtype = next(transformer.parameters()).dtype
+        timestep = t.float()
+        if self.expand_timesteps:  # Wan2.2-TI2V: one timestep per latent patch, as the pipeline passes them
+            p_t, p_h, p_w = transformer.config.patch_size
+            _, _, f, h, w = noisy.shape
+            timestep = timestep[:, None].expand(-1, (f // p_t) * (h // p_h) * (w // p_w))
+        out = transformer(hidden_states=noisy.to(dtype), timestep=timestep, encoder_hidden_states=cond.to(dtype),
+                          return_dict=False)[0]
+        return out.float()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], num_frames: int = 81, steps: int = 50, guidance: float = 5.0,
+                 seed: int | list[int] = 0, height: int = 480, width: int = 832, negative_prompt: str | None = None,
+                 guidance_2: float | None = None) -> torch.Tensor:
+        """Sample with diffusers' ``WanPipeline`` -> float ``[B, F, C, H, W]`` in [0, 1], one generator per prompt.
+
+        ``guidance_2``: the low-noise expert's guidance (Wan2.2-A14B; default ``guidance``).
+        """
+        self.require_vae("generate")
+        extra = {"guidance_scale_2": guidance_2 if guidance_2 is not None else guidance} if self.two_experts else {}
+        return self.sample_with(
+            self._pipe,
+            prompt=list(prompts),
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+            num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+            generator=self.generators(seed, len(prompts)), max_sequence_length=self.cfg.max_sequence_length, **extra,
+        )
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _latents_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32, device=like.device).view(shape)
+        std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32, device=like.device).view(shape)
+        return mean, std
+
+    @cached_property
+    def _pipe(self):
+        from diffusers import WanPipeline
+
+        # Built once over our modules; its own scheduler copy keeps set_timesteps away from training.
+        return WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                           scheduler=copy.deepcopy(self.scheduler), transformer=self.transformer,
+                           transformer_2=getattr(self, "transformer_2", None), boundary_ratio=self.boundary_ratio,
+                           expand_timesteps=self.expand_timesteps)
+
+
+def _scheduler_class(root: Any) -> Any:
+    """The scheduler class the directory names (Wan ships UniPC with flow sigmas; FlowMatchEuler also works)."""
+    import diffusers
+
+    path = root / "scheduler" / "scheduler_config.json"
+    name = read_json(path).get("_class_name", "") if path.is_file() else ""
+    cls = getattr(diffusers, name, None) if name else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise UserError(f"{path}: names no diffusers scheduler class ({name!r}); Wan ships UniPCMultistepScheduler")
+    return cls
