@@ -84,3 +84,31 @@ def test_check_kwargs_names_unknown_trainer_key():
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs" / "dpo").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_dpo_config_validates_block_by_block(path):
+    """Every key of a shipped config is one its block's schema knows, in range, before anything loads."""
+    from omegaconf import OmegaConf
+
+    from videotuna_dpo.pipeline.generate import GENERATE_RULES, GenerateSchema
+    from videotuna_dpo.config import check_values
+    from videotuna_dpo.registry import Registry
+    from videotuna_dpo.strategy import TrainSchema, check_trainer_kwargs, check_training_values
+
+    cfg = load_config(path)
+    for block, key in (("model", "pretrained"), ("data", "train_data")):  # left for the command line
+        if OmegaConf.is_missing(cfg[block], key):
+            cfg[block][key] = "given/on/the/command/line"
+    top = validate(cfg, TrainSchema, "", str(path))
+    check_training_values(top.dpo, top.optimizer, "", str(path))
+    check_trainer_kwargs(OmegaConf.to_container(top.lightning.trainer, resolve=True), str(path))
+    registry = Registry.load()
+    backend = registry.get("model", cfg.model.name)
+    schema = getattr(backend, "schema", None)
+    if isinstance(schema, type) and schema is not object:
+        validate(cfg.model, schema, "model", str(path))
+    registry.get("datamodule", cfg.data.get("name", "preference")).from_config(cfg.data, str(path))
+    check_values(validate(cfg.get("generate"), GenerateSchema, "generate", str(path)), "generate", GENERATE_RULES,
+                 str(path))

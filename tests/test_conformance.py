@@ -54,6 +54,16 @@ def _cogvideox_model(root: Path, rotary: bool) -> dict:
             "lora": {"rank": 4, "alpha": 4}}
 
 
+def _wan_model(root: Path, variant: str) -> dict:
+    from videotuna_dpo.models.tiny import build_tiny_wan
+
+    path = root / f"wan-{variant}"
+    if not path.is_dir():
+        build_tiny_wan(path, variant)
+    return {"name": "wan", "pretrained": str(path), "finetune": "lora", "weight_dtype": "fp32",
+            "max_sequence_length": 16, "lora": {"rank": 4, "alpha": 4}}
+
+
 # name -> (registered backend, model block builder, frames, sampler steps, guidance, data/dpo extras)
 RECIPES = {
     "toy": ("toy", lambda root: {"name": "toy", "pretrained": "builtin", "finetune": "full"}, 8, 4, 3.0, {}),
@@ -65,6 +75,10 @@ RECIPES = {
                       {"data": {"frame_stride": 4}, "dpo": {"uncond_prob": 0.2}}),
     "t2v_turbo": ("t2v_turbo", lambda root: _vc2_model(root, "t2v_turbo"), 8, 2, 7.5,
                   {"data": {"frame_stride": 4}, "dpo": {"uncond_prob": 0.2}}),
+    # Flow-DPO: Wan's causal VAE takes 4k+1 frames; the two-expert Wan2.2-A14B routes by noise level.
+    "wan": ("wan", lambda root: _wan_model(root, "2.1"), 9, 2, 5.0, {"data": {"video_length": 5}}),
+    "wan_a14b": ("wan", lambda root: _wan_model(root, "2.2-a14b"), 9, 2, 4.0,
+                 {"data": {"video_length": 5}, "dpo": {"uncond_prob": 0.1}}),
 }
 
 

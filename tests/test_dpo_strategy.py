@@ -185,3 +185,23 @@ def test_a_resume_checkpoint_that_loads_as_tensors_passes_the_check(tmp_path):
     _spoil_checkpoint(ckpt, "intact")
     assert resume_checkpoint(str(ckpt), tmp_path / "elsewhere") == ckpt
     assert resume_checkpoint(None, tmp_path) is None
+
+
+class _Routed:
+    def __init__(self, attrs):
+        self.trained_attrs = attrs
+
+
+@pytest.mark.parametrize("attrs,kwargs,expected", [
+    (("transformer", "transformer_2"), {"strategy": "ddp", "devices": 8}, "ddp_find_unused_parameters_true"),
+    (("transformer", "transformer_2"), {"devices": 2}, "ddp_find_unused_parameters_true"),
+    (("transformer", "transformer_2"), {"devices": 1}, None),
+    (("transformer", "transformer_2"), {"strategy": "fsdp", "devices": 8}, "fsdp"),
+    (("transformer",), {"strategy": "ddp", "devices": 8}, "ddp"),
+])
+def test_ddp_looks_for_unused_parameters_only_when_samples_are_routed_between_trained_experts(attrs, kwargs, expected):
+    from videotuna_dpo.strategy import routed_ddp
+
+    kwargs = dict(kwargs)
+    routed_ddp(_Routed(attrs), kwargs)
+    assert kwargs.get("strategy") == expected

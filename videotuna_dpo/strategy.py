@@ -304,6 +304,20 @@ class ExportTrainableWeights(ExportCadence, L.Callback):
     """Writes ``weights/step-N`` every N steps and ``weights/last`` at the end (safetensors)."""
 
 
+def routed_ddp(backend: Any, trainer_kwargs: dict[str, Any]) -> None:
+    """A backend that routes each sample to one of several trained denoisers (Wan2.2-A14B's experts) leaves one
+    unused on a rank whose batch fell in the other's range: DDP must then look for unused parameters."""
+    if len(getattr(backend, "trained_attrs", ())) < 2:
+        return
+    strategy, devices = trainer_kwargs.get("strategy", "auto"), trainer_kwargs.get("devices", 1)
+    several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1) \
+        or int(trainer_kwargs.get("num_nodes", 1)) > 1
+    if strategy == "ddp" or (strategy == "auto" and several):
+        trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
+        print(f"lightning.trainer.strategy: ddp_find_unused_parameters_true (not {strategy}): "
+              f"{type(backend).__name__} trains {', '.join(backend.trained_attrs)}, and a batch may use only one")
+
+
 def resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     """The checkpoint ``--resume`` names (``last``: ``out/checkpoints/last.ckpt``), checked to load as tensors only."""
     if not resume:
@@ -373,6 +387,7 @@ class DPOStrategy:
         if evaluator is not None:
             callbacks.append(evaluator)
         trainer_kwargs.setdefault("max_steps", 1000)
+        routed_ddp(module.backend, trainer_kwargs)
         if hasattr(datamodule, "shard_by_rank"):
             # Our sampler shards by rank itself and resumes mid-epoch; Lightning's DistributedSampler would not.
             datamodule.shard_by_rank = True

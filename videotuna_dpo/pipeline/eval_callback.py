@@ -119,12 +119,10 @@ def eval_callback(cfg: Any, source: str = "<config>", registry: Any = None) -> E
     if not settings.prompts:
         raise UserError(f"{source}: eval_every_n_steps is {every} but eval.prompts is empty; list a few prompts")
     from videotuna_dpo.config import validate
-    from videotuna_dpo.pipeline.generate import GenerateSchema
+    from videotuna_dpo.pipeline.generate import GenerateSchema, sampler_kwargs
 
     gen = validate(cfg.get("generate"), GenerateSchema, "generate", source)
-    kwargs = {k: gen[k] for k in ("num_frames", "steps", "guidance")}
-    kwargs.update({k: gen[k] for k in ("height", "width", "negative_prompt") if gen[k] is not None})
-    kwargs["batch_size"] = gen.batch_size
+    kwargs = {**sampler_kwargs(gen), "batch_size": gen.batch_size}
     return EvalCallback(every, list(settings.prompts), list(settings.seeds), settings.scorers, kwargs,
                         scorer_options=_plain(settings.options), omniscore_weights=_plain(settings.weights),
                         registry=registry)

@@ -245,6 +245,8 @@ def evaluate(
 
     gen_settings = validate(cfg.get("generate"), GenerateSchema, "generate", source)
     sampler = {k: gen_settings[k] for k in ("num_frames", "steps", "guidance", "height", "width", "fps", "negative_prompt")}
+    if gen_settings.guidance_2 is not None:
+        sampler["guidance_2"] = gen_settings.guidance_2
     out = Path(out)
     counts: dict[str, dict] = {}
     for label, weights_dir in runs.items():

@@ -6,6 +6,8 @@ are written atomically, the record last, so a rerun keeps every complete video a
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -33,10 +35,22 @@ class GenerateSchema:
     negative_prompt: Optional[str] = None
     batch_size: int = 1
     lossless: bool = False  # exact RGB mp4 (libx264rgb, crf 0): for tiny videos, where H.264's chroma loss matters
+    guidance_2: Optional[float] = None  # Wan2.2-A14B: the low-noise expert's guidance (its own default: guidance)
+
+
+OPTIONAL_SAMPLER_KEYS = ("height", "width", "negative_prompt", "guidance_2")  # passed to generate only when set
+
+
+def sampler_kwargs(settings: Any) -> dict[str, Any]:
+    """The backend ``generate`` keyword arguments of validated ``generate:`` settings (batch size aside)."""
+    kwargs = {k: settings[k] for k in ("num_frames", "steps", "guidance")}
+    kwargs.update({k: settings[k] for k in OPTIONAL_SAMPLER_KEYS if settings[k] is not None})
+    return kwargs
 
 
 GENERATE_RULES = {"num_frames": AT_LEAST_ONE, "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "fps": AT_LEAST_ONE,
-                  "guidance": FINITE, "height": AT_LEAST_ONE, "width": AT_LEAST_ONE}
+                  "guidance": FINITE, "height": AT_LEAST_ONE, "width": AT_LEAST_ONE,
+                  "guidance_2": (lambda v: v is None or math.isfinite(v), "a finite number (or null)")}
 
 
 @dataclass(frozen=True)
@@ -95,18 +109,14 @@ def generate_videos(
     if todo and backend is None:
         backend = load_backend(cfg, registry, weights, source)
     sampler = {k: settings[k] for k in ("num_frames", "steps", "guidance", "height", "width", "fps", "negative_prompt", "lossless")}
+    if settings.guidance_2 is not None:
+        sampler["guidance_2"] = settings.guidance_2
     model = {"name": cfg.model.name, "pretrained": str(cfg.model.get("pretrained", "")), "weights": weights}
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="video")
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
-        videos = backend.generate(
-            [j.prompt for j in batch],
-            num_frames=settings.num_frames,
-            steps=settings.steps,
-            guidance=settings.guidance,
-            seed=[j.seed for j in batch],
-            **{k: settings[k] for k in ("height", "width", "negative_prompt") if settings[k] is not None},
-        )  # [B, F, C, H, W] in [0, 1]
+        videos = backend.generate([j.prompt for j in batch], seed=[j.seed for j in batch],
+                                  **sampler_kwargs(settings))  # [B, F, C, H, W] in [0, 1]
         for job, video in zip(batch, videos):
             write_video(out / f"{job.name}.mp4", video, fps=settings.fps, lossless=settings.lossless)
             record = {"prompt": job.prompt, "prompt_id": job.prompt_id, "sample": job.sample, "seed": job.seed,
