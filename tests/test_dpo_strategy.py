@@ -196,7 +196,7 @@ class _Routed:
     (("transformer", "transformer_2"), {"strategy": "ddp", "devices": 8}, "ddp_find_unused_parameters_true"),
     (("transformer", "transformer_2"), {"devices": 2}, "ddp_find_unused_parameters_true"),
     (("transformer", "transformer_2"), {"devices": 1}, None),
-    (("transformer", "transformer_2"), {"strategy": "fsdp", "devices": 8}, "fsdp"),
+    (("transformer",), {"strategy": "fsdp", "devices": 8}, "fsdp"),
     (("transformer",), {"strategy": "ddp", "devices": 8}, "ddp"),
 ])
 def test_ddp_looks_for_unused_parameters_only_when_samples_are_routed_between_trained_experts(attrs, kwargs, expected):
@@ -205,3 +205,12 @@ def test_ddp_looks_for_unused_parameters_only_when_samples_are_routed_between_tr
     kwargs = dict(kwargs)
     routed_ddp(_Routed(attrs), kwargs)
     assert kwargs.get("strategy") == expected
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_3", "deepspeed_stage_2_offload"])
+def test_sharded_strategies_refuse_to_route_between_two_trained_experts(strategy):
+    from videotuna_dpo.errors import UserError
+    from videotuna_dpo.strategy import routed_ddp
+
+    with pytest.raises(UserError, match=f"strategy={strategy}: .*model.train_experts=high, then low"):
+        routed_ddp(_Routed(("transformer", "transformer_2")), {"strategy": strategy, "devices": 8})

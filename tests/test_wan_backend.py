@@ -216,3 +216,16 @@ def test_generate_is_per_prompt_seeded(tiny_wan):
     alone = backend.generate(["a cat"], num_frames=5, steps=2, guidance=2.0, seed=[8], height=32, width=32)
     assert both.shape == (2, 5, 3, 32, 32)
     assert torch.allclose(both[1:], alone, atol=1e-5)
+
+
+def test_one_expert_from_a_latent_cache_loads_only_that_expert(tiny_wan):
+    path = tiny_wan("2.2-a14b")
+    full = make_wan(path)
+    batch = _latent_batch(full)
+    backend = make_wan(path, train_experts="low", load_text_and_vae=False)
+    assert backend.denoiser_attrs == ("transformer_2",) and "transformer" not in dict(backend.named_children())
+    torch.manual_seed(0)
+    out, used = _module(backend).dpo_step(batch)
+    assert bool((used["t"] < 875).all()) and out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    with pytest.raises(UserError, match="needs transformer, which was not loaded"):
+        backend.predict(batch["winner_latents"], torch.tensor([900.0, 900.0]), batch["prompt_embeds"])

@@ -306,16 +306,23 @@ class ExportTrainableWeights(ExportCadence, L.Callback):
 
 def routed_ddp(backend: Any, trainer_kwargs: dict[str, Any]) -> None:
     """A backend that routes each sample to one of several trained denoisers (Wan2.2-A14B's experts) leaves one
-    unused on a rank whose batch fell in the other's range: DDP must then look for unused parameters."""
-    if len(getattr(backend, "trained_attrs", ())) < 2:
+    unused on a rank whose batch fell in the other's range: DDP must then look for unused parameters, and a
+    sharded strategy, whose ranks must all gather the same weights in step, cannot train both."""
+    trained = tuple(getattr(backend, "trained_attrs", ()))
+    if len(trained) < 2:
         return
     strategy, devices = trainer_kwargs.get("strategy", "auto"), trainer_kwargs.get("devices", 1)
+    if isinstance(strategy, str) and strategy.startswith(("fsdp", "deepspeed")):
+        raise UserError(f"lightning.trainer.strategy={strategy}: {type(backend).__name__} routes each sample to one of "
+                        f"{', '.join(trained)} by its noise level, so ranks would run different experts, and a sharded "
+                        f"strategy needs every rank to gather the same weights in step. Train one expert per run "
+                        f"(model.train_experts=high, then low, each drawing only its own noise levels) or use ddp")
     several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1) \
         or int(trainer_kwargs.get("num_nodes", 1)) > 1
     if strategy == "ddp" or (strategy == "auto" and several):
         trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
         print(f"lightning.trainer.strategy: ddp_find_unused_parameters_true (not {strategy}): "
-              f"{type(backend).__name__} trains {', '.join(backend.trained_attrs)}, and a batch may use only one")
+              f"{type(backend).__name__} trains {', '.join(trained)}, and a batch may use only one")
 
 
 def resume_checkpoint(resume: str | None, out: Path) -> Path | None:

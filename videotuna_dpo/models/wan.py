@@ -78,9 +78,14 @@ class WanBackend(FlowMatchingTraining, DiffusersVideoBackend):
             raise UserError(f"model.train_experts={cfg.train_experts!r} needs a two-expert model (Wan2.2-A14B, with "
                             f"transformer_2/); {root} has one transformer: remove model.train_experts")
         self.scheduler = self.load_part(_scheduler_class(root), "scheduler")
-        self.transformer = self.load_part(WanTransformer3DModel, "transformer", torch_dtype=self.denoiser_dtype)
-        if self.two_experts:
-            self.transformer_2 = self.load_part(WanTransformer3DModel, "transformer_2", torch_dtype=self.denoiser_dtype)
+        experts = ("transformer", "transformer_2") if self.two_experts else ("transformer",)
+        if cfg.train_experts != "both" and not cfg.load_text_and_vae:
+            # Training one expert from a latent cache never calls the other (its range is never drawn): not loaded.
+            experts = ("transformer",) if cfg.train_experts == "high" else ("transformer_2",)
+        self.loaded_experts = experts
+        self.denoiser_attr = experts[0]
+        for attr in experts:
+            setattr(self, attr, self.load_part(WanTransformer3DModel, attr, torch_dtype=self.denoiser_dtype))
         self.vae = self.tokenizer = self.text_encoder = None
         if cfg.load_text_and_vae:
             self.vae = self.load_part(AutoencoderKLWan, "vae", torch_dtype=torch.float32)  # as WanPipeline: fp32 VAE
@@ -97,7 +102,7 @@ class WanBackend(FlowMatchingTraining, DiffusersVideoBackend):
     # -- experts ------------------------------------------------------------------------------------
     @property
     def denoiser_attrs(self) -> tuple[str, ...]:
-        return ("transformer", "transformer_2") if self.two_experts else ("transformer",)
+        return self.loaded_experts
 
     @property
     def trained_attrs(self) -> tuple[str, ...]:
@@ -163,6 +168,9 @@ class WanBackend(FlowMatchingTraining, DiffusersVideoBackend):
         out = torch.zeros(noisy.shape, dtype=torch.float32, device=noisy.device)
         for mask, attr in ((high, "transformer"), (~high, "transformer_2")):
             if mask.any():
+                if attr not in nets:
+                    raise UserError(f"a sample at t={float(t[mask][0]):.1f} needs {attr}, which was not loaded "
+                                    f"(model.train_experts={self.cfg.train_experts!r} from a latent cache)")
                 out = out.index_put((mask,), self._predict_with(nets[attr], noisy[mask], t[mask], cond[mask]))
         return out
 
