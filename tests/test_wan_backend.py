@@ -229,3 +229,30 @@ def test_one_expert_from_a_latent_cache_loads_only_that_expert(tiny_wan):
     assert bool((used["t"] < 875).all()) and out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
     with pytest.raises(UserError, match="needs transformer, which was not loaded"):
         backend.predict(batch["winner_latents"], torch.tensor([900.0, 900.0]), batch["prompt_embeds"])
+
+
+@pytest.mark.parametrize("variant,on_cpu", [("2.1", True), ("2.2-a14b", False)])
+def test_full_finetune_keeps_a_frozen_reference_of_each_trained_expert(tiny_wan, variant, on_cpu):
+    backend = make_wan(tiny_wan(variant), finetune="full", reference_on_cpu=on_cpu)
+    experts = backend.trained_attrs
+    copies = backend._ref_cpu if on_cpu else dict(backend.ref_denoisers.items())
+    assert sorted(copies) == sorted(experts)
+    module = _module(backend)
+    batch = _latent_batch(backend)
+    optimizer = module.configure_optimizers()["optimizer"]
+    torch.manual_seed(0)
+    out, _ = module.dpo_step(batch)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    optimizer.zero_grad()
+    out.loss.backward()
+    optimizer.step()
+    for attr in experts:  # the policy moved, each copy did not
+        live, ref = dict(getattr(backend, attr).named_parameters()), dict(copies[attr].named_parameters())
+        assert any(not torch.equal(live[n], ref[n]) for n in live)
+        assert all(not p.requires_grad for p in ref.values())
+    noisy = torch.randn(2, *batch["winner_latents"].shape[1:])
+    t = torch.tensor([950.0, 100.0])
+    with backend.reference() as reference:
+        ref_out = reference(noisy, t, batch["prompt_embeds"])
+    fresh = make_wan(tiny_wan(variant), finetune="full")
+    assert torch.allclose(ref_out, fresh.predict(noisy, t, batch["prompt_embeds"]), atol=1e-5)
