@@ -195,6 +195,10 @@ def test_generate_is_per_prompt_seeded(tiny_hunyuan_video):
     assert not torch.allclose(both[0], both[1], atol=1e-3)
     with pytest.raises(UserError, match="set model.true_cfg_scale > 1"):
         backend.generate(["a cat"], seed=[8], negative_prompt="blurry", **kw)
+    # true classifier-free guidance: a second, negative-prompt pass each step
+    calls = _record_transformer_calls(backend.transformer)
+    cfg = backend.generate(["a cat"], seed=[8], negative_prompt="blurry", true_cfg_scale=3.0, **kw)
+    assert len(calls) == 2 * 2 and not torch.allclose(cfg, alone, atol=1e-3)
 
 
 def test_shipped_config_validates_with_the_settings_people_use():
