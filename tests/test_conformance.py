@@ -89,8 +89,8 @@ RECIPES = {
     "wan": ("wan", lambda root: _wan_model(root, "2.1"), 9, 2, 5.0, {"data": {"video_length": 5}}),
     "wan_a14b": ("wan", lambda root: _wan_model(root, "2.2-a14b"), 9, 2, 4.0,
                  {"data": {"video_length": 5}, "dpo": {"uncond_prob": 0.1}}),
-    # HunyuanVideo's causal VAE takes 4k+1 frames; its shipped config's eps-equivalent beta, caption dropout
-    # through the packed conditioning.
+    # HunyuanVideo's causal VAE takes 4k+1 frames; the eps-equivalent beta and caption dropout run through the
+    # whole loop here (dropout swaps the packed Llama + CLIP conditioning for the empty caption's).
     "hunyuanvideo": ("hunyuanvideo", _hunyuan_video_model, 9, 2, 6.0,
                      {"data": {"video_length": 5}, "dpo": {"beta_schedule": "eps_equivalent", "uncond_prob": 0.2}}),
 }

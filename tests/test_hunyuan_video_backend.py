@@ -208,7 +208,7 @@ def test_shipped_config_validates_with_the_settings_people_use():
     check_training_values(top.dpo, top.optimizer, "", str(path))
     model = validate(cfg.model, HunyuanVideoSchema, "model", str(path))
     assert (model.name, model.finetune, model.embedded_guidance, model.flow_shift) == ("hunyuanvideo", "lora", 6.0, 7.0)
-    assert top.dpo.beta_schedule == "eps_equivalent"
+    assert (top.dpo.beta, top.dpo.beta_schedule, top.dpo.uncond_prob) == (500.0, "constant", 0.0)
     assert (cfg.data.video_length - 1) % 4 == 0 and all(x % 16 == 0 for x in cfg.data.resolution)
     assert (cfg.generate.num_frames, cfg.generate.steps, cfg.generate.guidance) == (129, 50, 6.0)
     assert all(x % 16 == 0 for x in (cfg.generate.height, cfg.generate.width))
