@@ -87,3 +87,11 @@ def tiny_wan(tmp_path_factory):
         return built[variant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_hunyuan_video(tmp_path_factory) -> Path:
+    """A tiny random-weight HunyuanVideo saved in the diffusers layout users load from."""
+    from videotuna_dpo.models.tiny import build_tiny_hunyuan_video
+
+    return build_tiny_hunyuan_video(tmp_path_factory.mktemp("tiny_hunyuan_video") / "HunyuanVideo-tiny")

@@ -64,6 +64,16 @@ def _wan_model(root: Path, variant: str) -> dict:
             "max_sequence_length": 16, "lora": {"rank": 4, "alpha": 4}}
 
 
+def _hunyuan_video_model(root: Path) -> dict:
+    from videotuna_dpo.models.tiny import build_tiny_hunyuan_video
+
+    path = root / "hunyuan_video"
+    if not path.is_dir():
+        build_tiny_hunyuan_video(path)
+    return {"name": "hunyuanvideo", "pretrained": str(path), "finetune": "lora", "weight_dtype": "fp32",
+            "vae_dtype": "fp32", "max_sequence_length": 16, "lora": {"rank": 4, "alpha": 4}}
+
+
 # name -> (registered backend, model block builder, frames, sampler steps, guidance, data/dpo extras)
 RECIPES = {
     "toy": ("toy", lambda root: {"name": "toy", "pretrained": "builtin", "finetune": "full"}, 8, 4, 3.0, {}),
@@ -79,6 +89,10 @@ RECIPES = {
     "wan": ("wan", lambda root: _wan_model(root, "2.1"), 9, 2, 5.0, {"data": {"video_length": 5}}),
     "wan_a14b": ("wan", lambda root: _wan_model(root, "2.2-a14b"), 9, 2, 4.0,
                  {"data": {"video_length": 5}, "dpo": {"uncond_prob": 0.1}}),
+    # HunyuanVideo's causal VAE takes 4k+1 frames; the eps-equivalent beta and caption dropout run through the
+    # whole loop here (dropout swaps the packed Llama + CLIP conditioning for the empty caption's).
+    "hunyuanvideo": ("hunyuanvideo", _hunyuan_video_model, 9, 2, 6.0,
+                     {"data": {"video_length": 5}, "dpo": {"beta_schedule": "eps_equivalent", "uncond_prob": 0.2}}),
 }
 
 

@@ -34,4 +34,5 @@ def videotuna_models():
         "t2v_turbo": "videotuna_dpo.models.t2v_turbo:T2VTurboBackend",
         "toy": "videotuna_dpo.toy.backend:ToyBackend",
         "wan": "videotuna_dpo.models.wan:WanBackend",
+        "hunyuanvideo": "videotuna_dpo.models.hunyuan_video:HunyuanVideoBackend",
     }

@@ -117,3 +117,75 @@ def build_tiny_wan(path: str | Path, variant: str = "2.1", seed: int = 0) -> Pat
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# HunyuanVideo's Llama 3 special tokens: its prompt template is written in them.
+_LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def tiny_llama3_tokenizer():
+    """A character-level Llama tokenizer with Llama 3's special tokens: HunyuanVideo's template tokenizes.
+
+    BOS is added, padding is on the right (as HunyuanVideo's tokenizer): the transformer reads the
+    attention mask as a prefix of valid tokens.
+    """
+    import string
+
+    from transformers import LlamaTokenizerFast
+
+    chars = ["\u2581", "\n"] + list(string.ascii_letters + string.digits + string.punctuation)
+    vocab = {t: i for i, t in enumerate(["<unk>", *_LLAMA3_SPECIAL, "<pad>", *chars])}
+    tokenizer = LlamaTokenizerFast(vocab=vocab, merges=[], unk_token="<unk>", bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>", pad_token="<pad>", add_bos_token=True,
+                                   padding_side="right", add_prefix_space=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": _LLAMA3_SPECIAL[2:]})
+    return tokenizer
+
+
+def tiny_clip_tokenizer():
+    """A character-level CLIP BPE tokenizer (words end in ``</w>``), as CLIP's tokenizer lays its vocabulary out."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def build_tiny_hunyuan_video(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny HunyuanVideo (transformer, VAE, Llama + CLIP text encoders and tokenizers, scheduler).
+
+    Same classes and layout as hunyuanvideo-community/HunyuanVideo: guidance-distilled transformer,
+    causal VAE (4x time, 8x space, scaling_factor 0.476986), FlowMatchEuler with shift 7.0. Llama width 32,
+    CLIP pooled width 16; 9 frames of 32x32 pixels -> latents [4, 3, 4, 4].
+    """
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_llama3_tokenizer()
+    # 3 layers: the pipeline reads hidden_states[-3], the output of a real layer (not the embedding table).
+    text_encoder = LlamaModel(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    tokenizer_2 = tiny_clip_tokenizer()
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer_2), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=16, bos_token_id=tokenizer_2.bos_token_id,
+        eos_token_id=tokenizer_2.eos_token_id, pad_token_id=tokenizer_2.pad_token_id))
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                                     norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+                                     temporal_compression_ratio=4)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=32,
+        pooled_projection_dim=16, rope_axes_dim=(2, 2, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)  # HunyuanVideo's shipped scheduler
+    pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
