@@ -73,25 +73,12 @@ class CogVideoXBackend(DiffusersVideoBackend):
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
 
     # -- the protocol -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, C, F, H, W]`` in [-1, 1] -> VAE posterior (mean, std), each ``[B, F', C', H', W']``, scaled."""
-        self.require_vae("encode videos")
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        scale = self.vae.config.scaling_factor
-        return tuple((x * scale).permute(0, 2, 1, 3, 4).contiguous().float() for x in (dist.mean, dist.std))
+    # Latents ``[B, F', C', H', W']``: the VAE's ``[B, C', F', H', W']`` times scaling_factor, frames first.
+    def to_model_layout(self, z: torch.Tensor) -> torch.Tensor:
+        return z.permute(0, 2, 1, 3, 4)
 
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, C, F, H, W]`` in [-1, 1] -> a posterior sample ``[B, F', C', H', W']`` (scaled)."""
-        mean, std = self.latent_distribution(pixels)
-        return mean + std * torch.randn_like(mean)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, F', C', H', W']`` -> pixels ``[B, C, F, H, W]`` in [-1, 1]."""
-        self.require_vae("decode latents")
-        z = latents.permute(0, 2, 1, 3, 4).to(self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(z).sample.float()
+    def to_vae_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.permute(0, 2, 1, 3, 4)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:

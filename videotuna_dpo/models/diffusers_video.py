@@ -97,6 +97,51 @@ class DiffusersVideoBackend(DenoiserFinetuning, nn.Module):
         if self.cfg.trainable_weights:
             self.load_trainable(self.cfg.trainable_weights)
 
+    # -- latents: the VAE posterior in the transformer's layout and scale ---------------------------------
+    def latent_affine(self, like: torch.Tensor) -> tuple[Any, Any]:
+        """``(shift, scale)`` with ``latents = (vae_latents - shift) * scale`` (broadcast in the VAE's layout)."""
+        return 0.0, self.vae.config.scaling_factor
+
+    def to_model_layout(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's ``[B, C', F', H', W']`` -> the transformer's layout (the same unless a family permutes)."""
+        return z
+
+    def to_vae_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def check_clip(self, pixels: torch.Tensor) -> None:
+        """Refuse, by the config key to change, a clip this family's VAE cannot encode whole."""
+
+    def check_causal_frames(self, frames: int, step: int, example: str) -> None:
+        """A causal video VAE encodes frame 0, then chunks of ``step``: other counts silently lose their last frames."""
+        if (frames - 1) % step:
+            raise UserError(f"{self.family} encodes {step}k+1 frames ({example}); got clips of {frames} frames: set "
+                            f"data.video_length to {(frames - 1) // step * step + 1} or "
+                            f"{((frames - 1) // step + 1) * step + 1}")
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, C, F, H, W]`` in [-1, 1] -> the posterior's (mean, std) as latents, float32, the transformer's layout."""
+        self.require_vae("encode videos")
+        self.check_clip(pixels)
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        shift, scale = self.latent_affine(dist.mean)
+        mean, std = (dist.mean.float() - shift) * scale, dist.std.float() * scale
+        return self.to_model_layout(mean).contiguous(), self.to_model_layout(std).contiguous()
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, H, W]`` in [-1, 1] -> a posterior sample (latents)."""
+        mean, std = self.latent_distribution(pixels)
+        return mean + std * torch.randn_like(mean)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels ``[B, C, F, H, W]`` in [-1, 1], undone as the family's pipeline does before decoding."""
+        self.require_vae("decode latents")
+        z = self.to_vae_layout(latents.float())
+        shift, scale = self.latent_affine(z)
+        return self.vae.decode((z / scale + shift).to(self.vae.dtype)).sample.float()
+
     def require_vae(self, what: str) -> None:
         if getattr(self, "vae", None) is None:
             raise UserError(

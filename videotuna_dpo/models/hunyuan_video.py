@@ -151,34 +151,14 @@ class HunyuanVideoBackend(FlowMatchingTraining, DiffusersVideoBackend):
         return pack_conditioning(embeds, mask, pooled)  # [B, L, D], [B, L], [B, D2] -> [B, L + 1, W]
 
     # -- latents ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, C, F, H, W]`` in [-1, 1] -> posterior (mean, std), each ``[B, C', F', H', W']``, times scaling_factor."""
-        self.require_vae("encode videos")
+    # Latents ``[B, C', F', H', W']``: the posterior times the VAE's scaling_factor (the base's default).
+    def check_clip(self, pixels: torch.Tensor) -> None:
         _, _, frames, height, width = pixels.shape
-        step = self.vae.temporal_compression_ratio
-        if (frames - 1) % step:
-            # The causal VAE encodes frame 0, then chunks of `step`: other counts silently lose their last frames.
-            raise UserError(f"HunyuanVideo encodes {step}k+1 frames (1, 5, ..., 129); got clips of {frames} frames: set "
-                            f"data.video_length to {(frames - 1) // step * step + 1} or {((frames - 1) // step + 1) * step + 1}")
+        self.check_causal_frames(frames, self.vae.temporal_compression_ratio, "1, 5, ..., 129")
         multiple = self.vae.spatial_compression_ratio * self.transformer.config.patch_size
         if height % multiple or width % multiple:
             raise UserError(f"HunyuanVideo takes heights and widths that are multiples of {multiple}; got {height}x{width}: "
                             f"set data.resolution to multiples of {multiple} (e.g. 544x960, 720x1280)")
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        scale = self.vae.config.scaling_factor
-        return (dist.mean.float() * scale).contiguous(), (dist.std.float() * scale).contiguous()
-
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, C, F, H, W]`` in [-1, 1] -> a posterior sample ``[B, C', F', H', W']`` (scaled)."""
-        mean, std = self.latent_distribution(pixels)
-        return mean + std * torch.randn_like(mean)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, C', F', H', W']`` -> pixels ``[B, C, F, H, W]`` in [-1, 1], as the pipeline decodes."""
-        self.require_vae("decode latents")
-        return self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
 
     # -- the denoiser -------------------------------------------------------------------------------
     def guidance_input(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

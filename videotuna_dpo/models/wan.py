@@ -124,31 +124,15 @@ class WanBackend(FlowMatchingTraining, DiffusersVideoBackend):
         return replace(schedule, low=low, high=high)
 
     # -- the protocol -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, C, F, H, W]`` in [-1, 1] -> posterior (mean, std), each ``[B, C', F', H', W']``, normalised."""
-        self.require_vae("encode videos")
-        frames = pixels.shape[2]
-        step = self.vae.config.scale_factor_temporal
-        if (frames - 1) % step:
-            # The causal VAE encodes frame 0, then chunks of `step`: other counts silently lose their last frames.
-            raise UserError(f"Wan encodes {step}k+1 frames (1, 5, ..., 81); got clips of {frames} frames: set "
-                            f"data.video_length to {(frames - 1) // step * step + 1} or {((frames - 1) // step + 1) * step + 1}")
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        mean, std = self._latents_stats(dist.mean)
-        return ((dist.mean.float() - mean) / std).contiguous(), (dist.std.float() / std).contiguous()
+    # Latents ``[B, C', F', H', W']``: the posterior normalised with the VAE's latents_mean / latents_std.
+    def latent_affine(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32, device=like.device).view(shape)
+        std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32, device=like.device).view(shape)
+        return mean, 1 / std
 
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, C, F, H, W]`` in [-1, 1] -> a posterior sample ``[B, C', F', H', W']`` (normalised)."""
-        mean, std = self.latent_distribution(pixels)
-        return mean + std * torch.randn_like(mean)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, C', F', H', W']`` -> pixels ``[B, C, F, H, W]`` in [-1, 1]."""
-        self.require_vae("decode latents")
-        mean, std = self._latents_stats(latents)
-        return self.vae.decode((latents.float() * std + mean).to(self.vae.dtype)).sample.float()
+    def check_clip(self, pixels: torch.Tensor) -> None:
+        self.check_causal_frames(pixels.shape[2], self.vae.config.scale_factor_temporal, "1, 5, ..., 81")
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -204,12 +188,6 @@ class WanBackend(FlowMatchingTraining, DiffusersVideoBackend):
         )
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _latents_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32, device=like.device).view(shape)
-        std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32, device=like.device).view(shape)
-        return mean, std
-
     @cached_property
     def _pipe(self):
         from diffusers import WanPipeline
