@@ -8,7 +8,7 @@ the checkpoint's scheduler config.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
@@ -17,26 +17,16 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.diffusers_video import DiffusersVideoBackend, LoraSchema
+from videotuna_dpo.models.diffusers_video import DiffusersModelSchema, DiffusersVideoBackend
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass
-class CogVideoXSchema:
+class CogVideoXSchema(DiffusersModelSchema):
     name: str = "cogvideox"
-    pretrained: str = "???"  # diffusers layout: transformer/ vae/ text_encoder/ tokenizer/ scheduler/
-    finetune: str = "lora"  # "lora" (reference = adapters disabled) or "full" (frozen copy)
-    lora: LoraSchema = field(default_factory=LoraSchema)
-    reference_on_cpu: bool = False  # full fine-tune: keep the frozen copy on CPU, move it per step
-    weight_dtype: str = "bf16"  # frozen weights (VAE, T5, LoRA base, reference copy): fp32|bf16|fp16
-    gradient_checkpointing: bool = False
-    vae_slicing: bool = True
     vae_tiling: bool = False
     max_sequence_length: Optional[int] = None  # default: transformer.config.max_text_seq_length
-    trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
-    init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
-    load_text_and_vae: bool = True  # false when training on a latent cache
 
 
 class CogVideoXBackend(DiffusersVideoBackend):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -29,6 +29,24 @@ class LoraSchema:
     alpha: float = 128.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+
+
+@dataclass
+class DiffusersModelSchema:
+    """The ``model:`` keys every diffusers family shares; a family's schema adds its own after them."""
+
+    name: str = "???"
+    pretrained: str = "???"  # a local diffusers-layout directory (the family's subfolders)
+    finetune: str = "lora"  # "lora" (reference = adapters disabled) or "full" (frozen copy)
+    lora: LoraSchema = field(default_factory=LoraSchema)
+    reference_on_cpu: bool = False  # full fine-tune: keep the frozen copy on CPU, move it per step
+    weight_dtype: str = "bf16"  # frozen weights (text encoders, LoRA base, reference copy): fp32|bf16|fp16
+    gradient_checkpointing: bool = False
+    vae_slicing: bool = True
+    vae_tiling: bool = False
+    trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
+    init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
+    load_text_and_vae: bool = True  # false when training on a latent cache
 
 
 def weight_dtype_of(cfg: Any) -> torch.dtype:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.diffusers_video import ATTENTION_PROJECTIONS, DTYPES, DiffusersVideoBackend, LoraSchema
+from videotuna_dpo.models.diffusers_video import ATTENTION_PROJECTIONS, DTYPES, DiffusersModelSchema, DiffusersVideoBackend, LoraSchema
 from videotuna_dpo.models.flow_matching import FlowMatchingSchedule, FlowMatchingTraining
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -34,16 +34,10 @@ def _hunyuan_lora() -> LoraSchema:
 
 
 @dataclass
-class HunyuanVideoSchema:
+class HunyuanVideoSchema(DiffusersModelSchema):
     name: str = "hunyuanvideo"
-    pretrained: str = "???"  # diffusers layout: transformer/ vae/ text_encoder/ tokenizer/ text_encoder_2/ tokenizer_2/ scheduler/
-    finetune: str = "lora"  # "lora" (reference = adapters disabled) or "full" (frozen copy)
     lora: LoraSchema = field(default_factory=_hunyuan_lora)
-    reference_on_cpu: bool = False  # full fine-tune: keep the frozen copy on CPU, move it per step
-    weight_dtype: str = "bf16"  # frozen weights (Llama, CLIP, LoRA base, reference copy): fp32|bf16|fp16
     vae_dtype: str = "fp16"  # HunyuanVideo's VAE precision (its reference code runs the VAE in fp16)
-    gradient_checkpointing: bool = False
-    vae_slicing: bool = True
     vae_tiling: bool = True  # 720p x 129 frames does not decode in one piece
     max_sequence_length: int = 256  # Llama tokens after the template, as HunyuanVideoPipeline
     prompt_template: Optional[str] = None  # "...{}..." around the caption; default: the pipeline's template
@@ -51,9 +45,6 @@ class HunyuanVideoSchema:
     embedded_guidance: float = 6.0  # the distilled guidance the transformer is given in training (x 1000)
     true_cfg_scale: float = 1.0  # sampling: > 1 runs a second, negative-prompt pass (generate.negative_prompt)
     flow_shift: Optional[float] = None  # training shift; default: the scheduler's shift (7.0)
-    trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
-    init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
-    load_text_and_vae: bool = True  # false when training on a latent cache
 
 
 def pack_conditioning(embeds: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.diffusers_video import ATTENTION_PROJECTIONS, DiffusersVideoBackend, LoraSchema
+from videotuna_dpo.models.diffusers_video import ATTENTION_PROJECTIONS, DiffusersModelSchema, DiffusersVideoBackend, LoraSchema
 from videotuna_dpo.models.flow_matching import FlowMatchingSchedule, FlowMatchingTraining
 from videotuna_dpo.user_files import read_json
 
@@ -32,22 +32,13 @@ def _wan_lora() -> LoraSchema:
 
 
 @dataclass
-class WanSchema:
+class WanSchema(DiffusersModelSchema):
     name: str = "wan"
-    pretrained: str = "???"  # diffusers layout: transformer/ [transformer_2/] vae/ text_encoder/ tokenizer/ scheduler/
-    finetune: str = "lora"  # "lora" (reference = adapters disabled) or "full" (frozen copy)
     lora: LoraSchema = field(default_factory=_wan_lora)
-    reference_on_cpu: bool = False  # full fine-tune: keep the frozen copy on CPU, move it per step
-    weight_dtype: str = "bf16"  # frozen weights (VAE, UMT5, LoRA base, reference copy): fp32|bf16|fp16
-    gradient_checkpointing: bool = False
-    vae_slicing: bool = True
     vae_tiling: bool = False
     max_sequence_length: int = 512  # UMT5 tokens, as WanPipeline
     flow_shift: Optional[float] = None  # training shift; default: the scheduler's flow_shift (3.0 at 480p, 5.0 at 720p)
     train_experts: str = "both"  # Wan2.2-A14B: both | high (transformer) | low (transformer_2)
-    trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
-    init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
-    load_text_and_vae: bool = True  # false when training on a latent cache
 
 
 class WanBackend(FlowMatchingTraining, DiffusersVideoBackend):
