@@ -1,7 +1,8 @@
 """DPO inside an unmodified VideoTuna checkout: a ``flow.target`` and a ``data.target`` for its YAML.
 
-``python scripts/train_new.py --base configs/videotuna/vc2_dpo.yaml`` instantiates ``DPOFlow``
-(wrapping the VideoTuna flow named in its params), calls ``from_pretrained(train.ckpt, ...)``,
+``python scripts/train_new.py --base configs/videotuna/vc2_dpo.yaml`` (or ``wan_dpo.yaml``: Wan2.1 through
+VideoTuna's WanVideoModelFlow) instantiates ``DPOFlow`` (wrapping the VideoTuna flow named in its params), calls
+``from_pretrained(train.ckpt, ...)``,
 ``init_trainer(train)`` (the host's own: data, logger, callbacks, Trainer) and ``trainer.fit``.
 Both classes subclass ``pytorch_lightning`` classes, as the host's Trainer requires.
 """
