@@ -23,7 +23,8 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT
-from tests.videotuna_fixtures import STANDIN, tiny_flow_section, use_standin, write_turbo_lora, write_vc2_ckpt
+from tests.videotuna_fixtures import (STANDIN, tiny_flow_section, tiny_wan_section, use_standin, write_turbo_lora,
+                                      write_vc2_ckpt, write_wan_ckpt)
 
 PROMPTS = ["a red square moving left", "a blue circle moving up"]
 SCORERS = "temporal_flickering,dynamic_degree,motion_smoothness"
@@ -74,6 +75,15 @@ def _hunyuan_video_model(root: Path) -> dict:
             "vae_dtype": "fp32", "max_sequence_length": 16, "lora": {"rank": 4, "alpha": 4}}
 
 
+def _wan_videotuna_model(root: Path) -> dict:
+    use_standin()
+    folder = root / "Wan2.1-T2V-tiny"
+    section = tiny_wan_section(folder)
+    if not folder.is_dir():
+        write_wan_ckpt(folder, section)
+    return {"name": "wan_videotuna", "flow": section, "ckpt": str(folder), "lora": {"rank": 4, "alpha": 4}}
+
+
 # name -> (registered backend, model block builder, frames, sampler steps, guidance, data/dpo extras)
 RECIPES = {
     "toy": ("toy", lambda root: {"name": "toy", "pretrained": "builtin", "finetune": "full"}, 8, 4, 3.0, {}),
@@ -93,6 +103,10 @@ RECIPES = {
     # whole loop here (dropout swaps the packed Llama + CLIP conditioning for the empty caption's).
     "hunyuanvideo": ("hunyuanvideo", _hunyuan_video_model, 9, 2, 6.0,
                      {"data": {"video_length": 5}, "dpo": {"beta_schedule": "eps_equivalent", "uncond_prob": 0.2}}),
+    # Wan through VideoTuna's WanVideoModelFlow as configs/videotuna/wan_dpo.yaml trains it: 4n+1 frames, LoRA,
+    # beta on the implied noise error.
+    "wan_videotuna": ("wan_videotuna", _wan_videotuna_model, 5, 2, 5.0,
+                      {"data": {"video_length": 5}, "dpo": {"beta_schedule": "eps_equivalent"}}),
 }
 
 

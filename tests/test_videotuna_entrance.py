@@ -1,5 +1,7 @@
 """DPO inside VideoTuna: a VideoTuna-format YAML (flow.target + data.target) trains; shipped configs; missing host."""
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -7,8 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.videotuna_fixtures import use_standin, vc2_files  # noqa: F401
+from tests.videotuna_fixtures import use_standin, vc2_files, wan_files  # noqa: F401
 from videotuna_dpo.config import validate
+from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.videotuna_host import VideoTunaMissingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +36,12 @@ def _videotuna_yaml(files, train_data, workdir, backend="videocrafter2"):
 
 
 def _run_like_train_new(config):
-    """scripts/train_new.py's sequence, with the host's instantiate_from_config."""
+    """scripts/train_new.py's sequence (prepare_train_args' train.mapping, then the flow) with the host's
+    instantiate_from_config."""
     from videotuna.utils.common_utils import instantiate_from_config
 
+    for source, target in (OmegaConf.select(config, "train.mapping") or {}).items():
+        OmegaConf.update(config, target, OmegaConf.select(config, source))
     flow = instantiate_from_config(config.flow, resolve=True)
     train = config.train
     flow.from_pretrained(train.ckpt, train.trained_ckpt, train.lorackpt)
@@ -122,19 +128,21 @@ def without_videotuna(monkeypatch):
     """VideoTuna (the stand-in) not importable: the backends' classes by model name."""
     from videotuna_dpo.models.t2v_turbo import T2VTurboBackend
     from videotuna_dpo.models.videocrafter import VideoCrafter2Backend
+    from videotuna_dpo.models.wan_videotuna import WanVideoTunaBackend
 
     for name in [m for m in sys.modules if m == "videotuna" or m.startswith("videotuna.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if "videotuna_standin" not in p])
-    return {"videocrafter2": VideoCrafter2Backend, "t2v_turbo": T2VTurboBackend}
+    return {"videocrafter2": VideoCrafter2Backend, "t2v_turbo": T2VTurboBackend, "wan_videotuna": WanVideoTunaBackend}
 
 
-@pytest.mark.parametrize("backend,extra_key", [("videocrafter2", "model.ckpt"), ("t2v_turbo", "model.lora_ckpt")])
+@pytest.mark.parametrize("backend,extra_key", [("videocrafter2", "model.ckpt"), ("t2v_turbo", "model.lora_ckpt"),
+                                               ("wan_videotuna", "model.ckpt")])
 def test_without_videotuna_choosing_these_backends_fails_at_once_and_says_how_to_fix_it(without_videotuna, backend,
                                                                                         extra_key):
     cls = without_videotuna[backend]
     cfg = {"name": backend, "host_config": "configs/dpo/vc2.yaml", "ckpt": "model.ckpt", "lora_ckpt": "unet_lora.pt"}
-    if backend == "videocrafter2":
+    if backend != "t2v_turbo":
         cfg.pop("lora_ckpt")
     # host_config is any YAML with a flow section; the import fails before any file is read.
     cfg["flow"] = {"target": "videotuna.flow.videocrafter.VideocrafterFlow", "params": {}}
@@ -146,7 +154,7 @@ def test_without_videotuna_choosing_these_backends_fails_at_once_and_says_how_to
         assert needed in message, needed
 
 
-@pytest.mark.parametrize("backend", ["videocrafter2", "t2v_turbo"])
+@pytest.mark.parametrize("backend", ["videocrafter2", "t2v_turbo", "wan_videotuna"])
 def test_without_videotuna_a_config_lacking_its_keys_is_told_videotuna_is_missing_first(without_videotuna, backend):
     with pytest.raises(VideoTunaMissingError) as err:  # not "missing model.ckpt" / "set model.host_config"
         without_videotuna[backend].from_config(OmegaConf.create({"name": backend}))
@@ -253,3 +261,103 @@ def test_shipped_videotuna_configs_run_as_they_are(vc2_files, tiny_dataset, tmp_
     assert flow.trainer.global_step == 2
     assert flow._dpo.dpo.uncond_prob == 0.2 and flow._dpo.dpo.disable_dropout is True
     assert (tmp_path / "checkpoints" / "dpo_weights" / "last" / "trainable.json").is_file()
+
+
+# -- Wan2.1 through VideoTuna's WanVideoModelFlow ------------------------------------------------------------------
+
+def _wan_yaml(files, train_data, workdir):
+    """A VideoTuna YAML shaped as wan_dpo.yaml on the tiny Wan; train.mapping takes the checkpoint folder to the flow."""
+    section = OmegaConf.to_container(OmegaConf.create(files["section"]))
+    section["params"]["ckpt_path"] = "set-by-train.mapping"
+    section["params"]["denoiser_config"]["params"]["pretrained_model_name_or_path"] = \
+        "${flow.params.flow_config.params.ckpt_path}"
+    config = _videotuna_yaml({"section": section, "ckpt": files["ckpt"]}, train_data, workdir)
+    config.flow.params.update(backend="wan", model={"lora": {"rank": 4, "alpha": 4}})
+    config.train.mapping = {"train.ckpt": "flow.params.flow_config.params.ckpt_path"}
+    config.train.data.params.video_length = 5  # Wan's 4n+1 frames
+    return config
+
+
+def test_a_videotuna_yaml_with_a_wan_flow_trains_dpo_from_log_2(wan_files, tiny_dataset, tmp_path, monkeypatch):
+    from videotuna_dpo import videotuna_flow
+    from videotuna_dpo.models.wan_videotuna import WanVideoTunaBackend
+
+    losses = []
+    original = videotuna_flow.log_step
+    monkeypatch.setattr(videotuna_flow, "log_step", lambda module, out, used: losses.append(out.loss.item())
+                        or original(module, out, used))
+    config = _wan_yaml(wan_files, tiny_dataset, tmp_path)
+    path = tmp_path / "wan_dpo.yaml"
+    OmegaConf.save(config, path)
+    torch.manual_seed(0)
+    flow = _run_like_train_new(OmegaConf.load(path))
+    assert isinstance(flow.backend, WanVideoTunaBackend) and flow.trainer.global_step == 3
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and len(losses) == 3  # policy == reference at step 0
+    assert flow.inner.ckpt_path == str(wan_files["ckpt"])  # train.ckpt reached the flow through train.mapping
+    trainable = flow.backend.trainable_parameters()
+    assert trainable and all("lora_" in n for n, p in flow.named_parameters() if p.requires_grad)
+    assert sum(p.requires_grad for p in flow.parameters()) == len(trainable)  # the host's trainable set undone
+    assert flow.denoiser is flow.inner.denoiser is flow.inner.wan_t2v.model  # adapters in place: the host samples them
+    weights = tmp_path / "checkpoints" / "dpo_weights" / "last"
+    assert json.loads((weights / "trainable.json").read_text())["family"] == "wan_videotuna"
+    again = flow.backend_class(OmegaConf.merge(flow.backend.cfg, {"flow": wan_files["section"],
+                                                                  "trainable_weights": str(weights)}))
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(again.trainable_parameters(), trainable))
+
+
+def test_a_wan_flow_built_from_another_folder_than_train_ckpt_is_refused(wan_files, tiny_dataset, tmp_path):
+    config = _wan_yaml(wan_files, tiny_dataset, tmp_path)
+    del config.train.mapping
+    config.flow.params.flow_config.params.ckpt_path = str(wan_files["ckpt"])
+    config.train.ckpt = str(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="train.ckpt=.*elsewhere, but the WanVideoModelFlow was built from ckpt_path="):
+        _run_like_train_new(config)
+
+
+def test_shipped_wan_config_points_at_our_targets_with_vtuna_s_wan_settings():
+    use_standin()
+    from videotuna.utils.common_utils import get_obj_from_str
+
+    from videotuna_dpo.models.wan_videotuna import WanVideoTunaSchema
+    from videotuna_dpo.strategy import DPOSchema
+    from videotuna_dpo.videotuna_flow import DPOFlow, PreferenceData
+
+    cfg = OmegaConf.load(ROOT / "configs" / "videotuna" / "wan_dpo.yaml")
+    assert get_obj_from_str(cfg.flow.target) is DPOFlow and get_obj_from_str(cfg.train.data.target) is PreferenceData
+    flow = cfg.flow.params.flow_config
+    assert flow.target == "videotuna.flow.wanvideo.WanVideoModelFlow" and flow.params.task == "t2v-1.3B"
+    assert "lora_config" not in flow.params and cfg.flow.params.backend == "wan"
+    # train.ckpt reaches the flow (and its WanModel.from_pretrained) as the host's own Wan YAMLs do it
+    assert dict(cfg.train.mapping) == {"train.ckpt": "flow.params.flow_config.params.ckpt_path"}
+    assert flow.params.denoiser_config.params.pretrained_model_name_or_path == cfg.train.ckpt
+    model = validate({"name": "wan_videotuna", **cfg.flow.params.model}, WanVideoTunaSchema, "model")
+    assert (model.finetune, model.lora.rank, model.lora.alpha, model.training_shift) == ("lora", 16, 16.0, 5.0)
+    assert list(model.lora.target_modules) == ["q", "k", "v", "o", "ffn.0", "ffn.2"]
+    dpo = validate(cfg.flow.params.dpo, DPOSchema, "dpo")
+    assert (dpo.beta, dpo.beta_schedule, dpo.disable_dropout) == (5000, "eps_equivalent", True)
+    data = cfg.train.data.params
+    assert (data.video_length, data.frame_stride, list(data.resolution)) == (81, 1, [480, 832])
+    assert "strategy" not in cfg.train.lightning  # the host's DDP, not the SFT YAMLs' DeepSpeed offload
+
+
+def test_shipped_wan_config_runs_as_it_is(wan_files, tiny_dataset, tmp_path):
+    """Only what a tiny CPU run must change is changed: the architecture, the files, sizes and devices."""
+    cfg = OmegaConf.load(ROOT / "configs" / "videotuna" / "wan_dpo.yaml")
+    tiny = OmegaConf.create(wan_files["section"]).params
+    for key in ("first_stage_config", "cond_stage_config"):
+        cfg.flow.params.flow_config.params[key] = tiny[key]
+    cfg.train.update(ckpt=str(wan_files["ckpt"]), trained_ckpt=None, lorackpt=None, workdir=str(tmp_path),
+                     ckptdir=str(tmp_path / "checkpoints"))
+    cfg.train.data.params.update(train_data=str(tiny_dataset), video_length=5, resolution=[32, 32], num_workers=0)
+    cfg.train.lightning.trainer.update(accelerator="cpu", max_steps=2, precision="32-true",
+                                       enable_progress_bar=False, enable_model_summary=False)
+    del cfg.train.lightning.callbacks.model_checkpoint  # VideoTuna's checkpoint callback: not in the stand-in
+    cfg.train.lightning.callbacks.image_logger.params.update(batch_frequency=2)
+    cfg.train.lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps = 2
+    torch.manual_seed(0)
+    flow = _run_like_train_new(cfg)
+    assert flow.trainer.global_step == 2 and flow.inner.task == "t2v-1.3B"
+    assert flow._dpo.dpo.beta_schedule == "eps_equivalent" and flow.backend.cfg.sample_shift == 8.0
+    assert (tmp_path / "checkpoints" / "dpo_weights" / "last" / "trainable.json").is_file()
+    logged = torch.load(next((tmp_path / "images" / "train").glob("*.pt")), weights_only=True)
+    assert logged["samples"].shape == (1, 3, 5, 32, 32) and logged["samples"].std() > 0  # 4n+1 frames, sampled

@@ -159,3 +159,86 @@ def train_steps(module, batch, steps, seed=None):
         out.loss.backward()
         optimizer.step()
     return out
+
+
+# -- Wan2.1 through VideoTuna's WanVideoModelFlow ------------------------------------------------------------------
+
+def tiny_wan_section(ckpt: Path | str, task: str = "t2v-1.3B") -> dict:
+    """The flow section of configs/videotuna/wan_dpo.yaml, shrunk: 5 frames of 32x32 -> latents [16, 2, 4, 4],
+    prompts -> [64, 4096]."""
+    from videotuna_dpo.models.tiny import tiny_t5_tokenizer
+
+    return {
+        "target": "videotuna.flow.wanvideo.WanVideoModelFlow",
+        "params": {
+            "task": task, "ckpt_path": str(ckpt), "offload_model": False, "ulysses_size": 1, "ring_size": 1,
+            "t5_fsdp": False, "t5_cpu": False, "dit_fsdp": False, "use_prompt_extend": False, "seed": 42,
+            "denoiser_config": {"target": "videotuna.models.wan.wan.modules.model.WanModel",
+                                "use_from_pretrained": True, "params": {"pretrained_model_name_or_path": str(ckpt)}},
+            "first_stage_config": {"target": "videotuna.models.wan.wan.modules.vae.WanVAE_",
+                                   "params": {"dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
+                                              "attn_scales": [], "temperal_downsample": [False, True, True],
+                                              "dropout": 0.0}},
+            "cond_stage_config": {"target": "videotuna.models.wan.wan.modules.t5.T5Encoder",
+                                  "params": {"dim": 4096, "dim_attn": 16, "dim_ffn": 16, "num_heads": 2,
+                                             "num_buckets": 8, "shared_pos": False, "dropout": 0.1,
+                                             "vocab": len(tiny_t5_tokenizer()), "num_layers": 1}},
+        },
+    }
+
+
+def write_wan_ckpt(folder: Path, section: dict, seed: int = 0) -> Path:
+    """A Wan2.1 checkpoint folder as the flow loads it: WanModel's save_pretrained (config.json + safetensors),
+    Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth and the tokenizer in google/umt5-xxl/."""
+    from videotuna.models.wan.wan.modules.model import WanModel
+    from videotuna.models.wan.wan.modules.t5 import T5Encoder
+    from videotuna.models.wan.wan.modules.vae import WanVAE_
+
+    from videotuna_dpo.models.tiny import tiny_t5_tokenizer
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    params = section["params"]
+    # text_dim is not in WanModel's saved config (ignore_for_config): it loads as umT5-xxl's 4096, so the tiny T5
+    # has dim 4096 too; text_len 64 keeps the cached prompt embeddings small.
+    model = WanModel(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=2, text_len=64)
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)  # a trained head: the fresh one predicts zeros
+    model.save_pretrained(folder, safe_serialization=True)
+    torch.save(WanVAE_(**params["first_stage_config"]["params"]).state_dict(), folder / "Wan2.1_VAE.pth")
+    t5 = T5Encoder(**params["cond_stage_config"]["params"]).to(torch.bfloat16)
+    torch.save(t5.state_dict(), folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    tiny_t5_tokenizer().save_pretrained(folder / "google" / "umt5-xxl")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wan_files(tmp_path_factory):
+    """The tiny WanVideoModelFlow section and its checkpoint folder."""
+    use_standin()
+    folder = tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-tiny"
+    section = tiny_wan_section(folder)
+    return {"section": section, "ckpt": write_wan_ckpt(folder, section)}
+
+
+@pytest.fixture(scope="session")
+def wan_pair_batch(tiny_dataset):
+    """Two (winner, loser, caption) pairs of 4n+1 frames, as Wan trains: pixels [2, 3, 5, 32, 32] in [-1, 1]."""
+    from omegaconf import OmegaConf
+
+    from videotuna_dpo.data.datamodule import PreferenceDataModule
+
+    dm = PreferenceDataModule.from_config(OmegaConf.create(
+        {"train_data": str(tiny_dataset), "video_length": 5, "resolution": [32, 32], "batch_size": 2,
+         "shuffle": False, "frame_start": "first"}))
+    return next(iter(dm.train_dataloader()))
+
+
+def make_wan(files, **overrides):
+    from omegaconf import OmegaConf
+
+    from videotuna_dpo.models.wan_videotuna import WanVideoTunaBackend
+
+    torch.manual_seed(0)
+    cfg = {"name": "wan_videotuna", "flow": files["section"], "ckpt": str(files["ckpt"]),
+           "lora": {"rank": 4, "alpha": 4}, **overrides}
+    return WanVideoTunaBackend.from_config(OmegaConf.create(cfg))

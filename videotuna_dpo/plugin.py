@@ -32,6 +32,7 @@ def videotuna_models():
         "cogvideox": "videotuna_dpo.models.cogvideox:CogVideoXBackend",
         "videocrafter2": "videotuna_dpo.models.videocrafter:VideoCrafter2Backend",
         "t2v_turbo": "videotuna_dpo.models.t2v_turbo:T2VTurboBackend",
+        "wan_videotuna": "videotuna_dpo.models.wan_videotuna:WanVideoTunaBackend",
         "toy": "videotuna_dpo.toy.backend:ToyBackend",
         "wan": "videotuna_dpo.models.wan:WanBackend",
         "hunyuanvideo": "videotuna_dpo.models.hunyuan_video:HunyuanVideoBackend",

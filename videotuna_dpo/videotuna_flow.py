@@ -1,7 +1,8 @@
 """DPO inside an unmodified VideoTuna checkout: a ``flow.target`` and a ``data.target`` for its YAML.
 
-``python scripts/train_new.py --base configs/videotuna/vc2_dpo.yaml`` instantiates ``DPOFlow``
-(wrapping the VideoTuna flow named in its params), calls ``from_pretrained(train.ckpt, ...)``,
+``python scripts/train_new.py --base configs/videotuna/vc2_dpo.yaml`` (or ``wan_dpo.yaml``: Wan2.1 through
+VideoTuna's WanVideoModelFlow) instantiates ``DPOFlow`` (wrapping the VideoTuna flow named in its params), calls
+``from_pretrained(train.ckpt, ...)``,
 ``init_trainer(train)`` (the host's own: data, logger, callbacks, Trainer) and ``trainer.fit``.
 Both classes subclass ``pytorch_lightning`` classes, as the host's Trainer requires.
 """
@@ -22,7 +23,10 @@ from videotuna_dpo.models.videotuna_host import build_flow
 from videotuna_dpo.strategy import (DPOModule, DPOSchema, ExportCadence, OptimizerSchema, check_training_values,
                                     keep_trainable_only, log_step)
 
-BACKENDS = ("videocrafter2", "t2v_turbo")  # the backends built on a VideoTuna flow
+# The backends built on a VideoTuna flow, by flow.params.backend -> registered model name. Here `wan` is
+# VideoTuna's WanVideoModelFlow (the registry's `wan` is the diffusers Wan backend).
+BACKENDS = {"videocrafter2": "videocrafter2", "t2v_turbo": "t2v_turbo", "wan": "wan_videotuna",
+            "wan_videotuna": "wan_videotuna"}
 
 
 def _backend_class(name: str) -> Any:
@@ -30,7 +34,7 @@ def _backend_class(name: str) -> Any:
 
     if name not in BACKENDS:
         raise UserError(f"flow.params.backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return Registry.load().get("model", name)
+    return Registry.load().get("model", BACKENDS[name])
 
 
 class _ExportWeights(ExportCadence, pl.Callback):
@@ -48,12 +52,14 @@ class DPOFlow(pl.LightningModule):
         if "target" not in section:
             raise UserError("flow.params.flow_config needs a `target:` (e.g. videotuna.flow.videocrafter.VideocrafterFlow)")
         # Validated now so a bad key fails at instantiation, not after the weights load.
-        self.model_cfg = validate({"name": backend, **(model or {})}, self.backend_class.schema, "flow.params.model")
+        self.model_cfg = validate({"name": BACKENDS[backend], **(model or {})}, self.backend_class.schema,
+                                  "flow.params.model")
         self.dpo_cfg = validate(dpo or {}, DPOSchema, "flow.params.dpo")
         self.optim_cfg = validate(optimizer or {}, OptimizerSchema, "flow.params.optimizer")
         check_training_values(self.dpo_cfg, self.optim_cfg, "flow.params")
         self.export_every = int(export_every_n_steps)
-        self.inner = build_flow(section, backend, self.backend_class.checkpoint_keys)
+        section = self.backend_class.check_flow_section(section, "flow.params.flow_config")
+        self.inner = build_flow(section, BACKENDS[backend], self.backend_class.checkpoint_keys)
         self.backend: torch.nn.Module | None = None
         self.logdir: str | None = None  # the host's ImageLogger samples only when set
         self.export_dir: Path | None = None
@@ -63,10 +69,9 @@ class DPOFlow(pl.LightningModule):
     # -- what scripts/train_new.py calls ------------------------------------------------------------
     def from_pretrained(self, ckpt_path: Any = None, denoiser_ckpt_path: Any = None, lora_ckpt_path: Any = None,
                         ignore_missing_ckpts: bool = False) -> None:
-        """Load VC2 (``train.ckpt``; ``train.trained_ckpt`` overrides the denoiser) and build the backend."""
+        """Load the weights (``train.ckpt``; ``train.trained_ckpt`` overrides the denoiser) and build the backend."""
         if not ckpt_path:
-            raise UserError("train.ckpt is required: VideoCrafter2's model.ckpt or a VideoTuna split folder "
-                            "(checkpoints/videocrafter/t2v_v2_512_split)")
+            raise UserError(f"train.ckpt is required: {self.backend_class.train_ckpt_hint}")
         cfg = OmegaConf.merge(self.model_cfg, {"ckpt": str(ckpt_path)})
         if denoiser_ckpt_path:
             cfg.denoiser_ckpt = str(denoiser_ckpt_path)

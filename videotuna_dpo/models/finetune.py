@@ -48,13 +48,36 @@ def merge_lora(net: nn.Module, state: dict[str, torch.Tensor], lora: dict[str, A
     net.__dict__.pop("peft_config", None)  # peft leaves its config on the unwrapped module
 
 
+def add_lora(net: nn.Module, config: Any) -> None:
+    """Inject LoRA adapter ``default`` into ``net`` in place: diffusers' ``add_adapter`` where the model has it
+    (``PeftAdapterMixin``), else peft's ``inject_adapter_in_model`` (a plain ``ModelMixin`` such as Wan's own)."""
+    if hasattr(net, "add_adapter"):
+        net.add_adapter(config)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, net, adapter_name="default")
+
+
+def set_adapters_enabled(net: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer of ``net`` on or off (off: the base model, the LoRA reference)."""
+    if hasattr(net, "enable_adapters"):
+        net.enable_adapters() if enabled else net.disable_adapters()
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in net.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
+
+
 class DenoiserFinetuning:
     """Mixin for an ``nn.Module`` backend whose trainable networks are ``getattr(self, attr)`` for each
     attribute in ``trained_attrs`` (by default just ``denoiser_attr``; Wan2.2-A14B trains one or both experts).
 
     The backend defines ``family``, ``cfg`` (with ``finetune``, ``lora``, ``reference_on_cpu``,
-    ``pretrained``) and ``_predict_with(net, noisy, t, cond)``; a backend with several denoisers also
-    overrides ``_predict_nets(nets, noisy, t, cond)``, which gets every denoiser by attribute name.
+    ``pretrained``, or an own ``base_id``) and ``_predict_with(net, noisy, t, cond)``; a backend with several
+    denoisers also overrides ``_predict_nets(nets, noisy, t, cond)``, which gets every denoiser by attribute name.
     """
 
     denoiser_attr = "denoiser"
@@ -92,8 +115,8 @@ class DenoiserFinetuning:
             from peft import LoraConfig
 
             for net in self._trained().values():
-                net.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                           target_modules=list(cfg.lora.target_modules), init_lora_weights=True))
+                add_lora(net, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                         target_modules=list(cfg.lora.target_modules), init_lora_weights=True))
                 for p in net.parameters():  # adapters train in fp32 over a possibly low-precision base
                     if p.requires_grad:
                         p.data = p.data.float()
@@ -160,12 +183,12 @@ class DenoiserFinetuning:
         """Context yielding the frozen reference model's ``predict``."""
         if self.cfg.finetune == "lora":
             for net in self._trained().values():
-                net.disable_adapters()
+                set_adapters_enabled(net, False)
             try:
                 yield self.predict
             finally:
                 for net in self._trained().values():
-                    net.enable_adapters()
+                    set_adapters_enabled(net, True)
             return
         nets = {**self._live_nets(), **dict(self.ref_denoisers.items())}
         device = next(self.denoiser.parameters()).device
@@ -180,6 +203,10 @@ class DenoiserFinetuning:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for net in self._trained().values() for p in net.parameters() if p.requires_grad]
 
+    def base_id(self) -> str:
+        """The base weights trained weights are recorded against (``model.pretrained``)."""
+        return str(self.cfg.pretrained)
+
     def _write_lora(self, directory: Path, layers: dict[str, dict[str, torch.Tensor]]) -> None:
         """``layers``: each trained denoiser's peft state dict, by attribute; one file, keys ``<attr>.<key>``."""
         from safetensors.torch import save_file
@@ -189,7 +216,7 @@ class DenoiserFinetuning:
 
     def save_trainable(self, directory: str | Path) -> Path:
         """Write the LoRA adapters or the full denoisers (safetensors) atomically to ``directory``."""
-        meta = {"family": self.family, "finetune": self.cfg.finetune, "base": str(self.cfg.pretrained),
+        meta = {"family": self.family, "finetune": self.cfg.finetune, "base": self.base_id(),
                 "init_weights": init_weights_id(self.cfg), "trained": list(self.trained_attrs)}
         if self.cfg.finetune == "lora":
             from peft.utils import get_peft_model_state_dict

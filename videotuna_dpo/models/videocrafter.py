@@ -78,6 +78,8 @@ class VideoCrafter2Backend(nn.Module):
 
     family = "videocrafter2"
     checkpoint_keys = VC2_CHECKPOINT_KEYS
+    train_ckpt_hint = ("VideoCrafter2's model.ckpt or a VideoTuna split folder "
+                       "(checkpoints/videocrafter/t2v_v2_512_split)")
 
     schema: type = VideoCrafter2Schema
 
@@ -111,6 +113,11 @@ class VideoCrafter2Backend(nn.Module):
         if flow is None and not cfg.ckpt:
             raise UserError(f"{source}: missing required key model.ckpt; point {cls.checkpoint_keys}")
         return cls(cfg, flow=flow)
+
+    @classmethod
+    def check_flow_section(cls, section: Any, key: str) -> Any:
+        """The VideoTuna flow section as given: VC2's weights load after the flow is built (``ckpt``)."""
+        return section
 
     def check_choices(self) -> None:
         if self.cfg.finetune not in ("full", "lora"):

@@ -1,6 +1,9 @@
 """Stand-in for videotuna.base.generation_base.GenerationBase: components, peft LoRA, init_trainer."""
 
+import os
+
 import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -24,8 +27,9 @@ class GenerationBase(pl.LightningModule):
             self.lora_params = {n for n, p in self.denoiser.named_parameters() if p.requires_grad and "lora" in n}
             self.denoiser.requires_grad_(False)
             self.use_lora = True
-        self.scheduler = self.diffusion_scheduler = instantiate_from_config(scheduler_config)
-        self.components.append("scheduler")
+        if scheduler_config is not None:  # as the host: no scheduler attribute at all without a config (Wan)
+            self.scheduler = self.diffusion_scheduler = instantiate_from_config(scheduler_config)
+            self.components.append("scheduler")
         self.set_trainable_components(trainable_components)
 
     def _frozen(self, model, name):
@@ -46,6 +50,15 @@ class GenerationBase(pl.LightningModule):
                     p.requires_grad_(n in self.lora_params)
             else:
                 model.requires_grad_(True)
+
+    def load_denoiser(self, ckpt_path=None, denoiser_ckpt_path=None, ignore_missing_ckpts=False):
+        """As the host: ``<ckpt_path>/denoiser.ckpt`` (or ``denoiser_ckpt_path``), a state dict, strict."""
+        path = denoiser_ckpt_path if denoiser_ckpt_path is not None else os.path.join(ckpt_path, "denoiser.ckpt")
+        if os.path.exists(path):
+            state = torch.load(path, map_location="cpu")
+            self.denoiser.load_state_dict(state.get("state_dict", state), strict=True)
+        elif not ignore_missing_ckpts:
+            raise FileNotFoundError("Checkpoint of denoiser file not found.")
 
     def init_trainer(self, train_config):
         lightning_config = train_config.get("lightning")

@@ -1,0 +1,1 @@
+from .fm_solvers_unipc import FlowUniPCMultistepScheduler
