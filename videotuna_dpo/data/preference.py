@@ -7,6 +7,7 @@ problem is reported with the dir, the pair row and what is wrong.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from videotuna_dpo.fileio import write_json_atomic, write_text_atomic
 from videotuna_dpo.user_files import read_json, read_yaml
 
 OFFICIAL_WEIGHT_BETA = 0.72  # weight = (0.72 / p) ** alpha, p = the pair probability in pair.json
+OFFICIAL_MISSING_SCORE = 1.0  # the official loader's pair score when pair.json has none: weight 0.72 ** alpha
+OFFICIAL_CLIP_LENGTH = 1.0  # seconds; the official loader drops shorter clips before it indexes pair.json
+OFFICIAL_TRAIN_DATA = "train_data_official.yaml"  # META dirs absolute, for the official loader
 MAX_LISTED_PROBLEMS = 20
 
 
@@ -116,8 +120,8 @@ def load_pairs(
     """Read and validate every pair of a train_data.yaml.
 
     ``weights``: ``"none"`` (all ones), ``"manifest"`` (manifest.json's per-pair weights),
-    ``"pair_score"`` ((0.72 / score) ** alpha, the official formula), ``"auto"`` (manifest when
-    every dir has one, else ones).
+    ``"pair_score"`` ((0.72 / score) ** alpha, the official ``dupfactor``; a row without ``score`` counts as
+    score 1, as there), ``"auto"`` (manifest when every dir has one, else ones).
     """
     if weights not in ("auto", "none", "manifest", "pair_score"):
         raise UserError(f"data.weights must be auto, none, manifest or pair_score, got {weights!r}")
@@ -204,11 +208,13 @@ def load_pairs(
             weight = 1.0
             if manifest_weights is not None:
                 weight = manifest_weights[row]
-            elif weights == "pair_score":
-                if score is None or score <= 0:
+            elif weights == "pair_score" and alpha != 0:  # alpha 0: the official loader never reads score
+                # The official loader weighs a row without a score as score 1; a dataset of its scripts trains the same here.
+                prob = OFFICIAL_MISSING_SCORE if score is None else score
+                if prob <= 0:
                     problems.append(f"{where}: data.weights=pair_score needs a positive score, got {score!r}")
                     continue
-                weight = (OFFICIAL_WEIGHT_BETA / float(score)) ** alpha
+                weight = (OFFICIAL_WEIGHT_BETA / float(prob)) ** alpha
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 problems.append(f"{where}: weight {weight!r} is not a finite non-negative number")
                 continue
@@ -227,13 +233,19 @@ def write_official_layout(
     clips: list[dict[str, Any]],
     pairs: list[dict[str, Any]],
     manifest: dict[str, Any] | None = None,
+    final_meta_dir: str | Path | None = None,
 ) -> Path:
-    """Write one META dir (metadata.json, pair.json, optional manifest.json) and its train_data.yaml.
+    """Write one META dir (metadata.json, pair.json, optional manifest.json) and, beside it, train_data.yaml
+    (``META`` relative: the dataset moves as a whole) and train_data_official.yaml (``META`` absolute).
 
     ``clips``: ``{"clip_path", "caption", "duration"}``; ``pairs``: ``{"winner", "loser", "caption",
-    "score"}`` with indices into ``clips``. The official VideoDPO loader reads the result unchanged.
+    "score"}`` with indices into ``clips``. ``final_meta_dir``: where ``meta_dir`` will live when it is
+    staged elsewhere (default: ``meta_dir``). The official loader reads train_data_official.yaml from any
+    working directory: it opens ``META`` dirs as given, and each video at ``os.path.join(<yaml path>,
+    os.path.join(meta_dir, clip_path))``, which only an absolute ``META`` dir survives.
     """
     meta_dir = Path(meta_dir)
+    final = os.path.abspath(final_meta_dir) if final_meta_dir is not None else os.path.realpath(meta_dir)
     metadata = [
         {"basic": {"clip_path": c["clip_path"], "clip_duration": float(c.get("duration", 0.0))},
          "misc": {"frame_caption": [c["caption"]]}}
@@ -249,4 +261,5 @@ def write_official_layout(
         write_json_atomic(meta_dir / "manifest.json", manifest)
     train_data = meta_dir.parent / "train_data.yaml"
     write_text_atomic(train_data, yaml.safe_dump({"META": [meta_dir.name]}))
+    write_text_atomic(meta_dir.parent / OFFICIAL_TRAIN_DATA, yaml.safe_dump({"META": [final]}))
     return train_data
