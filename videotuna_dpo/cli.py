@@ -66,16 +66,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from videotuna_dpo.pipeline.pairs import build_pairs_dataset
+    from videotuna_dpo.pipeline.pairs import build_pairs_dataset, short_clip_warning
 
     summary = build_pairs_dataset(args.scores, args.out, strategy=args.strategy, min_gap=args.min_gap,
                                   alpha=args.alpha, beta=args.beta, bin_width=args.bin_width, mode=args.mode)
     if summary["failed_videos_left_out"]:
         print(f"{summary['failed_videos_left_out']} video(s) failed scoring and are left out "
               f"(listed in {args.out}/pairs/manifest.json)", file=sys.stderr)
+    warning = short_clip_warning(summary)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"{summary['pairs']} pairs from {summary['prompts']} prompts "
           f"({summary['prompts_without_pair']} without a pair); weights {summary['weight_min']:.3g}.."
           f"{summary['weight_max']:.3g}; train with data.train_data={summary['train_data']}")
+    print(f"official VideoDPO code: data_root: {summary['official_train_data']} (its META dir is absolute; "
+          f"rerun pairs after moving the dataset)")
     return 0
 
 
@@ -164,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "pairs",
         help="scores.jsonl -> preference dataset (best vs worst, re-weighted)",
         description="Group scored videos by prompt, pair them and write the official VideoDPO layout plus "
-        "manifest.json and PNG plots. Pair weight = (beta / p) ** alpha with p the pair probability from "
+        "manifest.json and PNG plots: train_data.yaml (relative, for this package; the dataset can move) and "
+        "train_data_official.yaml (absolute, the data_root to give the official VideoDPO code). Pair weight = (beta / p) ** alpha with p the pair probability from "
         "the OmniScore histogram (bin width 0.01); --mode sqrt uses sqrt(p_w p_l) (the paper, default), "
         "product uses p_w p_l (the official code).",
         epilog="example: videotuna pairs --scores scores.jsonl --out data/pairs --strategy best-worst --alpha 1.0",

@@ -1,8 +1,8 @@
 """``videotuna pairs``: scores.jsonl -> a preference dataset (best vs worst, re-weighted by rarity).
 
 Writes the official VideoDPO layout (train_data.yaml, metadata.json, pair.json with ``score`` = the
-pair probability) plus manifest.json (every video's dimensions, the pair weights, the parameters)
-and PNG plots.
+pair probability) plus train_data_official.yaml (the same with an absolute META dir, for the official
+loader), manifest.json (every video's dimensions, the pair weights, the parameters) and PNG plots.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from videotuna_dpo.data.preference import write_official_layout
+from videotuna_dpo.data.preference import OFFICIAL_CLIP_LENGTH, OFFICIAL_TRAIN_DATA, write_official_layout
 from videotuna_dpo.fileio import atomic_directory, check_writable_dir, write_json_atomic
 from videotuna_dpo.errors import UserError
 
 PAIR_STRATEGIES = ("best-worst", "all-gap")
 PROBABILITY_MODES = ("sqrt", "product")
-DATASET_ENTRIES = ("train_data.yaml", "pairs", "plots", "summary.json")  # what a rerun replaces
+DATASET_ENTRIES = ("train_data.yaml", OFFICIAL_TRAIN_DATA, "pairs", "plots", "summary.json")  # what a rerun replaces
 
 
 def bin_probabilities(scores: Sequence[float], all_scores: Sequence[float], bin_width: float = 0.01) -> np.ndarray:
@@ -135,6 +135,24 @@ def _check_dimensions(record: dict, scores_path: str | Path) -> None:
                             f"is {value}; rescore that video or remove its line")
 
 
+def clip_duration(record: dict) -> float:
+    """Seconds of a scored video: frames / fps, the fps its generation record sampled at, else the file's, else 8."""
+    fps = ((record.get("meta") or {}).get("sampler") or {}).get("fps") or record.get("fps") or 8
+    return record.get("frames", 0) / fps
+
+
+def short_clip_warning(summary: dict) -> str | None:
+    """The one warning for videos the official loader would drop (under its clip_length, 1.0 s), or None."""
+    n = summary.get("short_clips", 0)
+    if not n:
+        return None
+    return (f"warning: {n} of {summary['videos']} videos are shorter than {OFFICIAL_CLIP_LENGTH:g} s (clip_duration = "
+            f"frames / fps in pairs/metadata.json). The official VideoDPO loader drops every clip shorter than its "
+            f"clip_length ({OFFICIAL_CLIP_LENGTH:g} s by default) before it indexes pair.json, so its pairs would point "
+            f"at other videos: give it clip_length: 0 (data.params.train.params in its config). This package reads "
+            f"every clip whatever its duration.")
+
+
 def check_pair_settings(min_gap: float, alpha: float, beta: float, bin_width: float, mode: str) -> None:
     """Refuse settings that would give no weights or meaningless ones, naming the option."""
     rules = [("--min-gap", min_gap, min_gap >= 0, ">= 0"), ("--alpha", alpha, alpha >= 0, ">= 0 (0 = plain DPO)"),
@@ -191,7 +209,11 @@ def build_pairs_dataset(
         raise UserError(f"--alpha {alpha}: the weight (beta / p) ** alpha of the rarest pair overflows; "
                         f"use a smaller --alpha")
 
-    meta_dir = out / "pairs"  # clip paths are relative to where the dataset will be, not to its staging dir
+    # Clip paths are relative to where the dataset will be, not to its staging dir, and to its real path: a reader
+    # follows `..` from the directory the META dir really is in, whatever symlinked path named it.
+    absolute = Path(os.path.abspath(out))
+    final = Path(os.path.realpath(absolute.parent)) / absolute.name
+    meta_dir = final / "pairs"
     index: dict[str, int] = {}
     clips, videos = [], []
     for r in (v for p in pairs for v in (p.winner, p.loser)):
@@ -199,8 +221,10 @@ def build_pairs_dataset(
             continue
         index[r["path"]] = len(clips)
         meta = r.get("meta") or {}
-        clips.append({"clip_path": os.path.relpath(r["path"], meta_dir), "caption": r["prompt"],
-                      "duration": r.get("frames", 0) / max(1, meta.get("sampler", {}).get("fps", 8))})
+        video = os.path.abspath(r["path"])
+        video = os.path.join(os.path.realpath(os.path.dirname(video)), os.path.basename(video))
+        clips.append({"clip_path": os.path.relpath(video, meta_dir), "caption": r["prompt"],
+                      "duration": clip_duration(r)})
         videos.append({"clip_path": clips[-1]["clip_path"], "path": r["path"], "prompt": r["prompt"],
                        "omniscore": r["omniscore"], "quality": r.get("quality"), "semantic": r.get("semantic"),
                        "raw": r.get("raw", {}), "normalized": r.get("normalized", {}),
@@ -219,12 +243,13 @@ def build_pairs_dataset(
         "failed_videos": [{"path": r["path"], "reason": r.get("reason", "")} for r in failed],
     }
     summary = {
-        "train_data": str(out / "train_data.yaml"), "pairs": len(pairs), "videos": len(clips), "scored": len(ok),
-        "failed_videos_left_out": len(failed), **stats,
+        "train_data": str(out / "train_data.yaml"), "official_train_data": str(final / OFFICIAL_TRAIN_DATA),
+        "pairs": len(pairs), "videos": len(clips), "scored": len(ok), "failed_videos_left_out": len(failed), **stats,
+        "short_clips": sum(c["duration"] < OFFICIAL_CLIP_LENGTH for c in clips),
         "weight_min": float(weights.min()), "weight_max": float(weights.max()), "weight_mean": float(weights.mean()),
     }
     with atomic_directory(out) as tmp:
-        write_official_layout(tmp / meta_dir.name, clips, rows, manifest)
+        write_official_layout(tmp / meta_dir.name, clips, rows, manifest, final_meta_dir=meta_dir)
         if plots:
             from videotuna_dpo.pipeline.plots import pair_plots
 
