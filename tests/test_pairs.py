@@ -4,6 +4,7 @@ import re
 import stat
 
 import pytest
+import yaml
 
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.pipeline.pairs import bin_probabilities, build_pairs_dataset, pair_weights, select_pairs
@@ -72,15 +73,22 @@ def test_all_pairs_above_a_gap_and_the_min_gap_filter():
 # ---------------------------------------------------------------- the dataset is written whole or not at all
 
 
-def _scored(path, omniscores, raw_nan_line=None):
-    """scores.jsonl of two prompts' videos under ``path.parent / "samples"``; one line's raw flicker NaN on request."""
+def _scored(path, omniscores, raw_nan_line=None, frames=None, files=False):
+    """scores.jsonl of two prompts' videos under ``path.parent / "samples"``; one line's raw flicker NaN on request.
+
+    ``frames``: each video's frame count (default 8, 1 s at the default 8 fps); ``files``: write each video's file.
+    """
     lines = []
     for n, (prompt, omni) in enumerate(omniscores, 1):
         raw = {"temporal_flickering": float("nan") if n == raw_nan_line else 0.9}
-        lines.append(json.dumps({"path": str(path.parent / "samples" / f"{prompt}_{n}.mp4"), "status": "ok",
+        video = path.parent / "samples" / f"{prompt}_{n}.mp4"
+        if files:
+            video.parent.mkdir(parents=True, exist_ok=True)
+            video.write_text(video.name)
+        lines.append(json.dumps({"path": str(video), "status": "ok",
                                  "prompt": prompt, "omniscore": omni, "raw": raw,
                                  "normalized": {"temporal_flickering": omni}, "quality": omni, "semantic": omni,
-                                 "meta": {"seed": n}, "frames": 8}))
+                                 "meta": {"seed": n}, "frames": frames[n - 1] if frames else 8}))
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -169,3 +177,105 @@ def test_cli_refuses_a_negative_beta_with_the_message_and_exit_code_2(old_datase
     assert main(["pairs", "--scores", str(tmp_path / "old.jsonl"), "--out", str(out), "--beta", "-1"]) == 2
     assert "videotuna: error: --beta must be a finite number > 0, got -1.0" in capsys.readouterr().err
     assert _snapshot(out) == before
+
+
+# ---------------------------------------------------------------- the official VideoDPO loader reads what pairs writes
+
+
+def _same_file(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+@pytest.mark.parametrize("mode, alpha", [("sqrt", 1.0), ("product", 0.5), ("product", 0.0)])
+def test_the_official_loader_reads_what_pairs_writes_from_any_working_directory(tmp_path, monkeypatch, mode, alpha):
+    from tests.official_loader import official_pairs
+    from videotuna_dpo.data.preference import load_pairs
+
+    scores = [("a", 0.5), ("a", 0.71), ("a", 0.62), ("b", 0.3), ("b", 0.61), ("c", 0.2), ("c", 0.9), ("c", 0.52)]
+    out = tmp_path / "data" / "ds"
+    build_pairs_dataset(_scored(tmp_path / "s.jsonl", scores, frames=[16] * 8, files=True), out, strategy="all-gap",
+                        alpha=alpha, mode=mode, plots=False)
+    manifest = json.loads((out / "pairs" / "manifest.json").read_text())
+    videos = manifest["videos"]
+    expected = [(videos[m["winner"]]["path"], videos[m["loser"]]["path"], m["prompt"], m["weight"])
+                for m in manifest["pairs"]]
+    assert len(expected) == 7 and len(videos) == 8  # all-gap: 3 + 1 + 3 pairs over 8 videos, some in several pairs
+    official_yaml = out / "train_data_official.yaml"
+    assert yaml.safe_load(official_yaml.read_text()) == {"META": [str(out / "pairs")]}  # absolute
+    assert yaml.safe_load((out / "train_data.yaml").read_text()) == {"META": ["pairs"]}  # portable
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    official = official_pairs(str(official_yaml), dupbeta=alpha)
+    assert len(official) == len(expected)
+    for got, (winner, loser, prompt, weight) in zip(official, expected):
+        assert _same_file(got.winner, winner) and _same_file(got.loser, loser)
+        assert got.caption == prompt and got.dupfactor == pytest.approx(weight, rel=1e-12)
+    # Our reader takes either yaml and gives the same pairs; its pair_score weights are the official dupfactor.
+    for train_data in (out / "train_data.yaml", official_yaml):
+        ours = load_pairs(train_data)
+        assert [(os.path.realpath(p.winner), os.path.realpath(p.loser), p.caption) for p in ours] == [
+            (os.path.realpath(o.winner), os.path.realpath(o.loser), o.caption) for o in official]
+        assert [p.weight for p in ours] == pytest.approx([o.dupfactor for o in official], rel=1e-12)
+        scored = load_pairs(train_data, weights="pair_score", alpha=alpha)
+        assert [p.weight for p in scored] == pytest.approx([o.dupfactor for o in official], rel=1e-12)
+    # The portable yaml is not for the official loader: its relative META dir and clip paths do not survive
+    # the working directory nor the join with the yaml's own path.
+    with pytest.raises(FileNotFoundError):
+        official_pairs(str(out / "train_data.yaml"))
+    monkeypatch.chdir(out)
+    with pytest.raises(FileNotFoundError, match="train_data.yaml/pairs/"):
+        official_pairs(str(out / "train_data.yaml"))
+
+
+def test_the_official_yaml_names_the_real_dataset_dir_when_out_is_reached_through_a_symlink(tmp_path, monkeypatch):
+    from tests.official_loader import official_pairs
+
+    (tmp_path / "disk" / "data").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "data")
+    scores = _scored(tmp_path / "s.jsonl", SCORES, frames=[16] * 4, files=True)
+    summary = build_pairs_dataset(scores, tmp_path / "link" / "ds", plots=False)
+    assert summary["official_train_data"] == str(tmp_path / "disk" / "data" / "ds" / "train_data_official.yaml")
+    monkeypatch.chdir(tmp_path / "disk")
+    # `..` from the real pairs dir leads back to the samples, whichever path names the dataset.
+    got = official_pairs(str(tmp_path / "link" / "ds" / "train_data_official.yaml"))
+    assert [(os.path.basename(p.winner), os.path.basename(p.loser)) for p in got] == [
+        ("a_2.mp4", "a_1.mp4"), ("b_4.mp4", "b_3.mp4")]
+    assert all(os.path.isfile(p.winner) and os.path.isfile(p.loser) for p in got)
+
+
+def test_pairs_warns_once_about_clips_the_official_loader_would_drop_and_names_the_fix(tmp_path, monkeypatch, capsys):
+    from tests.official_loader import official_pairs, official_videos
+    from videotuna_dpo.cli import main
+
+    # a_1 and b_4 are 4 frames at 8 fps: 0.5 s, under the official clip_length of 1.0 s.
+    scores = _scored(tmp_path / "s.jsonl", SCORES, frames=[4, 16, 16, 4], files=True)
+    out = tmp_path / "ds"
+    assert main(["pairs", "--scores", str(scores), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("warning:") == 1
+    assert "warning: 2 of 4 videos are shorter than 1 s" in captured.err
+    assert "give it clip_length: 0 (data.params.train.params in its config)" in captured.err
+    assert f"official VideoDPO code: data_root: {out / 'train_data_official.yaml'}" in captured.out
+    durations = [m["basic"]["clip_duration"] for m in json.loads((out / "pairs" / "metadata.json").read_text())]
+    assert durations == [2.0, 0.5, 0.5, 2.0]  # a_2, a_1 (pair 0), b_4, b_3 (pair 1)
+    # The trap: with its default clip_length the official loader indexes a shorter list, so pair 0's loser
+    # (index 1, a_1) becomes b_3, a video of another prompt, and pair 1 is out of range; with clip_length 0
+    # it reads every pair as written.
+    monkeypatch.chdir(tmp_path)
+    short = official_videos(str(out / "train_data_official.yaml"))
+    assert [os.path.basename(v) for v in short] == ["a_2.mp4", "b_3.mp4"]
+    with pytest.raises(IndexError):
+        official_pairs(str(out / "train_data_official.yaml"))
+    fixed = official_pairs(str(out / "train_data_official.yaml"), clip_length=0)
+    assert [(os.path.basename(p.winner), os.path.basename(p.loser)) for p in fixed] == [
+        ("a_2.mp4", "a_1.mp4"), ("b_4.mp4", "b_3.mp4")]
+
+
+def test_pairs_says_nothing_about_clip_length_when_every_clip_is_long_enough(tmp_path, capsys):
+    from videotuna_dpo.cli import main
+
+    scores = _scored(tmp_path / "s.jsonl", SCORES, frames=[8, 16, 16, 8], files=True)  # 8 frames at 8 fps: 1.0 s
+    assert main(["pairs", "--scores", str(scores), "--out", str(tmp_path / "ds")]) == 0
+    assert "clip_length" not in capsys.readouterr().err
