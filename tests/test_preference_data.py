@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.datasets import write_official_dataset
+from tests.datasets import moving_square, write_official_dataset
 from videotuna_dpo.data.datamodule import PreferenceDataModule, PreferenceVideoDataset
 from videotuna_dpo.data.preference import DataError, load_pairs
 from videotuna_dpo.data.video_io import write_video
@@ -213,3 +213,54 @@ def test_epoch_order_is_seeded_by_epoch_shared_across_ranks_and_resumes_mid_epoc
     resumed.skip = 2
     assert [i for i, _ in resumed] == epoch0[2:] and [i for i, _ in resumed] == epoch0  # the skip applies once
     assert EpochOrder(5, seed=7, shuffle=False).indices() == [0, 1, 2, 3, 4]
+
+
+def _official_scripts_dataset(root, scores):
+    """A dataset as the official VideoDPO scripts write it: winvideos/ and losevideos/ under the video root,
+    metadata.json with absolute clip paths and the constant duration 1.6, pair.json rows {video1, video2,
+    label, frame_caption} plus, after its pair_prob.py, score and diff_score; a train_data.yaml whose META dir
+    is relative to the working directory, as in its configs."""
+    meta = root / "data" / "vidpro-vc2-dpo-dataset"
+    meta.mkdir(parents=True)
+    metadata, pairs = [], []
+    for i, (caption, score) in enumerate(zip(CAPTIONS, scores)):
+        for folder, jitter in (("winvideos", False), ("losevideos", True)):
+            path = root / "videos" / "total_score_0P_vbscore" / folder / f"{i + 1:06}.mp4"
+            write_video(path, moving_square(9, 32, jitter=jitter, seed=i), lossless=True)
+            metadata.append({"basic": {"clip_duration": 1.6, "clip_path": str(path), "globalidx": i + 1},
+                             "misc": {"frame_caption": [caption]}})
+        row = {"video1": 2 * i, "video2": 2 * i + 1, "label": 0, "frame_caption": caption}
+        if score is not None:
+            row.update(score=score, diff_score=0.25)
+        pairs.append(row)
+    (meta / "metadata.json").write_text(json.dumps(metadata))
+    (meta / "pair.json").write_text(json.dumps(pairs))
+    (root / "configs").mkdir()
+    (root / "configs" / "train_data.yaml").write_text("META:\n  -  data/vidpro-vc2-dpo-dataset\n")
+    return root / "configs" / "train_data.yaml"
+
+
+@pytest.mark.parametrize("scores, alpha, expected", [
+    ([0.04, 0.0025, 0.09], 1.0, [18.0, 288.0, 8.0]),  # (0.72 / score) ** alpha
+    ([0.04, 0.0025, 0.09], 0.5, [18.0 ** 0.5, 288.0 ** 0.5, 8.0 ** 0.5]),
+    ([0.04, 0.0025, 0.09], 0.0, [1.0, 1.0, 1.0]),
+    ([None, None, None], 1.0, [0.72, 0.72, 0.72]),  # no score: the official loader takes score 1
+    ([0.36, None, 0.18], 2.0, [4.0, 0.72 ** 2, 16.0]),
+])
+def test_a_dataset_of_the_official_scripts_trains_unchanged_with_the_official_dupfactor(
+        tmp_path, monkeypatch, scores, alpha, expected):
+    from tests.official_loader import official_pairs
+
+    train_data = _official_scripts_dataset(tmp_path, scores)
+    monkeypatch.chdir(tmp_path)
+    official = official_pairs("configs/train_data.yaml", dupbeta=alpha)
+    assert [o.dupfactor for o in official] == pytest.approx(expected, rel=1e-12)
+    pairs = load_pairs("configs/train_data.yaml", weights="pair_score", alpha=alpha)
+    assert [(p.winner, p.loser, p.caption) for p in pairs] == [(o.winner, o.loser, o.caption) for o in official]
+    assert [p.weight for p in pairs] == pytest.approx(expected, rel=1e-12)
+    dm = PreferenceDataModule.from_config(OmegaConf.create(
+        {"train_data": str(train_data), "weights": "pair_score", "alpha": alpha, "normalize_weights": False,
+         "video_length": 9, "resolution": [32, 32], "batch_size": 3, "shuffle": False}))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["caption"] == CAPTIONS and batch["winner"].shape == (3, 3, 9, 32, 32)
+    assert batch["weight"].tolist() == pytest.approx(expected, rel=1e-6)
