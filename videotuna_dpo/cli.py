@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="scores.jsonl -> preference dataset (best vs worst, re-weighted)",
         description="Group scored videos by prompt, pair them and write the official VideoDPO layout plus "
         "manifest.json and PNG plots: train_data.yaml (relative, for this package; the dataset can move) and "
-        "train_data_official.yaml (absolute, the data_root to give the official VideoDPO code). Pair weight = (beta / p) ** alpha with p the pair probability from "
-        "the OmniScore histogram (bin width 0.01); --mode sqrt uses sqrt(p_w p_l) (the paper, default), "
+        "train_data_official.yaml (absolute, the data_root to give the official VideoDPO code). Pair weight = "
+        "(beta / p) ** alpha with p the pair probability from the OmniScore histogram (bin width 0.01); --mode sqrt uses sqrt(p_w p_l) (the paper, default), "
         "product uses p_w p_l (the official code).",
         epilog="example: videotuna pairs --scores scores.jsonl --out data/pairs --strategy best-worst --alpha 1.0",
     )
