@@ -69,13 +69,22 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     from videotuna_dpo.pipeline.pairs import build_pairs_dataset, short_clip_warning
 
     summary = build_pairs_dataset(args.scores, args.out, strategy=args.strategy, min_gap=args.min_gap,
-                                  alpha=args.alpha, beta=args.beta, bin_width=args.bin_width, mode=args.mode)
+                                  alpha=args.alpha, beta=args.beta, bin_width=args.bin_width, mode=args.mode,
+                                  labels=args.labels)
     if summary["failed_videos_left_out"]:
         print(f"{summary['failed_videos_left_out']} video(s) failed scoring and are left out "
               f"(listed in {args.out}/pairs/manifest.json)", file=sys.stderr)
     warning = short_clip_warning(summary)
     if warning:
         print(warning, file=sys.stderr)
+    labels = summary.get("labels")
+    if labels:
+        print(f"labels {args.labels}: {labels['confirmed']} pair(s) confirmed, {labels['flipped']} flipped, "
+              f"{labels['dropped_tie']} dropped as ties, {labels['dropped_reject']} dropped with "
+              f"{len(labels['rejected_videos'])} rejected video(s) (listed in {args.out}/pairs/manifest.json)")
+        if labels["not_applied"]:
+            print(f"{len(labels['not_applied'])} label(s) name pairs this dataset does not have (another --strategy or "
+                  f"--min-gap?) and were not applied: labels{labels['not_applied'][:10]}", file=sys.stderr)
     print(f"{summary['pairs']} pairs from {summary['prompts']} prompts "
           f"({summary['prompts_without_pair']} without a pair); weights {summary['weight_min']:.3g}.."
           f"{summary['weight_max']:.3g}; train with data.train_data={summary['train_data']}")
@@ -184,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.72, help="re-weighting constant (default 0.72)")
     p.add_argument("--bin-width", type=float, default=0.01, help="OmniScore histogram bin width")
     p.add_argument("--mode", default="sqrt", choices=["sqrt", "product"], help="pair probability (default sqrt)")
+    p.add_argument("--labels", default=None, metavar="LABELS_JSON",
+                   help="labels.json of `videotuna review`: keep confirms a pair, flip swaps winner and loser, tie "
+                   "drops it, reject drops every pair of the broken video")
     p.set_defaults(func=_cmd_pairs)
 
     p = sub.add_parser(

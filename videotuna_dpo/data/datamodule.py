@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class PreferenceDataSchema:
     frame_start: str = "auto"  # random (same start for winner and loser) | first | auto: random, first from a cache
     weights: str = "auto"  # auto | none | manifest | pair_score
     alpha: float = 1.0  # exponent of the official pair_score weights
+    human_weight: float = 1.0  # multiplies the weight of pairs a person confirmed or flipped (pairs --labels)
     normalize_weights: bool = True  # rescale pair weights to mean 1: alpha shifts emphasis, not the step size
     batch_size: int = 1
     num_workers: int = 0
@@ -149,6 +151,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if len(cfg.resolution) != 2:
             raise UserError(f"{source}: data.resolution must be [height, width], got {list(cfg.resolution)}")
         check_values(cfg, "data", {key: AT_LEAST_ONE for key in ("video_length", "frame_stride", "batch_size")}, source)
+        check_values(cfg, "data", {"human_weight": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")}, source)
         if cfg.frame_start not in ("auto", "random", "first"):
             raise UserError(f"{source}: data.frame_start must be auto, random or first, got {cfg.frame_start!r}")
         if cfg.cache and cfg.frame_start == "random":
@@ -166,7 +169,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
             self.dataset = CachedPreferenceDataset.open(cfg)
         else:
-            pairs = load_pairs(cfg.train_data, weights=cfg.weights, alpha=cfg.alpha)
+            pairs = load_pairs(cfg.train_data, weights=cfg.weights, alpha=cfg.alpha, human_weight=cfg.human_weight)
             start = "random" if cfg.frame_start == "auto" else cfg.frame_start
             self.dataset = PreferenceVideoDataset(pairs, cfg.video_length, cfg.frame_stride, tuple(cfg.resolution), start)
             report = stride_report(self.dataset.strides, cfg.video_length, cfg.frame_stride)

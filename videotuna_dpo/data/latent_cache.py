@@ -263,7 +263,8 @@ class CachedPreferenceDataset(Dataset):
             shard, why = next(iter(bad.items()))
             raise _shard_error(cache_dir, shard, why + (f"; and {len(bad) - 1} more shard(s)" if len(bad) > 1 else ""))
         # The videos themselves need not be present any more: the cache holds them.
-        pairs = load_pairs(data_cfg.train_data, weights=data_cfg.weights, alpha=data_cfg.alpha, check_files=False)
+        pairs = load_pairs(data_cfg.train_data, weights=data_cfg.weights, alpha=data_cfg.alpha, check_files=False,
+                           human_weight=getattr(data_cfg, "human_weight", 1.0))
         kept, dropped = [], []
         for pair in pairs:
             reasons = [f"{p}: {index['skipped'][video_id(p)]}" for p in (pair.winner, pair.loser) if video_id(p) in index["skipped"]]

@@ -23,6 +23,7 @@ OFFICIAL_MISSING_SCORE = 1.0  # the official loader's pair score when pair.json 
 OFFICIAL_CLIP_LENGTH = 1.0  # seconds; the official loader drops shorter clips before it indexes pair.json
 OFFICIAL_TRAIN_DATA = "train_data_official.yaml"  # META dirs absolute, for the official loader
 MAX_LISTED_PROBLEMS = 20
+HUMAN_ORIGINS = ("human-confirmed", "human-flipped")  # manifest pair origins that data.human_weight up-weights
 
 
 class DataError(UserError):
@@ -116,12 +117,14 @@ def load_pairs(
     weights: str = "auto",
     alpha: float = 1.0,
     check_files: bool = True,
+    human_weight: float = 1.0,
 ) -> list[PairRecord]:
     """Read and validate every pair of a train_data.yaml.
 
     ``weights``: ``"none"`` (all ones), ``"manifest"`` (manifest.json's per-pair weights),
     ``"pair_score"`` ((0.72 / score) ** alpha, the official ``dupfactor``; a row without ``score`` counts as
-    score 1, as there), ``"auto"`` (manifest when every dir has one, else ones).
+    score 1, as there), ``"auto"`` (manifest when every dir has one, else ones). ``human_weight`` multiplies the
+    weight of every pair a person confirmed or flipped (manifest ``origin``, from ``pairs --labels``).
     """
     if weights not in ("auto", "none", "manifest", "pair_score"):
         raise UserError(f"data.weights must be auto, none, manifest or pair_score, got {weights!r}")
@@ -141,18 +144,20 @@ def load_pairs(
             problems.append(f"{d}: metadata.json and pair.json must each hold a JSON list")
             continue
         manifest_weights = None
-        if use_manifest:
+        human = [False] * len(pairs)  # rows a person confirmed or flipped (manifest "origin")
+        if use_manifest or (human_weight != 1.0 and (d / "manifest.json").is_file()):
             manifest = _load_json(d / "manifest.json", problems)
             rows = manifest.get("pairs") if isinstance(manifest, dict) else None
             if manifest is not None and not (isinstance(rows, list) and all(isinstance(p, dict) for p in rows)):
                 got = "an object without one" if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
                 problems.append(f"{d}/manifest.json: expected a JSON object with a \"pairs\" list of objects, one "
                                 f"per pair.json row (as `videotuna pairs` writes it), got {got}")
+            elif manifest is not None and len(rows) != len(pairs):
+                problems.append(f"{d}/manifest.json: {len(rows)} pair weights for {len(pairs)} rows of pair.json")
             elif manifest is not None:
-                manifest_weights = [p.get("weight") for p in rows]
-                if len(manifest_weights) != len(pairs):
-                    problems.append(f"{d}/manifest.json: {len(manifest_weights)} pair weights for {len(pairs)} rows of pair.json")
-                    manifest_weights = None
+                if use_manifest:
+                    manifest_weights = [p.get("weight") for p in rows]
+                human = [p.get("origin") in HUMAN_ORIGINS for p in rows]
         paths: list[Path | None] = []
         seen_clips: dict[str, int] = {}
         for i, item in enumerate(metadata):
@@ -218,6 +223,8 @@ def load_pairs(
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 problems.append(f"{where}: weight {weight!r} is not a finite non-negative number")
                 continue
+            if human[row]:
+                weight *= human_weight
             if caption:
                 records.append(PairRecord(str(d), row, str(winner), str(loser), caption,
                                           None if score is None else float(score), float(weight)))

@@ -54,11 +54,15 @@ def pair_weights(scores_w, scores_l, all_scores, alpha, beta=0.72, bin_width=0.0
     return (beta / p) ** alpha
 
 
+ORIGINS = ("scorer", "human-confirmed", "human-flipped")  # who chose a pair's winner (manifest "origin")
+
+
 @dataclass
 class Pair:
     prompt: str
     winner: dict
     loser: dict
+    origin: str = "scorer"
 
     @property
     def gap(self) -> float:
@@ -100,6 +104,59 @@ def select_pairs(records: list[dict], strategy: str = "best-worst", min_gap: flo
             stats["prompts_without_pair"] += 1
         pairs.extend(found)
     return pairs, stats
+
+
+def apply_labels(pairs: list[Pair], records: list[dict], labels_path: str | Path,
+                 scores_path: str | Path) -> tuple[list[Pair], dict]:
+    """Apply a person's labels (``videotuna review``) to scorer-chosen pairs; returns the pairs left and a report.
+
+    keep: the pair stays, ``origin`` human-confirmed; flip: winner and loser swap, human-flipped; tie: the pair is
+    dropped; reject: the pair and every other pair of its broken video(s) are dropped. ``records`` are every
+    video of scores.jsonl: a label naming another video, or one whose file changed since it was labelled, is refused.
+    A label matches a pair by its two videos whichever order the scorer gave them now.
+    """
+    from videotuna_dpo.review.labels import check_identity, file_sha256, pair_key, read_labels
+
+    labels = read_labels(labels_path, "pairs")
+    check_identity(labels, {r["path"]: r["path"] for r in records}, str(scores_path))
+    by_pair = {pair_key(label): label for label in labels.labels}
+    broken = {}
+    for label in labels.labels:
+        for ref in label.broken_refs:
+            broken.setdefault(ref.path, label)
+    kept: list[Pair] = []
+    dropped: list[dict] = []
+    applied: set[int] = set()
+    for pair in pairs:
+        videos = (pair.winner["path"], pair.loser["path"])
+        label = by_pair.get(frozenset(videos))
+        bad = [path for path in videos if path in broken]
+        row = {"winner": videos[0], "loser": videos[1], "prompt": pair.prompt}
+        if bad:
+            applied.add(broken[bad[0]].index)
+            dropped.append({**row, "reason": f"reject: {bad[0]} is broken (labels[{broken[bad[0]].index}])"})
+            continue
+        if label is None:
+            kept.append(pair)
+            continue
+        applied.add(label.index)
+        if label.label == "tie":
+            dropped.append({**row, "reason": f"tie (labels[{label.index}])"})
+        elif label.preferred.path == pair.winner["path"]:
+            kept.append(Pair(pair.prompt, pair.winner, pair.loser, "human-confirmed"))
+        else:
+            kept.append(Pair(pair.prompt, pair.loser, pair.winner, "human-flipped"))
+    report = {
+        "file": str(Path(labels_path).resolve()), "sha256": file_sha256(labels_path), "labels": len(labels.labels),
+        "confirmed": sum(p.origin == "human-confirmed" for p in kept),
+        "flipped": sum(p.origin == "human-flipped" for p in kept),
+        "dropped_tie": sum(d["reason"].startswith("tie") for d in dropped),
+        "dropped_reject": sum(d["reason"].startswith("reject") for d in dropped),
+        "rejected_videos": sorted(broken),
+        "not_applied": [i for i in range(len(labels.labels)) if i not in applied],
+        "dropped_pairs": dropped,
+    }
+    return kept, report
 
 
 def read_scored(scores_path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -185,8 +242,11 @@ def build_pairs_dataset(
     bin_width: float = 0.01,
     mode: str = "sqrt",
     plots: bool = True,
+    labels: str | Path | None = None,
 ) -> dict[str, Any]:
     """Pair, weight and write a dataset; returns a summary (counts, weight range, paths).
+
+    ``labels``: a labels.json of ``videotuna review`` to apply to the scorer's pairs (:func:`apply_labels`).
 
     Everything is checked first and the dataset is built next to ``out``, then swapped in: ``out`` ends up
     the new dataset or, on any failure, stays the old one.
@@ -200,6 +260,11 @@ def build_pairs_dataset(
     pairs, stats = select_pairs(ok, strategy, min_gap)
     if not pairs:
         raise UserError(f"{scores_path}: no pairs (every prompt's samples tie or differ by <= {min_gap})")
+    label_report = None
+    if labels is not None:
+        pairs, label_report = apply_labels(pairs, ok + failed, labels, scores_path)
+        if not pairs:
+            raise UserError(f"--labels {labels}: every pair of {scores_path} is dropped by a tie or a reject")
     all_scores = [r["omniscore"] for r in ok]
     s_w = [p.winner["omniscore"] for p in pairs]
     s_l = [p.loser["omniscore"] for p in pairs]
@@ -238,9 +303,10 @@ def build_pairs_dataset(
                         "formula": "weight = (beta / p) ** alpha, p = " + ("sqrt(p_w * p_l)" if mode == "sqrt" else "p_w * p_l")},
         "videos": videos,
         "pairs": [{"winner": row["winner"], "loser": row["loser"], "prompt": p.prompt, "gap": p.gap,
-                   "probability": float(prob), "weight": float(w)}
+                   "probability": float(prob), "weight": float(w), "origin": p.origin}
                   for row, p, prob, w in zip(rows, pairs, probability, weights)],
         "failed_videos": [{"path": r["path"], "reason": r.get("reason", "")} for r in failed],
+        "labels": label_report,
     }
     summary = {
         "train_data": str(out / "train_data.yaml"), "official_train_data": str(final / OFFICIAL_TRAIN_DATA),
@@ -248,6 +314,8 @@ def build_pairs_dataset(
         "short_clips": sum(c["duration"] < OFFICIAL_CLIP_LENGTH for c in clips),
         "weight_min": float(weights.min()), "weight_max": float(weights.max()), "weight_mean": float(weights.mean()),
     }
+    if label_report is not None:
+        summary["labels"] = {k: v for k, v in label_report.items() if k != "dropped_pairs"}
     with atomic_directory(out) as tmp:
         write_official_layout(tmp / meta_dir.name, clips, rows, manifest, final_meta_dir=meta_dir)
         if plots:
