@@ -43,3 +43,34 @@ def write_official_dataset(root: Path, captions: list[str], frames: int = 9, siz
     path = root / "train_data.yaml"
     path.write_text(yaml.safe_dump({"META": meta_names}))
     return path
+
+
+# The review tests' toy dataset: per caption 3 samples of the toy world (a clean render and two flawed takes).
+REVIEW_TAKES = ((None, 0.90), ("static", 0.70), ("flicker", 0.55))
+
+
+def write_toy_scores(root: Path, captions: list[str], frames: int = 16, takes=REVIEW_TAKES) -> Path:
+    """Toy-world videos under ``root/samples`` and the scores.jsonl `videotuna score` would write for them.
+
+    Caption i's take k has OmniScore ``base - 0.01 * i`` (distinct bins); the dimensions follow the flaw:
+    ``static`` has no dynamic degree, ``flicker`` a low temporal flickering score.
+    """
+    from videotuna_dpo.toy.world import parse_caption, render
+
+    lines = []
+    for i, caption in enumerate(captions):
+        for k, (flaw, base) in enumerate(takes):
+            video = root / "samples" / f"p{i}_s{k}.mp4"
+            write_video(video, render(parse_caption(caption), frames=frames, flaw=flaw, seed=i), fps=8)
+            omni = round(base - 0.01 * i, 4)
+            normalized = {"temporal_flickering": 0.4 if flaw == "flicker" else 0.95,
+                          "dynamic_degree": 0.0 if flaw == "static" else 1.0,
+                          "motion_smoothness": round(0.9 - 0.05 * k, 4), "toy_alignment": round(omni, 4)}
+            lines.append(json.dumps({
+                "path": str(video.resolve()), "status": "ok", "prompt": caption, "omniscore": omni,
+                "quality": round(omni + 0.01, 4), "semantic": round(omni - 0.01, 4), "normalized": normalized,
+                "raw": {k2: v for k2, v in normalized.items()}, "frames": frames, "fps": 8.0,
+                "meta": {"prompt_id": f"p{i}", "sample": k, "seed": 100 * i + k}}))
+    scores = root / "scores.jsonl"
+    scores.write_text("\n".join(lines) + "\n")
+    return scores

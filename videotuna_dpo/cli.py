@@ -15,12 +15,14 @@ from videotuna_dpo.errors import UserError
 from videotuna_dpo.pipeline import evaluate as evaluate_parser
 from videotuna_dpo.pipeline import score as score_parser
 from videotuna_dpo.registry import Registry
+from videotuna_dpo.review import command as review_parser
 
 EPILOG = """\
 the loop:
   videotuna generate  prompts -> N videos per prompt
   videotuna score     videos -> scores.jsonl (OmniScore)
   videotuna pairs     scores.jsonl -> preference dataset (best vs worst, re-weighted)
+  videotuna review    look at the pairs, label them by hand (pairs --labels applies the labels)
   videotuna cache     preference dataset -> latent shards
   videotuna train     --strategy dpo: fine-tune on the preference dataset
   videotuna plugins   what is installed: strategies, scorers, datamodules, models
@@ -197,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels.json of `videotuna review`: keep confirms a pair, flip swaps winner and loser, tie "
                    "drops it, reject drops every pair of the broken video")
     p.set_defaults(func=_cmd_pairs)
+
+    review_parser.add_parser(sub)
 
     p = sub.add_parser(
         "cache",
