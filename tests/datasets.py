@@ -74,3 +74,33 @@ def write_toy_scores(root: Path, captions: list[str], frames: int = 16, takes=RE
     scores = root / "scores.jsonl"
     scores.write_text("\n".join(lines) + "\n")
     return scores
+
+
+def write_toy_eval_report(report: Path, captions: list[str], frames: int = 16) -> Path:
+    """An eval report laid out as `videotuna eval` writes it (samples/, scores/, report.json) for toy videos.
+
+    Per caption one seed: the base sample flickers, the tuned one (run ``run``) is clean, except caption 1's,
+    where the tuned sample is static and scores lower than the base.
+    """
+    from videotuna_dpo.pipeline.evaluate import compare_scores
+    from videotuna_dpo.pipeline.report import write_report
+    from videotuna_dpo.toy.world import parse_caption, render
+
+    files = {}
+    for label in ("base", "run"):
+        lines = []
+        for i, caption in enumerate(captions):
+            flaw = "flicker" if label == "base" else ("static" if i == 1 else None)
+            omni = {"flicker": 0.6, "static": 0.5, None: 0.8}[flaw] - 0.01 * i
+            video = report / "samples" / label / f"p{i}_s0.mp4"
+            write_video(video, render(parse_caption(caption), frames=frames, flaw=flaw, seed=i), fps=8)
+            normalized = {"temporal_flickering": 0.4 if flaw == "flicker" else 0.95,
+                          "dynamic_degree": 0.0 if flaw == "static" else 1.0}
+            lines.append(json.dumps({"path": str(video.resolve()), "status": "ok", "prompt": caption, "omniscore": omni,
+                                     "quality": omni, "semantic": omni, "normalized": normalized, "raw": normalized,
+                                     "frames": frames, "meta": {"prompt_id": f"p{i}", "sample": 0, "seed": 1000 + i}}))
+        files[label] = report / "scores" / f"{label}.jsonl"
+        files[label].parent.mkdir(parents=True, exist_ok=True)
+        files[label].write_text("\n".join(lines) + "\n")
+    write_report(report, {"tables": {"run": compare_scores(files["base"], files["run"])}, "settings": {"seed": 1000}})
+    return report
