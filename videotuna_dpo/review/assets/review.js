@@ -365,8 +365,9 @@
   }
   $('play').addEventListener('click', toggle);
   $('scrub').addEventListener('input', () => {
+    const at = Number($('scrub').value) / 1000 * (master().duration || 0); // read before pause() redraws it
     pause();
-    seek(Number($('scrub').value) / 1000 * (master().duration || 0));
+    seek(at);
   });
   $('speed').addEventListener('change', () => { A.playbackRate = B.playbackRate = Number($('speed').value); });
 
