@@ -24,7 +24,7 @@ $(TEST_EXTRAS): $(STAMP)
 	touch $(TEST_EXTRAS)
 
 test: $(STAMP) $(TEST_EXTRAS)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -rs -p no:cacheprovider tests
 
 demo: $(STAMP)
 	$(VENV)/bin/videotuna demo --out demo_out

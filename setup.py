@@ -32,7 +32,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # playwright drives the system's Chromium in the review page's browser test (it never downloads a browser)
+        "test": ["pytest>=7", "playwright>=1.40"],
         "gpu": ["xformers"],
         "musiq": ["pyiqa"],
     },

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tests.datasets import write_toy_scores
+from tests.datasets import write_toy_eval_report, write_toy_scores
 from videotuna_dpo.cli import main
 from videotuna_dpo.pipeline.pairs import build_pairs_dataset
 from videotuna_dpo.review.page import write_page
@@ -184,3 +184,24 @@ def test_the_served_page_writes_every_label_to_labels_json(browser, dataset, cap
         server.shutdown()
         server.server_close()
     _check_applied(tmp_path, scores, out / "labels.json", capsys)
+
+
+def test_an_eval_report_page_gives_the_human_win_rate_next_to_the_scorers(browser, tmp_path):
+    report = write_toy_eval_report(tmp_path / "report", CAPTIONS)
+    write_page(report, tmp_path / "review")
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto((tmp_path / "review" / "index.html").as_uri())
+    page.wait_for_function("document.getElementById('video-b').currentTime > 0", timeout=15000)
+    assert page.text_content("#role-a").startswith("base") and page.text_content("#role-b").startswith("tuned (run)")
+    # pair 0: tuned better (the scorer agrees), pair 1: tuned better (the scorer preferred the base), pair 2: tie
+    page.keyboard.press("2")
+    page.click("#label-buttons button[data-label=tuned]")
+    page.keyboard.press("3")
+    assert [e["label"] for e in page.evaluate("window.videotunaReview.labels()")] == ["tuned", "tuned", "tie"]
+    page.keyboard.press("o")
+    cells = page.eval_on_selector_all("#win-rates tr:nth-child(2) td", "(cells) => cells.map((c) => c.textContent)")
+    # people: (1 + 1 + 0.5) / 3; the scorer on the same pairs: (1 + 0 + 1) / 3, and on all pairs of the report 2 / 3
+    assert cells == ["run", "3", "83%", "67%", "67%"]
+    assert "the scorer picked the same in 1 and the other in 1 (50% overruled)" in page.text_content("#agreement")
+    context.close()
