@@ -49,9 +49,10 @@ def write_official_dataset(root: Path, captions: list[str], frames: int = 9, siz
 REVIEW_TAKES = ((None, 0.90), ("static", 0.70), ("flicker", 0.55))
 
 
-def write_toy_scores(root: Path, captions: list[str], frames: int = 16, takes=REVIEW_TAKES) -> Path:
+def write_toy_scores(root: Path, captions: list[str], frames: int = 16, takes=REVIEW_TAKES, lossless: bool = False) -> Path:
     """Toy-world videos under ``root/samples`` and the scores.jsonl `videotuna score` would write for them.
 
+    ``lossless``: RGB H.264 as the demo writes it (browsers need a preview of it), else yuv420p.
     Caption i's take k has OmniScore ``base - 0.01 * i`` (distinct bins); the dimensions follow the flaw:
     ``static`` has no dynamic degree, ``flicker`` a low temporal flickering score.
     """
@@ -61,7 +62,7 @@ def write_toy_scores(root: Path, captions: list[str], frames: int = 16, takes=RE
     for i, caption in enumerate(captions):
         for k, (flaw, base) in enumerate(takes):
             video = root / "samples" / f"p{i}_s{k}.mp4"
-            write_video(video, render(parse_caption(caption), frames=frames, flaw=flaw, seed=i), fps=8)
+            write_video(video, render(parse_caption(caption), frames=frames, flaw=flaw, seed=i), fps=8, lossless=lossless)
             omni = round(base - 0.01 * i, 4)
             normalized = {"temporal_flickering": 0.4 if flaw == "flicker" else 0.95,
                           "dynamic_degree": 0.0 if flaw == "static" else 1.0,

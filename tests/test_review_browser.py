@@ -1,6 +1,7 @@
 """The review page in a real browser (Debian's headless Chromium driven by Playwright): play a pair, label pairs
 by keys and clicks, reload, export; --serve writes labels.json; `pairs --labels` applies what was labelled."""
 
+import hashlib
 import json
 import shutil
 import threading
@@ -33,8 +34,10 @@ def browser():
 
 @pytest.fixture
 def dataset(tmp_path):
-    """3 captions x 3 toy samples, every pair above the gap: rows 0-2 are caption 0's, rows 3-5 caption 1's."""
-    scores = write_toy_scores(tmp_path, CAPTIONS)
+    """3 captions x 3 toy samples, every pair above the gap: rows 0-2 are caption 0's, rows 3-5 caption 1's.
+
+    The videos are lossless RGB H.264, as the demo writes them: the page plays their previews."""
+    scores = write_toy_scores(tmp_path, CAPTIONS, lossless=True)
     build_pairs_dataset(scores, tmp_path / "ds", strategy="all-gap", plots=False)
     return tmp_path, scores
 
@@ -93,7 +96,9 @@ def test_the_page_plays_both_videos_in_sync_and_keeps_labels_over_a_reload(brows
     page.wait_for_function("""() => ['video-a', 'video-b'].every((id) => {
         const v = document.getElementById(id); return !v.paused && v.currentTime > 0.3; })""", timeout=15000)
     a, b = _videos(page)
-    assert a["src"].endswith("/samples/p0_s0.mp4") and b["src"].endswith("/samples/p0_s1.mp4")
+    for video, name in ((a, "p0_s0.mp4"), (b, "p0_s1.mp4")):
+        sha = hashlib.sha256((tmp_path / "samples" / name).read_bytes()).hexdigest()
+        assert video["src"] == (tmp_path / "review" / "videos" / f"{sha[:24]}.mp4").as_uri()
     assert a["duration"] == pytest.approx(2.0, abs=0.01) and b["duration"] == pytest.approx(2.0, abs=0.01)
     page.keyboard.press(" ")
     a, b = _videos(page)
@@ -165,6 +170,14 @@ def test_the_served_page_writes_every_label_to_labels_json(browser, dataset, cap
         page.goto(server.url)
         page.wait_for_function("document.getElementById('video-a').currentTime > 0", timeout=15000)
         assert _videos(page)[0]["src"] == server.url + "video/0"
+        # the page shows the video's true colours: the toy world's background is (24, 24, 32)
+        page.keyboard.press(" ")
+        corner = page.evaluate("""() => {
+            const v = document.getElementById('video-a'), c = document.createElement('canvas');
+            c.width = v.videoWidth; c.height = v.videoHeight;
+            const g = c.getContext('2d'); g.drawImage(v, 0, 0);
+            return Array.from(g.getImageData(4, 4, 1, 1).data.slice(0, 3)); }""")
+        assert max(abs(x - y) for x, y in zip(corner, (24, 24, 32))) <= 6, corner
         _label_four_pairs(page)
         page.evaluate("window.videotunaReview.idle()")
         written = json.loads((out / "labels.json").read_text())

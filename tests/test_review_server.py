@@ -70,6 +70,31 @@ def test_the_page_loads_nothing_from_a_network(dataset, tmp_path):
     assert '<script src="review-data.js"></script>' in html and '<script src="review.js"></script>' in html
 
 
+def test_videos_a_browser_shows_wrongly_get_a_true_colour_preview_and_labels_name_the_originals(tmp_path, monkeypatch):
+    from videotuna_dpo.data.video_io import read_video
+    from videotuna_dpo.review.page import preview_reason
+
+    scores = write_toy_scores(tmp_path, CAPTIONS[:1], lossless=True)  # libx264rgb, as the demo writes its samples
+    build_pairs_dataset(scores, tmp_path / "ds", plots=False)
+    original = tmp_path / "samples" / "p0_s0.mp4"
+    assert preview_reason(original) == "pixel format gbrp"
+    page = write_page(tmp_path / "ds", tmp_path / "review")
+    assert (page["previews"], page["reasons"]) == (2, ["pixel format gbrp"])
+    video = page["data"]["videos"][0]
+    assert (video["path"], video["sha256"]) == (str(original), _sha(original))  # labels name the original
+    preview = tmp_path / "review" / video["src"]
+    assert video["src"] == f"videos/{_sha(original)[:24]}.mp4" and preview_reason(preview) is None
+    shown, source = read_video(preview).float(), read_video(original).float()
+    assert shown.shape == (16, 3, 256, 256)  # 32 px enlarged 8 times, whole pixels
+    assert (shown[:, :, 4::8, 4::8] - source).abs().mean() < 2.0  # each pixel's colour, up to H.264's rounding
+    assert (shown[:, :, 4::8, 4::8] - source).abs().max() < 40
+    encoded = preview.read_bytes()
+    monkeypatch.setattr("videotuna_dpo.review.page.write_preview", lambda *args: pytest.fail("encoded again"))
+    assert write_page(tmp_path / "ds", tmp_path / "review")["previews"] == 2  # the last page's previews are reused
+    assert preview.read_bytes() == encoded
+    assert preview_reason(tmp_path / "review" / "index.html") is None  # not a video: nothing to re-encode
+
+
 def test_an_eval_report_gives_base_and_tuned_pairs_with_the_scorers_win_rate(tmp_path):
     report = write_toy_eval_report(tmp_path / "report", ["a red square moving right", "a blue circle moving up",
                                                          "a green square moving left"])

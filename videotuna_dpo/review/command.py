@@ -28,6 +28,9 @@ def _cmd_review(args: argparse.Namespace) -> int:
     page = write_page(args.data, out)
     what = "pairs" if page["kind"] == "pairs" else "base/tuned pairs"
     print(f"review page of {page['pairs']} {what} ({page['videos']} videos): {page['html']}")
+    if page["previews"]:
+        print(f"{page['previews']} video(s) re-encoded for the browser under {out / 'videos'} "
+              f"({', '.join(page['reasons'])}: browsers do not show it as it is); labels still name the originals")
     if not args.serve:
         print("open it in a browser; labels are kept in that browser: its Export button writes labels.json "
               "(or run with --serve to have every label written to disk)")

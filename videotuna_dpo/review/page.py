@@ -25,9 +25,14 @@ from videotuna_dpo.review.labels import LABELS, ROLES, HashCache
 from videotuna_dpo.user_files import read_json
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-PAGE_ENTRIES = ("plots", "review.css", "review.js", "review-data.js", "index.html")  # the page last: it names the others
+PAGE_ENTRIES = ("plots", "videos", "review.css", "review.js", "review-data.js", "index.html")  # the page last
 DATA_FILE = "review-data.js"
 GROUPS = ("omniscore", "quality", "semantic")
+# What every browser shows as it is: other videos get a preview (lossless RGB H.264, which the demo writes, plays in
+# Chromium in wrong colours: its planes are taken for YUV).
+BROWSER_CODECS = ("h264", "vp8", "vp9", "av1")
+BROWSER_PIXEL_FORMATS = ("yuv420p", "yuvj420p")
+PREVIEW_SIDE = 256  # small videos are enlarged (whole pixels, an even factor) so 4:2:0 chroma keeps every pixel's colour
 
 
 def _values(record: Mapping[str, Any]) -> dict[str, float]:
@@ -197,6 +202,60 @@ def _plots(stage: Path, source: Mapping[str, Any]) -> list[dict[str, str]]:
     return [{"title": title, "src": os.path.relpath(png, stage)} for title, png in drawn]
 
 
+def preview_reason(path: str | Path) -> str | None:
+    """Why a browser would not show ``path`` as it is (codec, pixel format), or None. An unreadable file gets no
+    preview: the page shows that it cannot play it, and a person can reject it."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None
+            ctx = container.streams.video[0].codec_context
+            codec, pixels = ctx.name, ctx.pix_fmt
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+    if codec not in BROWSER_CODECS:
+        return f"codec {codec}"
+    if pixels not in BROWSER_PIXEL_FORMATS:
+        return f"pixel format {pixels}"
+    return None
+
+
+def write_preview(source: str | Path, target: Path) -> Path:
+    """H.264 yuv420p of ``source`` for the page: same frames and rate, small videos enlarged by whole pixels."""
+    import torch
+
+    from videotuna_dpo.data.video_io import read_video_and_fps, write_video
+
+    frames, fps = read_video_and_fps(source)  # uint8 [F, C, H, W]
+    factor = max(1, math.ceil(PREVIEW_SIDE / min(frames.shape[-2:])))
+    if factor > 1:
+        factor += factor % 2
+        frames = torch.repeat_interleave(torch.repeat_interleave(frames, factor, dim=2), factor, dim=3)
+    return write_video(target, frames, fps=max(1, round(fps or 8)))
+
+
+def _previews(stage: Path, out: Path, source: Mapping[str, Any]) -> int:
+    """Write the previews the videos need under ``stage/videos`` (reusing those of the page already in ``out``);
+    sets each video's ``media``, the file the page plays. Returns how many videos have one."""
+    count = 0
+    for v in source["videos"]:
+        v["media"] = v["file"]
+        reason = preview_reason(v["file"])
+        if reason is None:
+            continue
+        name = Path("videos") / f"{v['sha256'][:24]}.mp4"
+        if (out / name).is_file():  # named by the content it shows: still right
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / name, stage / name)
+        else:
+            write_preview(v["file"], stage / name)
+        v["media"], v["preview"] = str(out / name), reason
+        count += 1
+    return count
+
+
 def _url(file: str, out: Path) -> str:
     """A relative URL from the page to a video file (the page opened from disk)."""
     rel = os.path.relpath(os.path.realpath(file), os.path.realpath(out))
@@ -210,7 +269,7 @@ def page_data(source: Mapping[str, Any], out: Path, plots: list[dict[str, str]])
     return {
         "kind": kind, "title": source["title"], "dataset": str(root), "storage": f"videotuna-review:{identity}",
         "roles": list(ROLES[kind]), "labels": list(LABELS[kind]), "dimensions": _dimensions(source["videos"]),
-        "videos": [{"path": v["path"], "sha256": v["sha256"], "src": _url(v["file"], out), "prompt": v["prompt"],
+        "videos": [{"path": v["path"], "sha256": v["sha256"], "src": _url(v["media"], out), "prompt": v["prompt"],
                     "seed": v["seed"], "values": v["values"]} for v in source["videos"]],
         "pairs": source["pairs"], "plots": plots, "runs": source["runs"],
     }
@@ -234,13 +293,15 @@ def _check_out(out: Path, source: Mapping[str, Any]) -> None:
 def write_page(data: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the review page of ``data`` (a preference dataset or an eval report) under ``out``.
 
-    Returns ``{"html": index.html, "kind", "pairs", "videos", "data": the page data}``. Files are rendered aside
-    and renamed into place; a labels.json already in ``out`` is left alone.
+    Returns ``{"html": index.html, "kind", "pairs", "videos", "previews", "data": the page data, "files": each
+    video's file, "media": the file the page plays for it}``. Files are rendered aside and renamed into place; a
+    labels.json already in ``out`` is left alone.
     """
     out = Path(out)
     source = load_source(data)
     _check_out(out, source)
     with atomic_entries(out, PAGE_ENTRIES) as stage:
+        previews = _previews(stage, out, source)
         plots = _plots(stage, source)
         for name in ("review.css", "review.js"):
             shutil.copyfile(ASSETS / name, stage / name)
@@ -248,4 +309,6 @@ def write_page(data: str | Path, out: str | Path) -> dict[str, Any]:
         write_text_atomic(stage / DATA_FILE, "window.REVIEW = " + json.dumps(review, allow_nan=False) + ";\n")
         write_text_atomic(stage / "index.html", _index_html(source["title"]))
     return {"html": str(out / "index.html"), "kind": source["kind"], "pairs": len(source["pairs"]),
-            "videos": len(source["videos"]), "data": review, "files": [v["file"] for v in source["videos"]]}
+            "videos": len(source["videos"]), "previews": previews, "data": review,
+            "reasons": sorted({v["preview"] for v in source["videos"] if "preview" in v}),
+            "files": [v["file"] for v in source["videos"]], "media": [v["media"] for v in source["videos"]]}

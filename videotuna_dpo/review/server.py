@@ -87,7 +87,7 @@ class ReviewServer(ThreadingHTTPServer):
                                                                               "review-data.js")}
         self.routes["/"] = out / "index.html"
         self.routes.update({f"/{p['src']}": out / p["src"] for p in data["plots"]})
-        self.videos = [Path(f) for f in page["files"]]
+        self.videos = [Path(f) for f in page["media"]]  # a video's browser preview where it has one
         self.store = LabelStore(labels_path, data["kind"], data["dataset"], data["videos"], page["files"])
         try:
             super().__init__((HOST, port), ReviewHandler)
