@@ -244,10 +244,10 @@
     return x.toFixed(digits === undefined ? 4 : digits);
   }
 
-  function badge(e) {
+  function badge(e, short) {
     if (!e) return '';
-    const text = e.label === 'reject' ? 'reject ' + e.broken.join('+') : e.label;
-    return '<span class="badge ' + e.label + '">' + text + '</span>';
+    const full = e.label === 'reject' ? 'reject ' + e.broken.join(' + ') : e.label;
+    return '<span class="badge ' + e.label + '" title="' + full + '">' + (short ? e.label : full) + '</span>';
   }
 
   function escapeHtml(s) {
@@ -271,7 +271,7 @@
       row.setAttribute('role', 'option');
       row.innerHTML = '<span class="num">#' + (p.row + 1) + '</span><span class="prompt" title="' +
         escapeHtml(p.prompt) + '">' + escapeHtml(p.prompt) + '</span><span class="gap">' + fmt(p.gap, 3) +
-        '</span><span>' + badge(labels.get(pairKey(p))) + '</span>';
+        '</span><span>' + badge(labels.get(pairKey(p)), true) + '</span>';
       frag.appendChild(row);
     }
     list.appendChild(frag);
@@ -548,11 +548,14 @@
         '</td><td>' + pct(rate(hiFlip, hi)) + ' <span class="small">of ' + hi + '</span></td><td>' + pct(rate(loFlip, lo)) +
         ' <span class="small">of ' + lo + '</span></td></tr>';
     }
-    return '<h2>Which dimension agrees with people</h2><p class="note">Over the pairs a person decided. A dimension ' +
-      'people agree with less than half the time misleads the scorer; a high overrule rate where the scorer\u2019s pick ' +
-      'is higher on a dimension says that dimension pulled the scorer the wrong way.</p><table id="dimension-agreement">' +
-      '<tr><th>dimension</th><th>pairs</th><th>person picks the video higher on it</th>' +
-      '<th>overruled when the scorer\u2019s pick is higher on it</th><th>overruled when it is lower</th></tr>' +
+    return '<h2>Which dimension agrees with people</h2><p class="note">Over the pairs a person decided: how often they ' +
+      'picked the video higher on a dimension, and how often they overruled the scorer where its pick is higher or lower ' +
+      'on it. A dimension people agree with less than half the time misleads the scorer.</p>' +
+      '<table id="dimension-agreement">' +
+      '<tr><th>dimension</th><th>pairs</th><th title="how often the person chose the video that is higher on this ' +
+      'dimension">person picks the higher</th><th title="overrule rate where the scorer\u2019s pick is higher on this ' +
+      'dimension">overruled: pick higher</th><th title="overrule rate where the scorer\u2019s pick is lower on this ' +
+      'dimension">overruled: pick lower</th></tr>' +
       rows + '</table>';
   }
 
@@ -580,7 +583,7 @@
 
   function renderPlots() {
     $('plots').innerHTML = R.plots.map((p) => '<figure><img loading="lazy" src="' + escapeHtml(p.src) + '" alt="' +
-      escapeHtml(p.title) + '"><figcaption>' + escapeHtml(p.title) + '</figcaption></figure>').join('') ||
+      escapeHtml(p.title) + '" title="' + escapeHtml(p.title) + '"></figure>').join('') ||
       '<p class="note">no plots</p>';
   }
 
@@ -650,7 +653,7 @@
   for (const id of ['filter-state', 'filter-field', 'sort-field']) $(id).addEventListener('change', refilter);
   $('sort-dir').addEventListener('click', () => {
     descending = !descending;
-    $('sort-dir').innerHTML = descending ? '&darr; descending' : '&uarr; ascending';
+    $('sort-dir').innerHTML = descending ? '&darr; desc' : '&uarr; asc';
     refilter();
   });
   // A clicked button or box keeps no focus: space and the digits stay the page's keys.
