@@ -119,6 +119,8 @@ def test_bad_data_and_out_dirs_are_refused(dataset, tmp_path, capsys):
         write_page(dataset / "ds", tmp_path / "other")
     assert main(["review", "--data", str(dataset / "ds"), "--out", str(tmp_path / "r"), "--port", "9"]) == 2
     assert "videotuna: error: --port is for --serve" in capsys.readouterr().err
+    assert main(["review", "--data", str(dataset / "ds"), "--out", str(tmp_path / "r"), "--serve", "--port", "70000"]) == 2
+    assert "videotuna: error: --port 70000: a port is 0..65535 (0: any free one)" in capsys.readouterr().err
 
 
 def test_a_missing_video_is_refused_naming_it(tmp_path):

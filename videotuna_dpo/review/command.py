@@ -24,6 +24,11 @@ def _cmd_review(args: argparse.Namespace) -> int:
 
     if args.port is not None and not args.serve:
         raise UserError("--port is for --serve; without it the page opens from disk")
+    if args.labels is not None and not args.serve:
+        raise UserError("--labels is for --serve; a page opened from disk keeps labels in the browser "
+                        "(its Import button reads a labels.json)")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: a port is 0..65535 (0: any free one)")
     out = Path(args.out)
     page = write_page(args.data, out)
     what = "pairs" if page["kind"] == "pairs" else "base/tuned pairs"
