@@ -202,3 +202,14 @@ def test_every_pair_dropped_is_refused(tmp_path):
     labels = _labels(tmp_path, [("a_1", "a_2", "tie"), ("b_3", "b_4", "tie"), ("c_5", "c_6", "tie"),
                                 ("e_10", "e_11", "reject", ["winner", "loser"]), ("d_7", "d_9", "reject", ["winner", "loser"])])
     _refused(tmp_path, labels, re.escape(f"--labels {labels}: every pair of {tmp_path / 'scores.jsonl'} is dropped"))
+
+
+def test_a_reject_wins_over_another_label_of_a_pair_of_the_broken_video(tmp_path):
+    _scores(tmp_path)
+    labels = _labels(tmp_path, [("d_9", "d_7", "reject", ["winner"]), ("d_9", "d_8", "keep")])
+    build_pairs_dataset(tmp_path / "scores.jsonl", tmp_path / "ds", strategy="all-gap", plots=False, labels=labels)
+    report = _manifest(tmp_path / "ds")["labels"]
+    assert (report["dropped_reject"], report["confirmed"], report["not_applied"]) == (2, 0, [])
+    assert _named(_manifest(tmp_path / "ds")) == [("a_2", "a_1", "scorer"), ("b_4", "b_3", "scorer"),
+                                                  ("c_6", "c_5", "scorer"), ("d_8", "d_7", "scorer"),
+                                                  ("e_11", "e_10", "scorer")]

@@ -132,8 +132,8 @@ def apply_labels(pairs: list[Pair], records: list[dict], labels_path: str | Path
         label = by_pair.get(frozenset(videos))
         bad = [path for path in videos if path in broken]
         row = {"winner": videos[0], "loser": videos[1], "prompt": pair.prompt}
-        if bad:
-            applied.add(broken[bad[0]].index)
+        if bad:  # a reject wins over any other label of the pair
+            applied.update([broken[bad[0]].index] + ([label.index] if label is not None else []))
             dropped.append({**row, "reason": f"reject: {bad[0]} is broken (labels[{broken[bad[0]].index}])"})
             continue
         if label is None:
