@@ -3,6 +3,7 @@ by keys and clicks, reload, export; --serve writes labels.json; `pairs --labels`
 
 import hashlib
 import json
+import re
 import shutil
 import threading
 
@@ -183,6 +184,7 @@ def test_the_served_page_writes_every_label_to_labels_json(browser, dataset, cap
         written = json.loads((out / "labels.json").read_text())
         assert [(e["winner"]["path"].rsplit("/", 1)[1], e["loser"]["path"].rsplit("/", 1)[1], e["label"],
                  e.get("broken")) for e in written["labels"]] == EXPECTED
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in written["labels"])
         assert "saved to " + str(out / "labels.json") in page.text_content("#save-state")
         # a fresh browser (no local storage) gets the labels from the server
         context.close()

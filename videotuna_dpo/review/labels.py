@@ -57,6 +57,7 @@ class Label:
     refs: tuple[VideoRef, VideoRef]
     broken: tuple[str, ...] = ()  # roles of the broken videos of a reject
     prompt: str = ""
+    time: str = ""  # when it was made (ISO 8601, from the page), for the person reading the file
 
     @property
     def roles(self) -> tuple[str, str]:
@@ -77,6 +78,8 @@ class Label:
         entry.update(prompt=self.prompt, label=self.label)
         if self.broken:
             entry["broken"] = list(self.broken)
+        if self.time:
+            entry["time"] = self.time
         return entry
 
 
@@ -117,10 +120,11 @@ def parse_entry(entry: Any, kind: str, where: str, index: int = 0) -> Label:
                             f"{' and/or '.join(repr(r) for r in roles)}, got {broken!r}")
     elif broken:
         raise UserError(f"{where}.broken: only a reject names broken videos, this label is {label!r}")
-    prompt = entry.get("prompt", "")
-    if not isinstance(prompt, str):
-        raise UserError(f"{where}.prompt: expected a string, got {prompt!r}")
-    return Label(index, kind, label, (refs[0], refs[1]), tuple(b for b in roles if b in broken), prompt)
+    prompt, time = entry.get("prompt", ""), entry.get("time", "")
+    for key, value in (("prompt", prompt), ("time", time)):
+        if not isinstance(value, str):
+            raise UserError(f"{where}.{key}: expected a string, got {value!r}")
+    return Label(index, kind, label, (refs[0], refs[1]), tuple(b for b in roles if b in broken), prompt, time)
 
 
 def pair_key(label: Label) -> frozenset[str]:
