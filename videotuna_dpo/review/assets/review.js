@@ -436,7 +436,7 @@
       facts.push('gap ' + fmt(p.gap), 'probability ' + fmt(p.probability, 5), 'weight ' + fmt(p.weight, 3),
         p.origin === 'scorer' ? 'chosen by the scorer' : p.origin);
     } else {
-      facts.push('run ' + p.run, 'seed ' + p.seed, 'OmniScore tuned \u2212 base ' + fmt(p.gap));
+      facts.push('tuned: ' + p.run, 'seed ' + p.seed, 'OmniScore tuned \u2212 base ' + fmt(p.gap));
     }
     $('pair-meta').innerHTML = escapeHtml(facts.join(' \u00b7 ')) + (e ? ' \u00b7 label ' + badge(e) : ' \u00b7 unlabelled');
     for (const [cap, i, v] of [[$('role-a'), 0, p.a], [$('role-b'), 1, p.b]]) {
