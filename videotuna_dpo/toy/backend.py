@@ -44,12 +44,13 @@ class ToySchema:
     load_text_and_vae: bool = True  # accepted for the cache path; the toy model has no VAE
 
 
-def resolve_pretrained(pretrained: str) -> Path:
-    root = BUILTIN if pretrained == "builtin" else Path(pretrained)
+def resolve_pretrained(pretrained: str, builtin: Path = BUILTIN, train_flags: str = "") -> Path:
+    """``builtin`` (the shipped checkpoint) or a directory in the toy layout; ``train_flags``: train_base's options."""
+    root = builtin if pretrained == "builtin" else Path(pretrained)
     missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
     if missing:
         raise UserError(f"model.pretrained={root}: not a toy checkpoint; missing {', '.join(missing)} "
-                        f"(build one with `python -m videotuna_dpo.toy.train_base --out DIR`)")
+                        f"(build one with `python -m videotuna_dpo.toy.train_base{train_flags} --out DIR`)")
     return root
 
 
@@ -76,15 +77,16 @@ class ToyBackend(DenoiserFinetuning, nn.Module):
 
     family = "toy"
     denoiser_attr = "unet"
+    schema: type = ToySchema
+    builtin = BUILTIN
+    train_flags = ""  # the train_base options that build this family's checkpoint
 
     def __init__(self, cfg: ToySchema | Any):
         super().__init__()
-        from diffusers import DDIMScheduler
-
         self.cfg = cfg
-        root = resolve_pretrained(cfg.pretrained)
+        root = resolve_pretrained(cfg.pretrained, self.builtin, self.train_flags)
         self.root = root
-        self.scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler")
+        self.scheduler = self._load_scheduler(root)
         self.unet = ToyVideoUNet.from_pretrained(root, subfolder="unet", torch_dtype=torch.float32)
         self.text_encoder = ToyTextEncoder.from_pretrained(root, subfolder="text_encoder", torch_dtype=torch.float32)
         self.text_encoder.requires_grad_(False).eval()
@@ -94,7 +96,24 @@ class ToyBackend(DenoiserFinetuning, nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: Any, source: str = "<config>") -> "ToyBackend":
-        return cls(validate(model_cfg, ToySchema, "model", source))
+        return cls(validate(model_cfg, cls.schema, "model", source))
+
+    @staticmethod
+    def scheduler_class() -> type:
+        """The diffusers scheduler the checkpoint's ``scheduler/`` holds; ``generate`` samples with it."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler
+
+    def _load_scheduler(self, root: Path) -> Any:
+        """The checkpoint's scheduler; one of another class (a ``toy`` checkpoint given to ``toy_flow``) is refused."""
+        cls = self.scheduler_class()
+        config = cls.load_config(root, subfolder="scheduler")
+        if config.get("_class_name") != cls.__name__:
+            raise UserError(f"model.pretrained={root}: its scheduler is {config.get('_class_name')}, but model.name="
+                            f"{self.family} samples with {cls.__name__}; set model.name to the backend it was trained "
+                            f"for (toy: DDIMScheduler, toy_flow: FlowMatchEulerDiscreteScheduler)")
+        return cls.from_config(config)
 
     def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel space: the video itself with zero spread."""
@@ -127,22 +146,23 @@ class ToyBackend(DenoiserFinetuning, nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[str], num_frames: int = 8, steps: int = 20, guidance: float = 3.0,
                  seed: int | list[int] = 0, height: int = 32, width: int = 32, negative_prompt: str | None = None) -> torch.Tensor:
-        """DDIM sampling with classifier-free guidance -> float ``[B, F, C, H, W]`` in [0, 1]."""
-        from diffusers import DDIMScheduler
+        """The checkpoint's sampler (DDIM; Euler for toy_flow) with classifier-free guidance.
 
+        Returns float ``[B, F, C, H, W]`` in [0, 1]; video i starts from the noise of ``seed[i]`` alone.
+        """
         device = next(self.unet.parameters()).device
         seeds = seed_list(seed, len(prompts))
         x = torch.stack([torch.randn(3, num_frames, height, width, generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(device)
         cond = self.encode_prompt(prompts)
         uncond = self.encode_prompt([negative_prompt or ""] * len(prompts))
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # a fresh one: schedulers keep a step index
         scheduler.set_timesteps(steps)
         was_training = self.unet.training
         self.unet.eval()
         try:
             for t in scheduler.timesteps:
-                tt = torch.full((len(prompts),), int(t), device=device, dtype=torch.long)
+                tt = t.expand(len(prompts)).to(device)  # DDIM: integer steps; flow matching: s * num_train_timesteps
                 if guidance == 1.0:
                     v = self.predict(x, tt, cond)
                 else:  # conditional and unconditional in one batch
