@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install example-plugin bench
+.PHONY: test demo demo-flow install example-plugin bench
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP) $(TEST_EXTRAS)
 
 demo: $(STAMP)
 	$(VENV)/bin/videotuna demo --out demo_out
+
+# The same loop as Flow-DPO on the flow-matching toy (backend toy_flow), self-checking the same way.
+demo-flow: $(STAMP)
+	$(VENV)/bin/videotuna demo --flow --out demo_flow_out
 
 example-plugin: $(STAMP)
 	$(PIP) install --quiet --no-build-isolation -e hooks/example_scorer

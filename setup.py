@@ -9,7 +9,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["videotuna_dpo", "videotuna_dpo.*"]),
     include_package_data=True,
-    package_data={"videotuna_dpo": ["toy/*.yaml", "toy/base/*.json", "toy/base/*/*", "review/assets/*"]},
+    package_data={"videotuna_dpo": ["toy/*.yaml", "toy/base/*.json", "toy/base/*/*", "toy/flow_base/*.json",
+                                   "toy/flow_base/*/*", "review/assets/*"]},
     install_requires=[
         "torch>=2.6",
         "torchvision",

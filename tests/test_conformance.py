@@ -87,6 +87,9 @@ def _wan_videotuna_model(root: Path) -> dict:
 # name -> (registered backend, model block builder, frames, sampler steps, guidance, data/dpo extras)
 RECIPES = {
     "toy": ("toy", lambda root: {"name": "toy", "pretrained": "builtin", "finetune": "full"}, 8, 4, 3.0, {}),
+    # Flow-DPO with the default dpo config (beta on the velocity error): the first loss is log 2 all the same.
+    "toy_flow": ("toy_flow", lambda root: {"name": "toy_flow", "pretrained": "builtin", "finetune": "full"}, 8, 4, 3.0,
+                 {}),
     "cogvideox": ("cogvideox", lambda root: _cogvideox_model(root, False), 9, 2, 2.0, {}),
     "cogvideox_rope": ("cogvideox", lambda root: _cogvideox_model(root, True), 9, 2, 2.0, {}),
     # VC2 and T2V-Turbo as their shipped configs train: stride 4 (these 8-frame samples fall back to stride

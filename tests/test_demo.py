@@ -1,11 +1,15 @@
 """The embedded demo: the whole loop on the toy world, with fixed seeds, must improve the base."""
 
+import csv
 import json
+import math
 import statistics
 
 import pytest
+from omegaconf import OmegaConf
 
-from videotuna_dpo.pipeline.demo import run_demo
+from videotuna_dpo.errors import UserError
+from videotuna_dpo.pipeline.demo import FLOW_DEMO_CONFIG, run_demo, write_demo_config
 from videotuna_dpo.pipeline.evaluate import table_row
 
 
@@ -56,3 +60,44 @@ def test_the_loop_left_every_artifact(demo):
     assert (out / "cache" / "index.json").is_file()
     for png in ("omniscore_hist", "weight_hist"):
         assert (out / "pairs" / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# Flow-DPO (`videotuna demo --flow`): the full self-check takes minutes (README figures); here a short loop
+# (32 prompts, 20 steps, 8 sampler steps) through the same code path, its figures checked against its files.
+FLOW_SHORT = dict(flow=True, rounds=1, eval_samples=1, steps=20, overrides=["generate.steps=8"])
+
+
+@pytest.fixture(scope="module")
+def flow_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow_demo")
+    return out, run_demo(out, **FLOW_SHORT)
+
+
+def test_flow_demo_trains_toy_flow_from_log_2_with_its_beta_schedule(flow_demo):
+    out, summary = flow_demo
+    cfg = OmegaConf.load(out / "run" / "config.yaml")
+    assert cfg.model.name == "toy_flow" and summary["model"] == "toy_flow"
+    flow_dpo = OmegaConf.load(FLOW_DEMO_CONFIG).dpo  # what demo_flow.yaml sets reaches the run
+    assert (cfg.dpo.beta, cfg.dpo.beta_schedule) == (flow_dpo.beta, flow_dpo.beta_schedule)
+    rows = [r for r in csv.DictReader(open(out / "run" / "logs" / "version_0" / "metrics.csv")) if r.get("train/loss")]
+    assert float(rows[0]["train/loss"]) == pytest.approx(math.log(2), abs=1e-4)
+    assert json.loads((out / "run" / "run.json").read_text())["global_step"] == 20
+    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(records) == 32 * 4 and {r["meta"]["model"]["name"] for r in records} == {"toy_flow"}
+
+
+def test_flow_demo_self_check_is_its_report(flow_demo):
+    out, summary = flow_demo
+    row = table_row(json.loads((out / "report" / "report.json").read_text())["tables"]["run"], "omniscore")
+    assert summary["paired_videos"] == row["n"] == 32
+    assert (summary["delta"], summary["paired_z"], summary["win_rate"]) == (row["delta"], row["z"], row["win_rate"])
+    assert summary["passed"] is (row["delta"] > 0 and row["z"] > 2 and row["win_rate"] > 0.5)
+    assert json.loads((out / "demo_summary.json").read_text()) == summary
+
+
+def test_the_demo_refuses_an_output_directory_of_the_other_model(tmp_path):
+    flow_cfg = OmegaConf.load(write_demo_config(tmp_path, flow=True))
+    assert flow_cfg.model.name == "toy_flow" and flow_cfg.model.pretrained == "builtin"
+    assert flow_cfg.generate.steps == 20 and flow_cfg.data.batch_size == 8  # the rest is demo.yaml's
+    with pytest.raises(UserError, match="holds a demo of model 'toy_flow', not 'toy'"):
+        write_demo_config(tmp_path, flow=False)

@@ -111,8 +111,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from videotuna_dpo.pipeline.demo import run_demo
 
     s = run_demo(Path(args.out), samples=args.num_samples, eval_samples=args.eval_samples, steps=args.steps,
-                 alpha=args.alpha, seed=args.seed, rounds=args.rounds, overrides=args.overrides)
-    print(f"\nOmniScore on held-out seeds: base {s['omniscore_base']:.4f} -> tuned {s['omniscore_tuned']:.4f} "
+                 alpha=args.alpha, seed=args.seed, rounds=args.rounds, overrides=args.overrides, flow=args.flow)
+    method = "Flow-DPO of toy_flow" if args.flow else "Diffusion-DPO of toy"
+    print(f"\n{method}: OmniScore on held-out seeds: base {s['omniscore_base']:.4f} -> tuned {s['omniscore_tuned']:.4f} "
           f"(delta {s['delta']:+.4f}, paired z {s['paired_z']:.2f}, win rate {s['win_rate']:.2f}, "
           f"{s['paired_videos']} videos) in {s['total_seconds']:.0f} s")
     print(f"report: {s['report']}")
@@ -226,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run generate -> score -> pairs -> cache -> train --strategy dpo -> eval on the toy "
         "world's shipped base model (coloured shapes moving across 32x32 frames), then check that the "
         "tuned model beats the base on held-out seeds (mean OmniScore, paired z > 2, win rate > 0.5). "
-        "Exits 1 when it does not. Reruns resume.",
-        epilog="example: videotuna demo --out demo_out",
+        "Exits 1 when it does not. Reruns resume. --flow runs the same loop and check as Flow-DPO on the "
+        "flow-matching toy model (backend toy_flow: rectified flow, velocity target, Euler sampling).",
+        epilog="example: videotuna demo --out demo_out; videotuna demo --flow --out demo_flow_out",
     )
     p.add_argument("--out", default="demo_out", help="output directory")
     p.add_argument("--num-samples", type=int, default=4, help="samples per prompt for the pairs (default 4)")
@@ -236,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="DPO steps (default 100)")
     p.add_argument("--alpha", type=float, default=1.0, help="re-weighting exponent (0 = plain DPO)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run (held-out seeds start at 10000 + seed)")
+    p.add_argument("--flow", action="store_true",
+                   help="Flow-DPO of the flow-matching toy (toy_flow; config toy/demo.yaml + toy/demo_flow.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config (toy/demo.yaml)")
     p.set_defaults(func=_cmd_demo)
     return parser

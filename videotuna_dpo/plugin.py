@@ -36,4 +36,5 @@ def videotuna_models():
         "toy": "videotuna_dpo.toy.backend:ToyBackend",
         "wan": "videotuna_dpo.models.wan:WanBackend",
         "hunyuanvideo": "videotuna_dpo.models.hunyuan_video:HunyuanVideoBackend",
+        "toy_flow": "videotuna_dpo.toy.flow_backend:ToyFlowBackend",
     }

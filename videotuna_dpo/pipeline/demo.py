@@ -3,7 +3,7 @@
 Each step is a public CLI verb: generate 4 samples per prompt -> score -> pairs (re-weighted) ->
 cache -> train --strategy dpo -> eval (base and tuned on held-out seeds). The demo checks itself:
 it fails unless the tuned model beats the base on mean OmniScore with a paired z-score above 2 and
-a win rate above 0.5.
+a win rate above 0.5. ``--flow`` runs the same loop as Flow-DPO on the flow-matching toy (``toy_flow``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from omegaconf import OmegaConf
+
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.toy.world import all_specs
 from videotuna_dpo.user_files import read_json
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "toy" / "demo.yaml"
+FLOW_DEMO_CONFIG = DEMO_CONFIG.with_name("demo_flow.yaml")  # merged over demo.yaml by --flow
 SCORERS = "temporal_flickering,dynamic_degree,motion_smoothness,toy_alignment"
 MIN_Z, MIN_WIN_RATE = 2.0, 0.5
 
@@ -44,6 +47,27 @@ def demo_steps(out: Path, samples: int, eval_samples: int, steps: int, alpha: fl
     ]
 
 
+def write_demo_config(out: Path, flow: bool = False) -> Path:
+    """``out/demo.yaml``: toy/demo.yaml, or with ``flow`` toy/demo_flow.yaml merged over it (model toy_flow).
+
+    An ``out`` whose demo.yaml names the other model is refused: its samples and scores are that model's.
+    """
+    path = out / "demo.yaml"
+    model = "toy_flow" if flow else "toy"
+    if path.is_file():
+        before = OmegaConf.load(path).get("model", {}).get("name")
+        if before != model:
+            raise UserError(f"{path}: this output directory holds a demo of model {before!r}, not {model!r} "
+                            f"(its samples would be reused); give another --out")
+    if not flow:
+        path.write_text(DEMO_CONFIG.read_text())
+        return path
+    merged = OmegaConf.merge(OmegaConf.load(DEMO_CONFIG), OmegaConf.load(FLOW_DEMO_CONFIG))
+    path.write_text("# videotuna demo --flow: toy/demo.yaml with toy/demo_flow.yaml merged over it\n"
+                    + OmegaConf.to_yaml(merged))
+    return path
+
+
 def write_prompts(out: Path, rounds: int) -> None:
     """prompts.txt: the 32 captions (held-out evaluation); train_prompts.json: each caption ``rounds`` times.
 
@@ -58,15 +82,18 @@ def write_prompts(out: Path, rounds: int) -> None:
 
 def run_demo(out: str | Path, samples: int = 4, eval_samples: int = 4, steps: int = 100, alpha: float = 1.0,
              seed: int = 0, rounds: int = 4, overrides: Sequence[str] = (),
-             run: Callable[[list[str]], int] | None = None) -> dict:
-    """Run every step (each resumes when rerun), then check the result; returns the summary."""
+             run: Callable[[list[str]], int] | None = None, flow: bool = False) -> dict:
+    """Run every step (each resumes when rerun), then check the result; returns the summary.
+
+    ``flow``: Flow-DPO of the flow-matching toy ``toy_flow`` instead of Diffusion-DPO of ``toy``.
+    """
     from videotuna_dpo.cli import main as cli_main
     from videotuna_dpo.pipeline.evaluate import table_row
 
     run = run or cli_main
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.yaml").write_text(DEMO_CONFIG.read_text())
+    write_demo_config(out, flow)
     write_prompts(out, rounds)
     timings = {}
     for name, argv in demo_steps(out, samples, eval_samples, steps, alpha, seed, overrides):
@@ -81,6 +108,7 @@ def run_demo(out: str | Path, samples: int = 4, eval_samples: int = 4, steps: in
     row = table_row(table, "omniscore")
     passed = row["delta"] > 0 and (row["z"] or 0) > MIN_Z and row["win_rate"] > MIN_WIN_RATE
     summary = {
+        "model": "toy_flow" if flow else "toy",
         "omniscore_base": row["base"], "omniscore_tuned": row["tuned"], "delta": row["delta"],
         "paired_z": row["z"], "win_rate": row["win_rate"], "paired_videos": row["n"],
         "passed": passed, "criteria": f"delta > 0, paired z > {MIN_Z}, win rate > {MIN_WIN_RATE}",

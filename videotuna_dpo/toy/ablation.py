@@ -1,9 +1,11 @@
 """The paper's ablation on the toy world: re-weighting on/off (alpha 1 vs 0) and beta, over seeds.
 
-``python -m videotuna_dpo.toy.ablation --out ablation/ [--seeds 3] [--betas 2000 5000]``
+``python -m videotuna_dpo.toy.ablation --out ablation/ [--seeds 3] [--betas 2000 5000] [--flow]``
 One pool of base samples and scores (the demo's first steps) is shared; every (alpha, beta, seed)
 builds its pairs, trains and is evaluated on the same held-out seeds. Prints a table (mean +- std
-over seeds of the OmniScore delta, win rate and paired z) and writes ablation.json.
+over seeds of the OmniScore delta, win rate and paired z) and writes ablation.json. ``--flow`` runs it
+as Flow-DPO on the flow-matching toy (``videotuna demo --flow``'s config), ``--beta-schedule`` picks
+beta on the velocity error as is (constant) or on the noise error it implies (eps_equivalent).
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from pathlib import Path
 
 from videotuna_dpo.cli import main as cli_main
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.demo import SCORERS, demo_steps, write_prompts
-from videotuna_dpo.pipeline.demo import DEMO_CONFIG
+from videotuna_dpo.pipeline.demo import SCORERS, demo_steps, write_demo_config, write_prompts
 from videotuna_dpo.pipeline.evaluate import compare_scores, table_row
 
 
@@ -25,10 +26,11 @@ def _run(argv: list[str]) -> None:
         raise UserError(f"ablation step failed: videotuna {' '.join(argv)}")
 
 
-def ablation(out: Path, seeds: int, alphas: list[float], betas: list[float], steps: int, rounds: int) -> list[dict]:
+def ablation(out: Path, seeds: int, alphas: list[float], betas: list[float], steps: int, rounds: int,
+             flow: bool = False, beta_schedule: str = "constant") -> list[dict]:
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.yaml").write_text(DEMO_CONFIG.read_text())
+    write_demo_config(out, flow)
     write_prompts(out, rounds)
     steps_by_name = dict(demo_steps(out, 4, 4, steps, 1.0, 0))
     _run(steps_by_name["generate"])
@@ -43,9 +45,11 @@ def ablation(out: Path, seeds: int, alphas: list[float], betas: list[float], ste
               f"data.train_data={data / 'train_data.yaml'}"])
         for beta in betas:
             for seed in range(seeds):
-                name = f"a{alpha:g}_b{beta:g}_s{seed}"
+                schedule = "" if beta_schedule == "constant" else f"_{beta_schedule}"
+                name = f"a{alpha:g}_b{beta:g}{schedule}_s{seed}"
                 common = [f"output_dir={out / 'runs' / name}", f"data.train_data={data / 'train_data.yaml'}",
                           f"data.cache={cache}", f"dpo.beta={beta}", f"seed={seed}",
+                          *([f"dpo.beta_schedule={beta_schedule}"] if flow else []),
                           f"lightning.trainer.max_steps={steps}", f"lightning.checkpoint.every_n_train_steps={steps}"]
                 _run(["train", "--strategy", "dpo", "--config", cfg, *common])
                 _run(["eval", "--config", cfg, "--prompts", str(out / "prompts.txt"), "--num-samples", "4",
@@ -53,15 +57,23 @@ def ablation(out: Path, seeds: int, alphas: list[float], betas: list[float], ste
                       "--weights", str(out / "runs" / name)])
                 row = table_row(compare_scores(out / "report" / "scores" / "base.jsonl",
                                                out / "report" / "scores" / f"{name}.jsonl"))
-                rows.append({"alpha": alpha, "beta": beta, "seed": seed, "delta": row["delta"],
+                rows.append({"model": "toy_flow" if flow else "toy", "beta_schedule": beta_schedule,
+                             "alpha": alpha, "beta": beta, "seed": seed, "delta": row["delta"],
                              "win_rate": row["win_rate"], "z": row["z"]})
-    (out / "ablation.json").write_text(json.dumps(rows, indent=2))
+    # Rows of earlier settings on the same pool (e.g. the other beta schedule) stay; this run's replace theirs.
+    def key(r: dict) -> tuple:
+        return r.get("beta_schedule", "constant"), r["alpha"], r["beta"], r["seed"]
+
+    earlier = json.loads((out / "ablation.json").read_text()) if (out / "ablation.json").is_file() else []
+    now = {key(r) for r in rows}
+    (out / "ablation.json").write_text(json.dumps([r for r in earlier if key(r) not in now] + rows, indent=2))
     return rows
 
 
 def summarize(rows: list[dict]) -> str:
-    """One line per (alpha, beta): mean +- std over seeds of delta, win rate and z."""
-    lines = ["alpha   beta   delta OmniScore        win rate        paired z", "-" * 62]
+    """One line per (alpha, beta) of one model and beta schedule: mean +- std over seeds of delta, win rate and z."""
+    title = f"model {rows[0].get('model', 'toy')}, dpo.beta_schedule {rows[0].get('beta_schedule', 'constant')}"
+    lines = [title, "alpha   beta   delta OmniScore        win rate        paired z", "-" * 62]
     for key in sorted({(r["alpha"], r["beta"]) for r in rows}):
         group = [r for r in rows if (r["alpha"], r["beta"]) == key]
 
@@ -82,8 +94,14 @@ def main() -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[2000.0, 5000.0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--flow", action="store_true", help="Flow-DPO of the flow-matching toy (toy_flow)")
+    parser.add_argument("--beta-schedule", default="constant", choices=["constant", "eps_equivalent"],
+                        help="with --flow: beta on the velocity error (constant) or its implied noise error")
     args = parser.parse_args()
-    rows = ablation(args.out, args.seeds, args.alphas, args.betas, args.steps, args.rounds)
+    if args.beta_schedule != "constant" and not args.flow:
+        parser.error("--beta-schedule applies to --flow (the eps toy trains with its own noise schedule)")
+    rows = ablation(args.out, args.seeds, args.alphas, args.betas, args.steps, args.rounds, args.flow,
+                    args.beta_schedule)
     print(summarize(rows))
 
 
