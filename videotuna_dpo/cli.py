@@ -233,9 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo_out", help="output directory")
     p.add_argument("--num-samples", type=int, default=4, help="samples per prompt for the pairs (default 4)")
-    p.add_argument("--eval-samples", type=int, default=4, help="held-out samples per prompt and model")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="held-out samples per prompt and model (default 4; 8 with --flow)")
     p.add_argument("--rounds", type=int, default=4, help="each caption is a prompt this many times (pairs = 32 x rounds)")
-    p.add_argument("--steps", type=int, default=100, help="DPO steps (default 100)")
+    p.add_argument("--steps", type=int, default=None, help="DPO steps (default 100; 200 with --flow)")
     p.add_argument("--alpha", type=float, default=1.0, help="re-weighting exponent (0 = plain DPO)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run (held-out seeds start at 10000 + seed)")
     p.add_argument("--flow", action="store_true",

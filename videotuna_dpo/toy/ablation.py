@@ -17,7 +17,7 @@ from pathlib import Path
 
 from videotuna_dpo.cli import main as cli_main
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.demo import SCORERS, demo_steps, write_demo_config, write_prompts
+from videotuna_dpo.pipeline.demo import DEFAULTS, SCORERS, demo_steps, write_demo_config, write_prompts
 from videotuna_dpo.pipeline.evaluate import compare_scores, table_row
 
 
@@ -26,8 +26,10 @@ def _run(argv: list[str]) -> None:
         raise UserError(f"ablation step failed: videotuna {' '.join(argv)}")
 
 
-def ablation(out: Path, seeds: int, alphas: list[float], betas: list[float], steps: int, rounds: int,
+def ablation(out: Path, seeds: int, alphas: list[float], betas: list[float], steps: int | None, rounds: int,
              flow: bool = False, beta_schedule: str = "constant") -> list[dict]:
+    default_steps, eval_samples = DEFAULTS[flow]  # the demo's: held-out samples per prompt, and steps unless given
+    steps = default_steps if steps is None else steps
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     write_demo_config(out, flow)
@@ -52,7 +54,7 @@ def ablation(out: Path, seeds: int, alphas: list[float], betas: list[float], ste
                           *([f"dpo.beta_schedule={beta_schedule}"] if flow else []),
                           f"lightning.trainer.max_steps={steps}", f"lightning.checkpoint.every_n_train_steps={steps}"]
                 _run(["train", "--strategy", "dpo", "--config", cfg, *common])
-                _run(["eval", "--config", cfg, "--prompts", str(out / "prompts.txt"), "--num-samples", "4",
+                _run(["eval", "--config", cfg, "--prompts", str(out / "prompts.txt"), "--num-samples", str(eval_samples),
                       "--out", str(out / "report"), "--seed", "10000", "--scorers", SCORERS, "--no-progress",
                       "--weights", str(out / "runs" / name)])
                 row = table_row(compare_scores(out / "report" / "scores" / "base.jsonl",
@@ -92,7 +94,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--betas", type=float, nargs="+", default=[2000.0, 5000.0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="DPO steps (default 100; 200 with --flow)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--flow", action="store_true", help="Flow-DPO of the flow-matching toy (toy_flow)")
     parser.add_argument("--beta-schedule", default="constant", choices=["constant", "eps_equivalent"],
