@@ -23,8 +23,10 @@ $(TEST_EXTRAS): $(STAMP)
 	$(PIP) install --quiet --no-deps pyiqa==0.1.16 addict einops
 	touch $(TEST_EXTRAS)
 
+# One worker per core (at most 8), each test file on one worker (its module fixtures run once), one torch
+# thread per worker (tests/conftest.py).
 test: $(STAMP) $(TEST_EXTRAS)
-	$(PY) -m pytest -q -rs -p no:cacheprovider tests
+	$(PY) -m pytest -q -rs -p no:cacheprovider -n auto --maxprocesses 8 --dist loadfile tests
 
 demo: $(STAMP)
 	$(VENV)/bin/videotuna demo --out demo_out

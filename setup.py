@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         # playwright drives the system's Chromium in the review page's browser test (it never downloads a browser)
-        "test": ["pytest>=7", "playwright>=1.40"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "playwright>=1.40"],
         "gpu": ["xformers"],
         "musiq": ["pyiqa"],
     },
