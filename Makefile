@@ -38,5 +38,6 @@ demo-flow: $(STAMP)
 example-plugin: $(STAMP)
 	$(PIP) install --quiet --no-build-isolation -e hooks/example_scorer
 
+# Every benchmarks/bench_*.py; their JSON collected in benchmarks/results.json (and printed).
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(PY) $$b; done
+	$(PY) benchmarks/run_all.py
