@@ -14,7 +14,7 @@ from videotuna_dpo.config import load_config
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.pipeline import evaluate as evaluate_parser
 from videotuna_dpo.pipeline import score as score_parser
-from videotuna_dpo.registry import Registry
+from videotuna_dpo.registry import Registry, call_with_optional
 from videotuna_dpo.review import command as review_parser
 
 EPILOG = """\
@@ -51,7 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     registry = Registry.load(cfg.get("plugins"))
     strategy = registry.get("strategy", args.strategy)
-    out = strategy.run(cfg, registry, resume=args.resume, source=str(args.config))
+    out = call_with_optional(strategy.run, cfg, registry, resume=args.resume, source=str(args.config))
     print(f"run finished: {out}")
     return 0
 

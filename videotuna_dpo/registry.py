@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -163,6 +164,18 @@ def resolve_reference(reference: str, what: str) -> Any:
         return getattr(module, attribute)
     except AttributeError:
         raise PluginError(f"{what}: module {module_name!r} has no attribute {attribute!r}") from None
+
+
+def call_with_optional(function: Callable[..., Any], *args: Any, **optional: Any) -> Any:
+    """``function(*args, **optional)``, each optional keyword passed only when ``function``'s signature names it
+    (or takes ``**kwargs``): the arguments ``hookspecs`` marks optional, which a plugin may leave out."""
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass only what is required
+        return function(*args)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return function(*args, **optional)
+    return function(*args, **{k: v for k, v in optional.items() if k in params})
 
 
 def _own_distribution() -> tuple[str, str]:

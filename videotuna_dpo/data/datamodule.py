@@ -160,6 +160,16 @@ class PreferenceDataModule(L.LightningDataModule):
                             f"data.cache to draw a random clip start per step from the videos)")
         return cls(cfg)
 
+    @property
+    def holds_latents(self) -> bool:
+        """Batches carry latents from ``data.cache`` (the strategy then builds the backend without VAE/text)."""
+        return bool(self.cfg.cache)
+
+    def check_model(self, model_cfg: Any) -> None:
+        """Refuse a latent cache built by another backend or checkpoint than ``model_cfg``."""
+        self.setup("fit")
+        self.dataset.check_model(model_cfg)
+
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return

@@ -56,6 +56,7 @@ class EvalCallback(L.Callback):
     @torch.no_grad()
     def measure(self, backend: Any, device: str) -> dict[str, float]:
         """Mean OmniScore, quality, semantic and normalised dimensions of the policy's samples."""
+        from videotuna_dpo.pipeline.score import call_scorer
         from videotuna_dpo.scoring.omniscore import omniscore
 
         if self._scorers is None:
@@ -68,7 +69,8 @@ class EvalCallback(L.Callback):
                                            **self.generate_kwargs).float().cpu())  # [B, F, C, H, W] in [0, 1]
         clip = torch.cat(videos)
         texts = [p for p, _ in jobs]
-        raw = {n: s(clip.to(device), texts).double().cpu() for n, s in self._scorers.items()}
+        raw = {n: call_scorer(s, clip.to(device), texts, None).double().cpu().reshape(len(jobs))
+               for n, s in self._scorers.items()}
         totals: dict[str, list[float]] = {}
         for i in range(len(jobs)):
             agg = omniscore({n: float(v[i]) for n, v in raw.items()}, self._config)

@@ -21,6 +21,7 @@ from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_dir, remove_stale_temporaries, write_json_atomic
 from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.pipeline.prompts import load_prompt_file
+from videotuna_dpo.registry import call_with_optional
 from videotuna_dpo.user_files import read_json
 
 
@@ -79,7 +80,7 @@ def load_backend(cfg: Any, registry: Any, weights: str | None = None, source: st
     model_cfg = cfg.model
     if weights:
         model_cfg = OmegaConf.merge(model_cfg, {"trainable_weights": str(weights)})
-    backend = registry.get("model", model_cfg.name).from_config(model_cfg, source)
+    backend = call_with_optional(registry.get("model", model_cfg.name).from_config, model_cfg, source=source)
     if torch.cuda.is_available():
         backend.to("cuda")
     return backend.eval()

@@ -8,12 +8,12 @@ as ``"status": "failed"`` lines with the reason, never scored.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -279,7 +279,7 @@ def parse_weights(items: Iterable[str]) -> dict[str, float]:
 
 def build_scorers(names: Sequence[str], device: str, options: Mapping[str, Mapping[str, Any]], registry=None) -> dict:
     """Create every named scorer; all missing-weights problems are reported together."""
-    from videotuna_dpo.registry import Registry
+    from videotuna_dpo.registry import Registry, call_with_optional
     from videotuna_dpo.scoring.base import MissingWeightsError, Scorer
 
     registry = registry or Registry.load()
@@ -290,11 +290,9 @@ def build_scorers(names: Sequence[str], device: str, options: Mapping[str, Mappi
     for name in names:
         factory = registry.get("scorer", name)
         kwargs = dict(options.get(name, {}))
-        params = inspect.signature(factory).parameters
-        if "device" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            kwargs.setdefault("device", device)
+        optional = {} if "device" in kwargs else {"device": device}  # an explicit --option NAME.device wins
         try:
-            scorer = factory(**kwargs)
+            scorer = call_with_optional(partial(factory, **kwargs), **optional)
         except MissingWeightsError as exc:
             problems.append(str(exc))
             continue
@@ -334,7 +332,7 @@ def _describe(scorer) -> dict:
     return {"version": str(scorer.version), "weights": scorer.weights_hint or None}
 
 
-def _call_scorer(scorer: Any, clip: Any, texts: list[str], fps: float | None) -> Any:
+def call_scorer(scorer: Any, clip: Any, texts: list[str], fps: float | None) -> Any:
     """Score a batch; scorers that declare ``uses_fps`` also get the files' frame rate."""
     if getattr(scorer, "uses_fps", False):
         return scorer(clip, texts, fps=fps)
@@ -443,7 +441,7 @@ def score_videos(
         clip = torch.stack([frames for _, frames, _ in batch]).to(device).float().div_(255.0)  # [B, F, C, H, W]
         texts = [prompt_map[p][0] for p, _, _ in batch]
         fps = batch[0][2]  # one rate per batch
-        raw = {name: _call_scorer(scorer, clip, texts, fps).detach().double().cpu().reshape(len(batch))
+        raw = {name: call_scorer(scorer, clip, texts, fps).detach().double().cpu().reshape(len(batch))
                for name, scorer in models.items()}
         for i, (path, frames, _) in enumerate(batch):
             values = {name: float(raw[name][i]) for name in names}
