@@ -72,7 +72,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
     summary = build_pairs_dataset(args.scores, args.out, strategy=args.strategy, min_gap=args.min_gap,
                                   alpha=args.alpha, beta=args.beta, bin_width=args.bin_width, mode=args.mode,
-                                  labels=args.labels)
+                                  labels=args.labels, by=args.by)
     if summary["failed_videos_left_out"]:
         print(f"{summary['failed_videos_left_out']} video(s) failed scoring and are left out "
               f"(listed in {args.out}/pairs/manifest.json)", file=sys.stderr)
@@ -87,7 +87,8 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         if labels["not_applied"]:
             print(f"{len(labels['not_applied'])} label(s) name pairs this dataset does not have (another --strategy or "
                   f"--min-gap?) and were not applied: labels{labels['not_applied'][:10]}", file=sys.stderr)
-    print(f"{summary['pairs']} pairs from {summary['prompts']} prompts "
+    ranked = "" if args.by == "omniscore" else f" ranked by {args.by}"
+    print(f"{summary['pairs']} pairs{ranked} from {summary['prompts']} prompts "
           f"({summary['prompts_without_pair']} without a pair); weights {summary['weight_min']:.3g}.."
           f"{summary['weight_max']:.3g}; train with data.train_data={summary['train_data']}")
     print(f"official VideoDPO code: data_root: {summary['official_train_data']} (its META dir is absolute; "
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Group scored videos by prompt, pair them and write the official VideoDPO layout plus "
         "manifest.json and PNG plots: train_data.yaml (relative, for this package; the dataset can move) and "
         "train_data_official.yaml (absolute, the data_root to give the official VideoDPO code). Pair weight = "
-        "(beta / p) ** alpha with p the pair probability from the OmniScore histogram (bin width 0.01); --mode sqrt uses sqrt(p_w p_l) (the paper, default), "
+        "(beta / p) ** alpha with p the pair probability from the OmniScore histogram (or that of the --by score; bin "
+        "width 0.01); --mode sqrt uses sqrt(p_w p_l) (the paper, default), "
         "product uses p_w p_l (the official code).",
         epilog="example: videotuna pairs --scores scores.jsonl --out data/pairs --strategy best-worst --alpha 1.0",
     )
@@ -191,10 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset directory to write (a rerun replaces it as a whole)")
     p.add_argument("--strategy", default="best-worst", choices=["best-worst", "all-gap"],
                    help="best-worst: one pair per prompt (paper); all-gap: every pair above --min-gap")
-    p.add_argument("--min-gap", type=float, default=0.0, help="minimum OmniScore gap of a pair (ties never pair)")
+    p.add_argument("--by", default="omniscore", metavar="NAME",
+                   help="the score that ranks a prompt's videos and re-weights the pairs: omniscore (default), quality, "
+                   "semantic or any scorer's raw score in the records (e.g. a contributed reward model)")
+    p.add_argument("--min-gap", type=float, default=0.0, help="minimum gap of a pair in the --by score (ties never pair)")
     p.add_argument("--alpha", type=float, default=1.0, help="re-weighting exponent; 0 = plain DPO (all ones)")
     p.add_argument("--beta", type=float, default=0.72, help="re-weighting constant (default 0.72)")
-    p.add_argument("--bin-width", type=float, default=0.01, help="OmniScore histogram bin width")
+    p.add_argument("--bin-width", type=float, default=0.01, help="histogram bin width of the --by score")
     p.add_argument("--mode", default="sqrt", choices=["sqrt", "product"], help="pair probability (default sqrt)")
     p.add_argument("--labels", default=None, metavar="LABELS_JSON",
                    help="labels.json of `videotuna review`: keep confirms a pair, flip swaps winner and loser, tie "

@@ -8,14 +8,16 @@ import lightning as L
 import torch
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.evaluate import NO_WEIGHTS_SCORERS, _plain, eval_settings
+from videotuna_dpo.pipeline.evaluate import _plain, eval_settings
+from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
 
 
 class EvalCallback(L.Callback):
     """Every N training steps: sample a few prompts with the policy, score them, log ``eval/*``.
 
-    Logs ``eval/omniscore``, ``eval/quality``, ``eval/semantic`` (when present) and ``eval/<dimension>``
-    (normalised) at the global step; runs once before training too, as the baseline.
+    Logs ``eval/omniscore``, ``eval/quality``, ``eval/semantic`` (when present), ``eval/<dimension>``
+    (normalised) and ``eval/raw/<scorer>`` for scorers that are no OmniScore dimension, at the global step;
+    runs once before training too, as the baseline.
     """
 
     def __init__(
@@ -37,7 +39,7 @@ class EvalCallback(L.Callback):
         self.every = int(every_n_steps)
         self.prompts = list(prompts)
         self.seeds = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
-        self.scorer_names = list(scorers or NO_WEIGHTS_SCORERS)
+        self.scorer_names = list(scorers or NO_WEIGHTS_DIMENSIONS)
         self.generate_kwargs = dict(generate_kwargs or {})
         self.batch_size = int(self.generate_kwargs.pop("batch_size", 4))
         self.scorer_options = {k: dict(v) for k, v in (scorer_options or {}).items()}
@@ -57,7 +59,7 @@ class EvalCallback(L.Callback):
     def measure(self, backend: Any, device: str) -> dict[str, float]:
         """Mean OmniScore, quality, semantic and normalised dimensions of the policy's samples."""
         from videotuna_dpo.pipeline.score import call_scorer
-        from videotuna_dpo.scoring.omniscore import omniscore
+        from videotuna_dpo.scoring.omniscore import omniscore, omniscore_dimensions
 
         if self._scorers is None:
             self._build(device)
@@ -71,13 +73,16 @@ class EvalCallback(L.Callback):
         texts = [p for p, _ in jobs]
         raw = {n: call_scorer(s, clip.to(device), texts, None).double().cpu().reshape(len(jobs))
                for n, s in self._scorers.items()}
+        dimensions = omniscore_dimensions(raw, self._config)
         totals: dict[str, list[float]] = {}
         for i in range(len(jobs)):
-            agg = omniscore({n: float(v[i]) for n, v in raw.items()}, self._config)
-            values = {"omniscore": agg["omniscore"], **agg["normalized"]}
-            for group in ("quality", "semantic"):
-                if agg[group] is not None:
-                    values[group] = agg[group]
+            values = {f"raw/{n}": float(v[i]) for n, v in raw.items() if n not in dimensions}
+            if dimensions:
+                agg = omniscore({n: float(v[i]) for n, v in raw.items()}, self._config)
+                values.update({"omniscore": agg["omniscore"], **agg["normalized"]})
+                for group in ("quality", "semantic"):
+                    if agg[group] is not None:
+                        values[group] = agg[group]
             for name, value in values.items():
                 totals.setdefault(name, []).append(value)
         return {name: sum(v) / len(v) for name, v in totals.items()}

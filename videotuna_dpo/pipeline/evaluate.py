@@ -17,9 +17,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_dir
+from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
 from videotuna_dpo.user_files import read_json
 
-NO_WEIGHTS_SCORERS = ("temporal_flickering", "dynamic_degree", "motion_smoothness")
 BASE = "base"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -28,7 +28,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 class EvalSchema:
     """The optional ``eval:`` block of a config (``videotuna eval`` and the training callback)."""
 
-    scorers: Optional[list[str]] = None  # default: NO_WEIGHTS_SCORERS
+    scorers: Optional[list[str]] = None  # default: NO_WEIGHTS_DIMENSIONS
     options: dict[str, Any] = field(default_factory=dict)  # {scorer: {key: value}}, as --option
     weights: dict[str, float] = field(default_factory=dict)  # OmniScore weights, as `videotuna score --weight`
     score_batch_size: int = 4
@@ -62,6 +62,10 @@ def _ok_records(path: Path) -> tuple[dict[str, dict], int]:
     for record in records.values():
         if record.get("status") != "ok":
             continue
+        if record.get("omniscore") is None:
+            raise UserError(f"{path}: the record of {record['path']} has no OmniScore (none of its scorers "
+                            f"{', '.join(record.get('raw') or {})} is an OmniScore dimension); eval compares "
+                            f"OmniScores: add a dimension to --scorers (or eval.scorers)")
         key = pair_key(record)
         if key in ok:
             raise UserError(f"{path}: two scored videos share the pairing key {key!r} "
@@ -236,7 +240,7 @@ def evaluate(
         raise UserError(f"{source}: model.trainable_weights is set ({cfg.model.trainable_weights}), so the base would "
                         f"not be the pretrained model; remove it and pass those weights with --weights")
     settings = eval_settings(cfg, source)
-    names = list(scorers or settings.scorers or NO_WEIGHTS_SCORERS)
+    names = list(scorers or settings.scorers or NO_WEIGHTS_DIMENSIONS)
     options = {k: dict(v) for k, v in (scorer_options or _plain(settings.options) or {}).items()}
     omni_weights = {k: float(v) for k, v in settings.weights.items()}
     resolved = [resolve_weights(w) for w in weights]
@@ -286,10 +290,10 @@ def _plain(node: Any) -> Any:
 DESCRIPTION = """\
 Generate --num-samples videos per prompt from the base model and from each --weights with the same
 seeds (video k of prompt i uses seed + i*N + k), score them (--scorers, else the config's
-eval.scorers, else temporal_flickering,dynamic_degree,motion_smoothness) and compare each tuned model
+eval.scorers, else the dimensions that need no weights: {no_weights}) and compare each tuned model
 with the base per dimension: means, delta, win rate (ties count half) and the paired z-score of
 OmniScore. Writes REPORT/report.json, REPORT/report.html and PNG plots; resumable.
-"""
+""".format(no_weights=",".join(NO_WEIGHTS_DIMENSIONS))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -332,7 +336,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report directory (samples/, scores/, report.json, report.html)")
     p.add_argument("--seed", type=int, default=1000, help="base seed, the same for every model (default 1000)")
     p.add_argument("--scorers", default=None, help="comma-separated scorer names (default: eval.scorers or the "
-                   f"no-weights {','.join(NO_WEIGHTS_SCORERS)})")
+                   f"no-weights {','.join(NO_WEIGHTS_DIMENSIONS)})")
     p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
                    help="a scorer option, as in `videotuna score` (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_file, is_temporary
-from videotuna_dpo.scoring.omniscore import DIMENSIONS
+from videotuna_dpo.scoring.omniscore import DIMENSIONS, NO_WEIGHTS_DIMENSIONS
 from videotuna_dpo.user_files import read_bounded, read_json
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"}
@@ -305,10 +305,9 @@ def build_scorers(names: Sequence[str], device: str, options: Mapping[str, Mappi
             )
         scorers[name] = scorer
     if problems:
-        free = "temporal_flickering,dynamic_degree,motion_smoothness,imaging_quality"
         raise UserError(
             "missing scorer weights:\n  " + "\n  ".join(problems)
-            + f"\nOr score only the dimensions that need no weights: --scorers {free}"
+            + f"\nOr score only the dimensions that need no weights: --scorers {','.join(NO_WEIGHTS_DIMENSIONS)}"
         )
     return scorers
 
@@ -403,7 +402,7 @@ def score_videos(
 
     from videotuna_dpo.data.video_io import VideoReadError, read_video_and_fps
     from videotuna_dpo.scoring.base import default_device
-    from videotuna_dpo.scoring.omniscore import omniscore
+    from videotuna_dpo.scoring.omniscore import omniscore, omniscore_dimensions
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -416,6 +415,11 @@ def score_videos(
     device = device or default_device()
     models = build_scorers(names, device, options or {}, registry)
     config = omniscore_config(models, weights)
+    with_omniscore = bool(omniscore_dimensions(names, config))
+    if not with_omniscore:  # said once: every record then holds raw scores only
+        print(f"OmniScore left out: none of the scorers {', '.join(names)} is one of its dimensions "
+              f"({', '.join(config.ranges)}) or declares a score_range; the records hold their raw scores "
+              f"(`videotuna pairs --by NAME` pairs by one of them)", file=sys.stderr)
     described = {name: _describe(s) for name, s in models.items()}
     if announce:  # before a long run, say which model scores each dimension
         print("\n".join(["scorers:", *backend_lines(described)]), file=sys.stderr)
@@ -449,12 +453,13 @@ def score_videos(
             if bad:
                 fail(path, f"scorer(s) {', '.join(bad)} returned a non-finite value")
                 continue
-            agg = omniscore(values, config)
+            record = {"path": str(path.resolve()), "prompt": texts[i], "status": "ok", "raw": values}
+            if with_omniscore:
+                agg = omniscore(values, config)
+                record.update({key: agg[key] for key in ("normalized", "quality", "semantic", "omniscore",
+                                                         "dimensions_used", "weights")})
             store.append({
-                "path": str(path.resolve()), "prompt": texts[i], "status": "ok", "raw": values,
-                "normalized": agg["normalized"], "quality": agg["quality"], "semantic": agg["semantic"],
-                "omniscore": agg["omniscore"], "dimensions_used": agg["dimensions_used"],
-                "weights": agg["weights"], "scorers": described,
+                **record, "scorers": described,
                 "frames": int(frames.shape[0]), "height": int(frames.shape[2]), "width": int(frames.shape[3]),
                 "fps": fps,
                 "meta": prompt_map[path][1],
@@ -501,7 +506,7 @@ def score_videos(
 
 EXAMPLE = (
     "example: videotuna score --videos samples/ --prompts samples/prompts.json --out scores.jsonl "
-    "--scorers temporal_flickering,dynamic_degree,motion_smoothness,imaging_quality --batch-size 4"
+    f"--scorers {','.join(NO_WEIGHTS_DIMENSIONS)} --batch-size 4"
 )
 DESCRIPTION = """\
 Score every video on VBench dimensions and their OmniScore; one JSON line per video in --out.
