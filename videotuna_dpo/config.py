@@ -118,10 +118,6 @@ def check_values(node: Any, where: str, rules: Mapping[str, Rule], source: str =
             raise ConfigError(f"{source}: bad value for '{_join(where, key)}': {value!r} (expected {words})")
 
 
-def to_container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig,)) or OmegaConf.is_config(node) else node
-
-
 def _known_keys(base: DictConfig, rel_path: str) -> list[str]:
     try:
         node = OmegaConf.select(base, rel_path) if rel_path else base

@@ -22,7 +22,6 @@ from videotuna_dpo.fileio import check_writable_dir, remove_stale_temporaries, w
 from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.pipeline.prompts import load_prompt_file
 from videotuna_dpo.registry import call_with_optional
-from videotuna_dpo.user_files import read_json
 
 
 @dataclass
@@ -128,8 +127,3 @@ def generate_videos(
     write_json_atomic(out / "prompts.json", {f"{j.name}.mp4": j.prompt for j in jobs})
     return {"generated": len(todo), "kept": len(jobs) - len(todo), "total": len(jobs)}
 
-
-def read_record(video: Path) -> dict:
-    """The generation record next to ``video`` (empty when there is none)."""
-    path = video.with_suffix(".json")
-    return read_json(path) if path.is_file() else {}
