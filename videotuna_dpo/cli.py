@@ -7,15 +7,19 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Sequence
+
+import yaml
 
 from videotuna_dpo import __version__
 from videotuna_dpo.config import load_config
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline import evaluate as evaluate_parser
-from videotuna_dpo.pipeline import score as score_parser
+from videotuna_dpo.pipeline.evaluate import evaluate
+from videotuna_dpo.pipeline.report import format_table
+from videotuna_dpo.pipeline.score import DEFAULT_SCORERS, score_videos
 from videotuna_dpo.registry import Registry, call_with_optional
 from videotuna_dpo.review import command as review_parser
+from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
 
 EPILOG = """\
 the loop:
@@ -27,6 +31,73 @@ the loop:
   videotuna train     --strategy dpo: fine-tune on the preference dataset
   videotuna plugins   what is installed: strategies, scorers, datamodules, models
 """
+
+
+SCORE_EXAMPLE = (
+    "example: videotuna score --videos samples/ --prompts samples/prompts.json --out scores.jsonl "
+    f"--scorers {','.join(NO_WEIGHTS_DIMENSIONS)} --batch-size 4"
+)
+SCORE_DESCRIPTION = """\
+Score every video on VBench dimensions and their OmniScore; one JSON line per video in --out.
+A rerun skips videos already in --out; unreadable or too-short videos become "failed" lines.
+
+prompts: --prompts FILE as .json {"a.mp4" (path, file name or stem): "prompt", ...} or a list of
+{"path": ..., "prompt": ...}, .jsonl of those, or .txt with one prompt per sorted video; without it,
+a sidecar <video>.json (a.mp4.json or a.json) with a "prompt" key, as `videotuna generate` writes.
+
+weights: model-based scorers (subject_consistency, aesthetic_quality, overall_consistency; MUSIQ,
+RAFT and AMT options) read local files from $VIDEOTUNA_WEIGHTS or --option SCORER.KEY=PATH:
+  $VIDEOTUNA_WEIGHTS/dino/dino_vitbase16_pretrain.pth        subject_consistency  (weights=)
+  $VIDEOTUNA_WEIGHTS/clip/ViT-L-14.pt                        aesthetic_quality; overall_consistency without ViCLIP (clip_weights=)
+  $VIDEOTUNA_WEIGHTS/viclip/ViClip-InternVid-10M-FLT.pth     overall_consistency as VBench, used when present (viclip_weights=)
+  $VIDEOTUNA_WEIGHTS/aesthetic/sa_0_4_vit_l_14_linear.pth    aesthetic_quality    (head_weights=)
+  $VIDEOTUNA_WEIGHTS/musiq/musiq_spaq_ckpt-358bb6af.pth      imaging_quality, else a NIQE proxy (musiq_weights=)
+  $VIDEOTUNA_WEIGHTS/raft/raft_large_C_T_V2-1bb1363a.pth     dynamic_degree/motion_smoothness flow=raft (raft_weights=);
+    or VBench's RAFT raft/raft_model.pth (= raft-things.pth, princeton-vl layout, converted on load)
+  $VIDEOTUNA_WEIGHTS/amt/amt-s.pth                           motion_smoothness interpolator=amt, VBench's AMT-S (amt_weights=)
+"""
+EVAL_DESCRIPTION = """\
+Generate --num-samples videos per prompt from the base model and from each --weights with the same
+seeds (video k of prompt i uses seed + i*N + k), score them (--scorers, else the config's
+eval.scorers, else the dimensions that need no weights:
+{no_weights})
+and compare each tuned model with the base per dimension: means, delta, win rate (ties count half)
+and the paired z-score of OmniScore. Writes REPORT/report.json, REPORT/report.html and PNG plots;
+resumable.
+""".format(no_weights=",".join(NO_WEIGHTS_DIMENSIONS))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_options(items: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``["aesthetic_quality.clip_weights=/w/ViT-L-14.pt", ...]`` -> ``{scorer: {key: value}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        scorer, dot, option = key.partition(".")
+        if not sep or not dot or not scorer or not option:
+            raise UserError(f"--option {item!r}: expected SCORER.KEY=VALUE, e.g. dynamic_degree.fps=16")
+        options.setdefault(scorer, {})[option] = _parse_value(value)
+    return options
+
+
+def parse_weights(items: Iterable[str]) -> dict[str, float]:
+    """``["dynamic_degree=0.5"]`` -> ``{"dynamic_degree": 0.5}``."""
+    weights = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UserError(f"--weight {item!r}: expected DIMENSION=NUMBER, e.g. dynamic_degree=0.5") from None
+        if not sep or weights[name] < 0:
+            raise UserError(f"--weight {item!r}: expected DIMENSION=NUMBER >= 0")
+    return weights
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -64,6 +135,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     summary = generate_videos(cfg, registry, args.prompts, args.out, num_samples=args.num_samples,
                               seed=args.seed, weights=args.weights, source=str(args.config))
     print(f"generated {summary['generated']}, kept {summary['kept']} already complete, in {args.out}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    summary = score_videos(
+        videos=args.videos,
+        out=args.out,
+        prompts=args.prompts,
+        scorers=[s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None,
+        batch_size=args.batch_size,
+        device=args.device,
+        options=parse_options(args.option),
+        weights=parse_weights(args.weight),
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+        announce=True,
+    )
+    print(
+        f"scored {summary['scored']}, failed {summary['failed']}, skipped {summary['skipped']} "
+        f"(already in {summary['out']})"
+    )
+    if summary["failed"]:
+        print(f"{summary['failed']} video(s) failed; their reasons are the \"failed\" lines of {summary['out']}",
+              file=sys.stderr)
     return 0
 
 
@@ -105,6 +200,23 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     print(f"encoded {s['encoded']}, kept {s['kept']}, skipped {s['skipped_total']} unreadable video(s); "
           f"{s['shards']} shard(s), {s['bytes'] / max(1, s['videos'] - s['skipped_total']):.0f} bytes per video; "
           f"train with data.cache={args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    registry = Registry.load(cfg.get("plugins"))
+    scorers = [s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None
+    summary = evaluate(cfg, registry, args.prompts, args.weights, args.num_samples, args.out, seed=args.seed,
+                       scorers=scorers, scorer_options=parse_options(args.option) or None, source=str(args.config),
+                       progress=not args.no_progress)
+    for label, table in summary["tables"].items():
+        print(f"{label} vs base ({table['pairs']} paired videos)")
+        print(format_table(table))
+        print()
+    if not summary["tables"]:
+        print("no --weights given: only the base model was sampled and scored")
+    print(f"report: {summary['report']['html']}")
     return 0
 
 
@@ -176,7 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_generate)
 
-    score_parser.add_parser(sub)
+    p = sub.add_parser(
+        "score",
+        help="score videos on VBench dimensions -> scores.jsonl (OmniScore)",
+        description=SCORE_DESCRIPTION,
+        epilog=SCORE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--videos", required=True, help="a directory of videos (recursive), a .txt list of paths, or one video")
+    p.add_argument("--prompts", default=None, help="prompts file (.json, .jsonl or .txt); default: <video>.json sidecars")
+    p.add_argument("--out", required=True, help="the JSONL file to append to (resumed if it exists)")
+    p.add_argument("--scorers", default=None,
+                   help=f"comma-separated scorer names (default: all seven: {','.join(DEFAULT_SCORERS)})")
+    p.add_argument("--batch-size", type=int, default=4, help="videos per batch (default 4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
+                   help="a scorer option, e.g. dynamic_degree.fps=16 or aesthetic_quality.clip_weights=PATH (repeatable)")
+    p.add_argument("--weight", action="append", default=[], metavar="DIMENSION=W",
+                   help="OmniScore weight of a dimension, e.g. dynamic_degree=0.5 (repeatable; 0 leaves it out)")
+    p.add_argument("--retry-failed", action="store_true", help="score again the videos recorded as failed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser(
         "pairs",
@@ -224,7 +356,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_cache)
 
-    evaluate_parser.add_parser(sub)
+    p = sub.add_parser(
+        "eval",
+        help="base vs tuned weights on the same prompts and seeds -> table + HTML report",
+        description=EVAL_DESCRIPTION,
+        epilog="example: videotuna eval --config configs/dpo/cogvideox_2b.yaml --prompts eval_prompts.txt "
+        "--weights runs/dpo --num-samples 4 --out reports/dpo --seed 1000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML config with `model:` and `generate:` (and optional `eval:`)")
+    p.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {id: prompt})")
+    p.add_argument("--weights", nargs="+", action="extend", default=[], metavar="RUN_DIR_OR_WEIGHTS",
+                   help="run dirs (their weights/last) or weights dirs (with trainable.json) to compare with the base")
+    p.add_argument("--num-samples", type=int, default=4, help="videos per prompt and model (default 4)")
+    p.add_argument("--out", required=True, help="report directory (samples/, scores/, report.json, report.html)")
+    p.add_argument("--seed", type=int, default=1000, help="base seed, the same for every model (default 1000)")
+    p.add_argument("--scorers", default=None, help="comma-separated scorer names (default: eval.scorers or the "
+                   f"no-weights {','.join(NO_WEIGHTS_DIMENSIONS)})")
+    p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
+                   help="a scorer option, as in `videotuna score` (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
         "demo",

@@ -7,9 +7,12 @@ from typing import Any, Mapping, Sequence
 import lightning as L
 import torch
 
+from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.pipeline.evaluate import _plain, eval_settings
-from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
+from videotuna_dpo.pipeline.generate import GenerateSchema, sampler_kwargs
+from videotuna_dpo.pipeline.score import build_scorers, call_scorer, omniscore_config
+from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS, omniscore, omniscore_dimensions
 
 
 class EvalCallback(L.Callback):
@@ -50,17 +53,12 @@ class EvalCallback(L.Callback):
         self.history: list[dict] = []  # {"step", "omniscore", ...} per evaluation
 
     def _build(self, device: str) -> None:
-        from videotuna_dpo.pipeline.score import build_scorers, omniscore_config
-
         self._scorers = build_scorers(self.scorer_names, device, self.scorer_options, self.registry)
         self._config = omniscore_config(self._scorers, self.omniscore_weights)
 
     @torch.no_grad()
     def measure(self, backend: Any, device: str) -> dict[str, float]:
         """Mean OmniScore, quality, semantic and normalised dimensions of the policy's samples."""
-        from videotuna_dpo.pipeline.score import call_scorer
-        from videotuna_dpo.scoring.omniscore import omniscore, omniscore_dimensions
-
         if self._scorers is None:
             self._build(device)
         jobs = [(p, s) for s in self.seeds for p in self.prompts]
@@ -125,15 +123,8 @@ def eval_callback(cfg: Any, source: str = "<config>", registry: Any = None) -> E
     settings = eval_settings(cfg, source)
     if not settings.prompts:
         raise UserError(f"{source}: eval_every_n_steps is {every} but eval.prompts is empty; list a few prompts")
-    from videotuna_dpo.config import validate
-    from videotuna_dpo.pipeline.generate import GenerateSchema, sampler_kwargs
-
     gen = validate(cfg.get("generate"), GenerateSchema, "generate", source)
     kwargs = {**sampler_kwargs(gen), "batch_size": gen.batch_size}
     return EvalCallback(every, list(settings.prompts), list(settings.seeds), settings.scorers, kwargs,
                         scorer_options=_plain(settings.options), omniscore_weights=_plain(settings.weights),
                         registry=registry)
-
-
-# ---------------------------------------------------------------- CLI
-

@@ -8,15 +8,20 @@ z-score. :class:`EvalCallback` logs the same OmniScore during DPO training.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from videotuna_dpo.config import validate
+from videotuna_dpo.data.scores import read_scores
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_dir
+from videotuna_dpo.pipeline.report import write_report
+from videotuna_dpo.pipeline.score import score_videos
 from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
 from videotuna_dpo.user_files import read_json
 
@@ -38,8 +43,6 @@ class EvalSchema:
 
 def eval_settings(cfg: Any, source: str = "<config>") -> Any:
     """The config's ``eval:`` block validated against :class:`EvalSchema` (defaults when absent)."""
-    from videotuna_dpo.config import validate
-
     return validate(cfg.get("eval") if cfg is not None else None, EvalSchema, "eval", source)
 
 
@@ -55,8 +58,6 @@ def pair_key(record: Mapping[str, Any]) -> str:
 
 
 def _ok_records(path: Path) -> tuple[dict[str, dict], int]:
-    from videotuna_dpo.pipeline.score import read_scores
-
     records = read_scores(path)
     ok: dict[str, dict] = {}
     for record in records.values():
@@ -228,10 +229,8 @@ def evaluate(
 
     Returns ``{"tables": {label: table}, "counts", "settings", "report": {name: path}}``.
     """
-    from videotuna_dpo.config import validate
+    # pipeline.generate imports torch: imported here, so that `videotuna --help` (cli imports this module) does not.
     from videotuna_dpo.pipeline.generate import GenerateSchema, generate_videos
-    from videotuna_dpo.pipeline.report import write_report
-    from videotuna_dpo.pipeline.score import score_videos
 
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
@@ -282,64 +281,4 @@ def evaluate(
 
 
 def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
-
-
-DESCRIPTION = """\
-Generate --num-samples videos per prompt from the base model and from each --weights with the same
-seeds (video k of prompt i uses seed + i*N + k), score them (--scorers, else the config's
-eval.scorers, else the dimensions that need no weights: {no_weights}) and compare each tuned model
-with the base per dimension: means, delta, win rate (ties count half) and the paired z-score of
-OmniScore. Writes REPORT/report.json, REPORT/report.html and PNG plots; resumable.
-""".format(no_weights=",".join(NO_WEIGHTS_DIMENSIONS))
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from videotuna_dpo.config import load_config
-    from videotuna_dpo.pipeline.report import format_table
-    from videotuna_dpo.pipeline.score import parse_options
-    from videotuna_dpo.registry import Registry
-
-    cfg = load_config(args.config, args.overrides)
-    registry = Registry.load(cfg.get("plugins"))
-    scorers = [s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None
-    summary = evaluate(cfg, registry, args.prompts, args.weights, args.num_samples, args.out, seed=args.seed,
-                       scorers=scorers, scorer_options=parse_options(args.option) or None, source=str(args.config),
-                       progress=not args.no_progress)
-    for label, table in summary["tables"].items():
-        print(f"{label} vs base ({table['pairs']} paired videos)")
-        print(format_table(table))
-        print()
-    if not summary["tables"]:
-        print("no --weights given: only the base model was sampled and scored")
-    print(f"report: {summary['report']['html']}")
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``eval`` verb on the ``videotuna`` subparsers."""
-    p = subparsers.add_parser(
-        "eval",
-        help="base vs tuned weights on the same prompts and seeds -> table + HTML report",
-        description=DESCRIPTION,
-        epilog="example: videotuna eval --config configs/dpo/cogvideox_2b.yaml --prompts eval_prompts.txt "
-        "--weights runs/dpo --num-samples 4 --out reports/dpo --seed 1000",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", required=True, help="YAML config with `model:` and `generate:` (and optional `eval:`)")
-    p.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {id: prompt})")
-    p.add_argument("--weights", nargs="+", action="extend", default=[], metavar="RUN_DIR_OR_WEIGHTS",
-                   help="run dirs (their weights/last) or weights dirs (with trainable.json) to compare with the base")
-    p.add_argument("--num-samples", type=int, default=4, help="videos per prompt and model (default 4)")
-    p.add_argument("--out", required=True, help="report directory (samples/, scores/, report.json, report.html)")
-    p.add_argument("--seed", type=int, default=1000, help="base seed, the same for every model (default 1000)")
-    p.add_argument("--scorers", default=None, help="comma-separated scorer names (default: eval.scorers or the "
-                   f"no-weights {','.join(NO_WEIGHTS_DIMENSIONS)})")
-    p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
-                   help="a scorer option, as in `videotuna score` (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
-    p.set_defaults(func=_cmd_eval)
-    return p

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from videotuna_dpo.data.preference import OFFICIAL_CLIP_LENGTH, OFFICIAL_TRAIN_DATA, write_official_layout
+from videotuna_dpo.data.scores import read_scores, record_line
 from videotuna_dpo.fileio import atomic_directory, check_writable_dir, write_json_atomic
 from videotuna_dpo.errors import UserError
 
@@ -182,8 +183,6 @@ def apply_labels(pairs: list[Pair], records: list[dict], labels_path: str | Path
 def read_scored(scores_path: str | Path, by: str = "omniscore") -> tuple[list[dict], list[dict]]:
     """The ``ok`` and the ``failed`` records of a scores.jsonl (last record per video); each ``ok`` one must hold
     a finite score ``by`` (:func:`ranking_score`)."""
-    from videotuna_dpo.pipeline.score import read_scores
-
     records = list(read_scores(scores_path).values())
     ok, failed = [], []
     for r in records:
@@ -205,8 +204,6 @@ def read_scored(scores_path: str | Path, by: str = "omniscore") -> tuple[list[di
 
 def _check_dimensions(record: dict, scores_path: str | Path) -> None:
     """Refuse a NaN or infinite dimension (raw, normalised, quality, semantic), naming its scores.jsonl line."""
-    from videotuna_dpo.pipeline.score import record_line
-
     values = {**{f"raw dimension {k!r}": v for k, v in (record.get("raw") or {}).items()},
               **{f"normalized dimension {k!r}": v for k, v in (record.get("normalized") or {}).items()},
               "quality": record.get("quality"), "semantic": record.get("semantic")}

@@ -112,7 +112,7 @@ def pairs_source(train_data: Path) -> dict[str, Any]:
 
 def eval_source(report_dir: Path) -> dict[str, Any]:
     """Base and tuned videos of an eval report, paired by prompt and seed, with every scored dimension."""
-    from videotuna_dpo.pipeline.score import read_scores
+    from videotuna_dpo.data.scores import read_scores
 
     report = read_json(report_dir / "report.json")
     tables = report.get("tables") if isinstance(report, dict) else None
