@@ -224,7 +224,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from videotuna_dpo.pipeline.demo import run_demo
 
     s = run_demo(Path(args.out), samples=args.num_samples, eval_samples=args.eval_samples, steps=args.steps,
-                 alpha=args.alpha, seed=args.seed, rounds=args.rounds, overrides=args.overrides, flow=args.flow)
+                 alpha=args.alpha, seed=args.seed, rounds=args.rounds, overrides=args.overrides, run=main,
+                 flow=args.flow)
     method = "Flow-DPO of toy_flow" if args.flow else "Diffusion-DPO of toy"
     print(f"\n{method}: OmniScore on held-out seeds: base {s['omniscore_base']:.4f} -> tuned {s['omniscore_tuned']:.4f} "
           f"(delta {s['delta']:+.4f}, paired z {s['paired_z']:.2f}, win rate {s['win_rate']:.2f}, "
