@@ -91,7 +91,7 @@ def test_with_a_dimension_beside_it_the_omniscore_is_that_dimension_and_its_raw_
 
 
 def test_the_eval_callback_logs_the_raw_score_of_a_scorer_that_is_no_dimension(example_scorer_site, monkeypatch):
-    from videotuna_dpo.pipeline.eval_callback import EvalCallback
+    from videotuna_dpo.eval_callback import EvalCallback
     from videotuna_dpo.registry import Registry
 
     monkeypatch.syspath_prepend(str(example_scorer_site))

@@ -117,7 +117,7 @@ def test_shipped_dpo_configs_carry_the_papers_settings(name, accumulate):
     assert (data.video_length, data.frame_stride, list(data.resolution)) == (16, 4, [320, 512])
     assert top.lightning.trainer["accumulate_grad_batches"] == accumulate
     assert (top.dpo.uncond_prob, top.dpo.disable_dropout) == (0.2, True)  # the official caption dropout
-    from videotuna_dpo.pipeline.generate import GenerateSchema
+    from videotuna_dpo.sampling import GenerateSchema
 
     gen = validate(cfg.generate, GenerateSchema, "generate", str(source))
     sampler = (gen.num_frames, gen.steps, gen.guidance, gen.height, gen.width)

@@ -1,4 +1,8 @@
-"""The ``videotuna`` command: one verb per step of the VideoDPO loop."""
+"""The ``videotuna`` command: one verb per step of the VideoDPO loop.
+
+A verb whose pipeline step imports torch imports it when it runs: ``videotuna --help``, each verb's ``--help``
+and ``videotuna plugins`` import no torch (``tests/test_plugins.py`` checks).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,10 @@ import yaml
 from videotuna_dpo import __version__
 from videotuna_dpo.config import load_config
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.evaluate import evaluate
-from videotuna_dpo.pipeline.report import format_table
-from videotuna_dpo.pipeline.score import DEFAULT_SCORERS, score_videos
+from videotuna_dpo.pipeline.pairs import build_pairs_dataset, short_clip_warning
 from videotuna_dpo.registry import Registry, call_with_optional
 from videotuna_dpo.review import command as review_parser
-from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
+from videotuna_dpo.scoring.omniscore import DIMENSIONS, NO_WEIGHTS_DIMENSIONS
 
 EPILOG = """\
 the loop:
@@ -128,7 +130,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from videotuna_dpo.pipeline.generate import generate_videos
+    from videotuna_dpo.pipeline.generate import generate_videos  # imports torch: only when the verb runs
 
     cfg = load_config(args.config, args.overrides)
     registry = Registry.load(cfg.get("plugins"))
@@ -139,6 +141,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from videotuna_dpo.pipeline.score import score_videos  # imports torch: only when the verb runs
+
     summary = score_videos(
         videos=args.videos,
         out=args.out,
@@ -163,8 +167,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from videotuna_dpo.pipeline.pairs import build_pairs_dataset, short_clip_warning
-
     summary = build_pairs_dataset(args.scores, args.out, strategy=args.strategy, min_gap=args.min_gap,
                                   alpha=args.alpha, beta=args.beta, bin_width=args.bin_width, mode=args.mode,
                                   labels=args.labels, by=args.by)
@@ -192,7 +194,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from videotuna_dpo.pipeline.cache import cache_dataset
+    from videotuna_dpo.pipeline.cache import cache_dataset  # imports torch: only when the verb runs
 
     cfg = load_config(args.config, args.overrides)
     registry = Registry.load(cfg.get("plugins"))
@@ -204,6 +206,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from videotuna_dpo.pipeline.evaluate import evaluate  # imports torch: only when the verb runs
+    from videotuna_dpo.pipeline.report import format_table  # reads videos (torch): only when the verb runs
+
     cfg = load_config(args.config, args.overrides)
     registry = Registry.load(cfg.get("plugins"))
     scorers = [s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None
@@ -221,7 +226,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from videotuna_dpo.pipeline.demo import run_demo
+    from videotuna_dpo.pipeline.demo import run_demo  # imports torch: only when the verb runs
 
     s = run_demo(Path(args.out), samples=args.num_samples, eval_samples=args.eval_samples, steps=args.steps,
                  alpha=args.alpha, seed=args.seed, rounds=args.rounds, overrides=args.overrides, run=main,
@@ -300,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="prompts file (.json, .jsonl or .txt); default: <video>.json sidecars")
     p.add_argument("--out", required=True, help="the JSONL file to append to (resumed if it exists)")
     p.add_argument("--scorers", default=None,
-                   help=f"comma-separated scorer names (default: all seven: {','.join(DEFAULT_SCORERS)})")
+                   help=f"comma-separated scorer names (default: all seven: {','.join(DIMENSIONS)})")
     p.add_argument("--batch-size", type=int, default=4, help="videos per batch (default 4)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",

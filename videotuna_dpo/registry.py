@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable
 
 import pluggy
 
-from videotuna_dpo import hookspecs
+from videotuna_dpo import __version__, hookspecs
+from videotuna_dpo import plugin as builtin
 from videotuna_dpo.errors import UserError
 
 ENTRY_POINT_GROUP = "videotuna"
@@ -107,8 +108,6 @@ class Registry:
         # Running from a source tree without `pip install -e .`: still offer the built-in plugin.
         if not pm.has_plugin(BUILTIN_PLUGIN) and not pm.is_blocked(BUILTIN_PLUGIN):
             if enabled is None or BUILTIN_PLUGIN in enabled:
-                from videotuna_dpo import plugin as builtin
-
                 pm.register(builtin, name=BUILTIN_PLUGIN)
         return cls(pm)
 
@@ -182,6 +181,4 @@ def _own_distribution() -> tuple[str, str]:
     try:
         return ("videotuna-dpo", importlib.metadata.version("videotuna-dpo"))
     except importlib.metadata.PackageNotFoundError:
-        from videotuna_dpo import __version__
-
         return ("videotuna-dpo (source tree)", __version__)

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from videotuna_dpo.config import NON_NEGATIVE, POSITIVE, check_kwargs, check_values, validate
 from videotuna_dpo.data.order import seeded
 from videotuna_dpo.errors import UserError, first_line
+from videotuna_dpo.eval_callback import eval_callback
 from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
 from videotuna_dpo.models.flow_matching import TIMESTEP_SAMPLING
@@ -393,8 +394,6 @@ class DPOStrategy:
         ]
         if ck.export_weights:
             callbacks.append(ExportTrainableWeights(out / "weights", ck.every_n_train_steps))
-        from videotuna_dpo.pipeline.eval_callback import eval_callback
-
         evaluator = eval_callback(cfg, source, registry)
         if evaluator is not None:
             callbacks.append(evaluator)

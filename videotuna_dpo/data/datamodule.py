@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from videotuna_dpo.config import AT_LEAST_ONE, check_values, validate
 from videotuna_dpo.data.frames import fit_stride, frame_indices, frame_span, resize_center_crop, to_model_range
+from videotuna_dpo.data.latent_cache import CachedPreferenceDataset
 from videotuna_dpo.data.order import EpochOrder, generator, item_key
 from videotuna_dpo.data.preference import DataError, PairRecord, load_pairs
 from videotuna_dpo.data.video_io import VideoReadError, count_frames, read_video
@@ -175,8 +176,6 @@ class PreferenceDataModule(L.LightningDataModule):
             return
         cfg = self.cfg
         if cfg.cache:
-            from videotuna_dpo.data.latent_cache import CachedPreferenceDataset
-
             self.dataset = CachedPreferenceDataset.open(cfg)
         else:
             pairs = load_pairs(cfg.train_data, weights=cfg.weights, alpha=cfg.alpha, human_weight=cfg.human_weight)

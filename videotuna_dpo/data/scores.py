@@ -99,3 +99,13 @@ def read_scores(path: str | os.PathLike) -> dict[str, dict]:
 def record_line(path: str | os.PathLike, video: str) -> int:
     """The line number of ``video``'s last record in scores.jsonl, for messages that point at it."""
     return max(number for number, r in _complete_records(path)[0] if r["path"] == video)
+
+
+def record_values(record: Mapping[str, Any]) -> dict[str, float]:
+    """Every comparable number of a score record, by row name (raw/X, normalized/X, quality, ...)."""
+    values = {f"raw/{k}": float(v) for k, v in (record.get("raw") or {}).items()}
+    values.update({f"normalized/{k}": float(v) for k, v in (record.get("normalized") or {}).items()})
+    for group in ("quality", "semantic", "omniscore"):
+        if record.get(group) is not None:
+            values[group] = float(record[group])
+    return values

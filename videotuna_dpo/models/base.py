@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 
 from videotuna_dpo import fileio
 from videotuna_dpo.errors import UserError, first_line
+from videotuna_dpo.user_files import read_json
 
 # predict(noisy [B, ...latent], t [B], cond) -> prediction shaped like noisy
 PredictFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -100,9 +101,6 @@ def read_trainable_meta(directory: str | Path, family: str | None = None, cfg: A
 
     Family, ``finetune`` (lora/full) and LoRA rank must match ``cfg``; a mismatch names what to set.
     """
-    from videotuna_dpo.errors import UserError
-    from videotuna_dpo.user_files import read_json
-
     path = Path(directory) / TRAINABLE_META
     if not path.is_file():
         raise UserError(

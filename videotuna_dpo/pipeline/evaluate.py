@@ -3,47 +3,30 @@
 Samples go to ``OUT/samples/<label>/`` (``base`` and one label per weight set), scores to
 ``OUT/scores/<label>.jsonl``; both steps resume, so a rerun only does what is missing. Per dimension
 the table holds the base and tuned means over paired videos, the delta, the win rate and a paired
-z-score. :class:`EvalCallback` logs the same OmniScore during DPO training.
+z-score. :class:`videotuna_dpo.eval_callback.EvalCallback` logs the same OmniScore during DPO training.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
-from videotuna_dpo.config import validate
-from videotuna_dpo.data.scores import read_scores
+from videotuna_dpo.config import plain, validate
+from videotuna_dpo.data.scores import read_scores, record_values
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.eval_callback import eval_settings
 from videotuna_dpo.fileio import check_writable_dir
+from videotuna_dpo.pipeline.generate import generate_videos
 from videotuna_dpo.pipeline.report import write_report
 from videotuna_dpo.pipeline.score import score_videos
+from videotuna_dpo.sampling import GenerateSchema
 from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
 from videotuna_dpo.user_files import read_json
 
 BASE = "base"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-@dataclass
-class EvalSchema:
-    """The optional ``eval:`` block of a config (``videotuna eval`` and the training callback)."""
-
-    scorers: Optional[list[str]] = None  # default: NO_WEIGHTS_DIMENSIONS
-    options: dict[str, Any] = field(default_factory=dict)  # {scorer: {key: value}}, as --option
-    weights: dict[str, float] = field(default_factory=dict)  # OmniScore weights, as `videotuna score --weight`
-    score_batch_size: int = 4
-    prompts: list[str] = field(default_factory=list)  # the training callback's few prompts
-    seeds: list[int] = field(default_factory=lambda: [0])  # the callback samples every prompt with each seed
-
-
-def eval_settings(cfg: Any, source: str = "<config>") -> Any:
-    """The config's ``eval:`` block validated against :class:`EvalSchema` (defaults when absent)."""
-    return validate(cfg.get("eval") if cfg is not None else None, EvalSchema, "eval", source)
 
 
 # ---------------------------------------------------------------- comparing two scores files
@@ -73,16 +56,6 @@ def _ok_records(path: Path) -> tuple[dict[str, dict], int]:
                             f"({ok[key]['path']} and {record['path']}); score each sample directory separately")
         ok[key] = record
     return ok, sum(1 for r in records.values() if r.get("status") != "ok")
-
-
-def _dimension_values(record: Mapping[str, Any]) -> dict[str, float]:
-    """Every comparable number of a score record, by row name (raw/X, normalized/X, quality, ...)."""
-    values = {f"raw/{k}": float(v) for k, v in (record.get("raw") or {}).items()}
-    values.update({f"normalized/{k}": float(v) for k, v in (record.get("normalized") or {}).items()})
-    for group in ("quality", "semantic", "omniscore"):
-        if record.get(group) is not None:
-            values[group] = float(record[group])
-    return values
 
 
 def paired_z(diffs: Sequence[float]) -> float | None:
@@ -139,7 +112,7 @@ def compare_scores(base_jsonl: str | Path, tuned_jsonl: str | Path) -> dict:
                             f"comparison needs the same seeds (same --seed and --num-samples)")
         if b.get("prompt") != t.get("prompt"):
             raise UserError(f"{key}: prompt {b.get('prompt')!r} in {base_path} but {t.get('prompt')!r} in {tuned_path}")
-        bv, tv = _dimension_values(b), _dimension_values(t)
+        bv, tv = record_values(b), record_values(t)
         for name in bv.keys() & tv.keys():
             columns.setdefault(name, []).append((bv[name], tv[name]))
         paired.append({"key": key, "prompt": b.get("prompt"), "seed": bm.get("seed", tm.get("seed")),
@@ -229,9 +202,6 @@ def evaluate(
 
     Returns ``{"tables": {label: table}, "counts", "settings", "report": {name: path}}``.
     """
-    # pipeline.generate imports torch: imported here, so that `videotuna --help` (cli imports this module) does not.
-    from videotuna_dpo.pipeline.generate import GenerateSchema, generate_videos
-
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     check_writable_dir(out, f"--out {out}")  # before any model loads
@@ -240,7 +210,7 @@ def evaluate(
                         f"not be the pretrained model; remove it and pass those weights with --weights")
     settings = eval_settings(cfg, source)
     names = list(scorers or settings.scorers or NO_WEIGHTS_DIMENSIONS)
-    options = {k: dict(v) for k, v in (scorer_options or _plain(settings.options) or {}).items()}
+    options = {k: dict(v) for k, v in (scorer_options or plain(settings.options) or {}).items()}
     omni_weights = {k: float(v) for k, v in settings.weights.items()}
     resolved = [resolve_weights(w) for w in weights]
     runs: dict[str, str | None] = {BASE: None}
@@ -271,14 +241,10 @@ def evaluate(
             "seeds": f"video k of prompt i uses seed + i*{num_samples} + k, the same for every model",
             "scorers": names, "scorer_options": options, "omniscore_weights": omni_weights,
             "model": {"name": str(cfg.model.name), "pretrained": str(cfg.model.get("pretrained", ""))},
-            "generate": _plain(gen_settings), "weights": runs,
+            "generate": plain(gen_settings), "weights": runs,
         },
         "counts": counts,
         "tables": tables,
     }
     summary["report"] = write_report(out, summary)
     return summary
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node

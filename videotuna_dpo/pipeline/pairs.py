@@ -19,8 +19,10 @@ import numpy as np
 
 from videotuna_dpo.data.preference import OFFICIAL_CLIP_LENGTH, OFFICIAL_TRAIN_DATA, write_official_layout
 from videotuna_dpo.data.scores import read_scores, record_line
-from videotuna_dpo.fileio import atomic_directory, check_writable_dir, write_json_atomic
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.fileio import atomic_directory, check_writable_dir, write_json_atomic
+from videotuna_dpo.pipeline import plots as figures
+from videotuna_dpo.review.labels import check_identity, file_sha256, pair_key, read_labels
 
 PAIR_STRATEGIES = ("best-worst", "all-gap")
 PROBABILITY_MODES = ("sqrt", "product")
@@ -136,8 +138,6 @@ def apply_labels(pairs: list[Pair], records: list[dict], labels_path: str | Path
     video of scores.jsonl: a label naming another video, or one whose file changed since it was labelled, is refused.
     A label matches a pair by its two videos whichever order the scorer gave them now.
     """
-    from videotuna_dpo.review.labels import check_identity, file_sha256, pair_key, read_labels
-
     labels = read_labels(labels_path, "pairs")
     check_identity(labels, {r["path"]: r["path"] for r in records}, str(scores_path))
     by_pair = {pair_key(label): label for label in labels.labels}
@@ -345,9 +345,7 @@ def build_pairs_dataset(
     with atomic_directory(out) as tmp:
         write_official_layout(tmp / meta_dir.name, clips, rows, manifest, final_meta_dir=meta_dir)
         if plots:
-            from videotuna_dpo.pipeline.plots import pair_plots
-
-            drawn = pair_plots(tmp / "plots", ok, pairs, weights, all_scores, by)
+            drawn = figures.pair_plots(tmp / "plots", ok, pairs, weights, all_scores, by)
             summary["plots"] = {name: str(out / Path(png).relative_to(tmp)) for name, png in drawn.items()}
         write_json_atomic(tmp / "summary.json", summary)
     return summary

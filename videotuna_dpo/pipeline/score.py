@@ -11,15 +11,20 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import torch
+from tqdm import tqdm
+
 from videotuna_dpo.data.scores import ScoresFile
+from videotuna_dpo.data.video_io import VideoReadError, read_video_and_fps
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_file, is_temporary
 from videotuna_dpo.pipeline.prompts import load_prompts
-from videotuna_dpo.scoring.omniscore import DIMENSIONS, NO_WEIGHTS_DIMENSIONS
+from videotuna_dpo.scoring.base import default_device
+from videotuna_dpo.scoring.build import build_scorers, call_scorer, describe_scorer, omniscore_config
+from videotuna_dpo.scoring.omniscore import DIMENSIONS, omniscore, omniscore_dimensions
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -69,67 +74,6 @@ def unique_videos(paths: Sequence[Path]) -> list[Path]:
 
 
 # ---------------------------------------------------------------- scoring
-
-
-def build_scorers(names: Sequence[str], device: str, options: Mapping[str, Mapping[str, Any]], registry=None) -> dict:
-    """Create every named scorer; all missing-weights problems are reported together."""
-    from videotuna_dpo.registry import Registry, call_with_optional
-    from videotuna_dpo.scoring.base import MissingWeightsError, Scorer
-
-    registry = registry or Registry.load()
-    unknown_opts = sorted(set(options) - set(names))
-    if unknown_opts:
-        raise UserError(f"--option given for scorer(s) not being run: {', '.join(unknown_opts)}; running: {', '.join(names)}")
-    scorers, problems = {}, []
-    for name in names:
-        factory = registry.get("scorer", name)
-        kwargs = dict(options.get(name, {}))
-        optional = {} if "device" in kwargs else {"device": device}  # an explicit --option NAME.device wins
-        try:
-            scorer = call_with_optional(partial(factory, **kwargs), **optional)
-        except MissingWeightsError as exc:
-            problems.append(str(exc))
-            continue
-        except TypeError as exc:
-            raise UserError(f"scorer {name}: bad options {sorted(kwargs)}: {exc}") from exc
-        if not isinstance(scorer, Scorer) or scorer.kind not in ("quality", "semantic"):
-            raise UserError(
-                f"scorer {name} ({type(scorer).__module__}.{type(scorer).__qualname__}) does not follow the scorer "
-                f"contract: it needs kind ('quality'/'semantic'), needs_weights, weights_hint, version and __call__"
-            )
-        scorers[name] = scorer
-    if problems:
-        raise UserError(
-            "missing scorer weights:\n  " + "\n  ".join(problems)
-            + f"\nOr score only the dimensions that need no weights: --scorers {','.join(NO_WEIGHTS_DIMENSIONS)}"
-        )
-    return scorers
-
-
-def omniscore_config(models: Mapping[str, Any], weights: Mapping[str, float] | None = None):
-    """The OmniScore settings for these scorers: kinds, plus ranges of plugin dimensions that declare one."""
-    from videotuna_dpo.scoring.omniscore import OmniScoreConfig
-
-    config = OmniScoreConfig()
-    for name, scorer in models.items():
-        config.kinds.setdefault(name, scorer.kind)
-        if getattr(scorer, "score_range", None) is not None:  # a plugin dimension joining the OmniScore
-            config.ranges.setdefault(name, tuple(scorer.score_range))
-            config.weights.setdefault(name, float(getattr(scorer, "score_weight", 1.0)))
-    return config.with_weights(weights or {})
-
-
-def _describe(scorer) -> dict:
-    if hasattr(scorer, "describe"):
-        return scorer.describe()
-    return {"version": str(scorer.version), "weights": scorer.weights_hint or None}
-
-
-def call_scorer(scorer: Any, clip: Any, texts: list[str], fps: float | None) -> Any:
-    """Score a batch; scorers that declare ``uses_fps`` also get the files' frame rate."""
-    if getattr(scorer, "uses_fps", False):
-        return scorer(clip, texts, fps=fps)
-    return scorer(clip, texts)
 
 
 def _unscorable(models: Mapping[str, Any], shape: Sequence[int]) -> str | None:
@@ -191,13 +135,6 @@ def score_videos(
 
     ``announce`` prints each scorer's backend and weight files to stderr before scoring (the CLI does).
     """
-    import torch
-    from tqdm import tqdm
-
-    from videotuna_dpo.data.video_io import VideoReadError, read_video_and_fps
-    from videotuna_dpo.scoring.base import default_device
-    from videotuna_dpo.scoring.omniscore import omniscore, omniscore_dimensions
-
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     check_writable_file(out, f"--out {out}")  # before the scorers load
@@ -214,7 +151,7 @@ def score_videos(
         print(f"OmniScore left out: none of the scorers {', '.join(names)} is one of its dimensions "
               f"({', '.join(config.ranges)}) or declares a score_range; the records hold their raw scores "
               f"(`videotuna pairs --by NAME` pairs by one of them)", file=sys.stderr)
-    described = {name: _describe(s) for name, s in models.items()}
+    described = {name: describe_scorer(s) for name, s in models.items()}
     if announce:  # before a long run, say which model scores each dimension
         print("\n".join(["scorers:", *backend_lines(described)]), file=sys.stderr)
     min_frames = max([int(getattr(s, "min_frames", 1)) for s in models.values()] + [1])

@@ -37,9 +37,9 @@ PREVIEW_SIDE = 256  # small videos are enlarged (whole pixels, an even factor) s
 
 def _values(record: Mapping[str, Any]) -> dict[str, float]:
     """Every number of a score record shown on the page: omniscore, quality, semantic, normalized/X, raw/X."""
-    from videotuna_dpo.pipeline.evaluate import _dimension_values
+    from videotuna_dpo.data.scores import record_values
 
-    return {k: v for k, v in _dimension_values(record).items() if math.isfinite(v)}
+    return {k: v for k, v in record_values(record).items() if math.isfinite(v)}
 
 
 def _dimensions(videos: list[dict]) -> list[str]:

@@ -1,18 +1,36 @@
-"""The training callback of ``eval_every_n_steps``: sample a few prompts with the policy and log ``eval/*``."""
+"""The ``eval:`` block of a config and the training callback of ``eval_every_n_steps``: sample a few prompts with
+the policy and log ``eval/*``. The block also sets the scorers of ``videotuna eval``."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
 
 import lightning as L
 import torch
 
-from videotuna_dpo.config import validate
+from videotuna_dpo.config import plain, validate
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.evaluate import _plain, eval_settings
-from videotuna_dpo.pipeline.generate import GenerateSchema, sampler_kwargs
-from videotuna_dpo.pipeline.score import build_scorers, call_scorer, omniscore_config
+from videotuna_dpo.sampling import GenerateSchema, sampler_kwargs
+from videotuna_dpo.scoring.build import build_scorers, call_scorer, omniscore_config
 from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS, omniscore, omniscore_dimensions
+
+
+@dataclass
+class EvalSchema:
+    """The optional ``eval:`` block of a config (``videotuna eval`` and the training callback)."""
+
+    scorers: Optional[list[str]] = None  # default: NO_WEIGHTS_DIMENSIONS
+    options: dict[str, Any] = field(default_factory=dict)  # {scorer: {key: value}}, as --option
+    weights: dict[str, float] = field(default_factory=dict)  # OmniScore weights, as `videotuna score --weight`
+    score_batch_size: int = 4
+    prompts: list[str] = field(default_factory=list)  # the training callback's few prompts
+    seeds: list[int] = field(default_factory=lambda: [0])  # the callback samples every prompt with each seed
+
+
+def eval_settings(cfg: Any, source: str = "<config>") -> Any:
+    """The config's ``eval:`` block validated against :class:`EvalSchema` (defaults when absent)."""
+    return validate(cfg.get("eval") if cfg is not None else None, EvalSchema, "eval", source)
 
 
 class EvalCallback(L.Callback):
@@ -126,5 +144,5 @@ def eval_callback(cfg: Any, source: str = "<config>", registry: Any = None) -> E
     gen = validate(cfg.get("generate"), GenerateSchema, "generate", source)
     kwargs = {**sampler_kwargs(gen), "batch_size": gen.batch_size}
     return EvalCallback(every, list(settings.prompts), list(settings.seeds), settings.scorers, kwargs,
-                        scorer_options=_plain(settings.options), omniscore_weights=_plain(settings.weights),
+                        scorer_options=plain(settings.options), omniscore_weights=plain(settings.weights),
                         registry=registry)
