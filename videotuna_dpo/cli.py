@@ -332,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="best-worst", choices=["best-worst", "all-gap"],
                    help="best-worst: one pair per prompt (paper); all-gap: every pair above --min-gap")
     p.add_argument("--by", default="omniscore", metavar="NAME",
-                   help="the score that ranks a prompt's videos and re-weights the pairs: omniscore (default), quality, "
-                   "semantic or any scorer's raw score in the records (e.g. a contributed reward model)")
-    p.add_argument("--min-gap", type=float, default=0.0, help="minimum gap of a pair in the --by score (ties never pair)")
+                   help="the score that ranks a prompt's videos and re-weights the pairs: omniscore (default), "
+                   "quality, semantic or any scorer's raw score in the records (e.g. a contributed reward model)")
+    p.add_argument("--min-gap", type=float, default=0.0,
+                   help="minimum gap of a pair in the --by score (ties never pair)")
     p.add_argument("--alpha", type=float, default=1.0, help="re-weighting exponent; 0 = plain DPO (all ones)")
     p.add_argument("--beta", type=float, default=0.72, help="re-weighting constant (default 0.72)")
     p.add_argument("--bin-width", type=float, default=0.01, help="histogram bin width of the --by score")

@@ -156,7 +156,8 @@ class _Weighting:
     human_weight: float
 
 
-def _dir_pairs(d: Path, weighting: _Weighting, check_files: bool, first_row: dict, problems: list[str]) -> list[PairRecord]:
+def _dir_pairs(d: Path, weighting: _Weighting, check_files: bool, first_row: dict,
+               problems: list[str]) -> list[PairRecord]:
     """The pairs of one META dir (metadata.json, pair.json, manifest.json); problems go to ``problems``."""
     metadata = _load_json(d / "metadata.json", problems)
     pairs = _load_json(d / "pair.json", problems)

@@ -46,7 +46,8 @@ class Backend(Protocol):
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The policy's prediction, shaped like ``noisy`` (gradients flow into the trainable parameters).
 
-        ``noisy`` ``[2B, ...]`` holds the winners then the losers, ``t`` ``[2B]``, ``cond`` both halves' conditioning."""
+        ``noisy`` ``[2B, ...]`` holds the winners then the losers, ``t`` ``[2B]``, ``cond`` both halves'
+        conditioning."""
 
     def reference(self) -> AbstractContextManager[PredictFn]:
         """Context yielding the frozen reference model's ``predict(noisy, t, cond)``; entered under ``torch.no_grad()``.
