@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_backend
+from videotuna_dpo.checkpoint_io import UntrustedCheckpointError, load_weights
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import Backend
-from videotuna_dpo.models.checkpoint_io import UntrustedCheckpointError, load_weights
 
 
 def _inputs(backend, seed=0):

@@ -92,7 +92,7 @@ def test_every_shipped_dpo_config_validates_block_by_block(path):
     """Every key of a shipped config is one its block's schema knows, in range, before anything loads."""
     from omegaconf import OmegaConf
 
-    from videotuna_dpo.pipeline.generate import GENERATE_RULES, GenerateSchema
+    from videotuna_dpo.sampling import GENERATE_RULES, GenerateSchema
     from videotuna_dpo.config import check_values
     from videotuna_dpo.registry import Registry
     from videotuna_dpo.strategy import TrainSchema, check_trainer_kwargs, check_training_values

@@ -8,6 +8,7 @@ import statistics
 import pytest
 from omegaconf import OmegaConf
 
+from videotuna_dpo.cli import main
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.pipeline.demo import FLOW_DEMO_CONFIG, run_demo, write_demo_config
 from videotuna_dpo.pipeline.evaluate import table_row
@@ -16,7 +17,7 @@ from videotuna_dpo.pipeline.evaluate import table_row
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out)
+    return out, run_demo(out, run=main)
 
 
 def test_dpo_beats_the_base_on_held_out_seeds(demo):
@@ -71,7 +72,7 @@ FLOW_SHORT = dict(flow=True, rounds=1, eval_samples=1, steps=20,
 @pytest.fixture(scope="module")
 def flow_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("flow_demo")
-    return out, run_demo(out, **FLOW_SHORT)
+    return out, run_demo(out, **FLOW_SHORT, run=main)
 
 
 def test_flow_demo_trains_toy_flow_from_the_reference_with_its_beta_schedule(flow_demo):

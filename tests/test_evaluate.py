@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.eval_callback import EvalCallback, eval_callback
+from videotuna_dpo.eval_callback import EvalCallback, eval_callback
 from videotuna_dpo.pipeline.evaluate import (
     compare_scores, evaluate, paired_z, resolve_weights, table_row, weight_labels,
 )
@@ -298,7 +298,7 @@ class _ModeProbe(L.Callback):
 def test_callback_logs_the_omniscore_of_the_current_policy_and_keeps_train_mode(tiny_cogvideox, tiny_dataset, tmp_path):
     from tests.conftest import make_backend
     from videotuna_dpo.data.datamodule import PreferenceDataModule
-    from videotuna_dpo.pipeline.score import build_scorers
+    from videotuna_dpo.scoring.build import build_scorers
     from videotuna_dpo.scoring.omniscore import omniscore
     from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 

@@ -63,7 +63,7 @@ def test_exported_weights_get_umask_permissions_not_mkdtemps_0700(tiny_cogvideox
 
 def test_unreadable_weight_files_are_named_whatever_their_format(tmp_path):
     from videotuna_dpo.errors import UserError
-    from videotuna_dpo.models.checkpoint_io import load_weights
+    from videotuna_dpo.checkpoint_io import load_weights
 
     for name in ("broken.safetensors", "broken.pth"):
         (tmp_path / name).write_bytes(b"xx")
@@ -84,7 +84,7 @@ class _Scripted(torch.nn.Module):
 
 def test_torchscript_tensors_are_read_under_their_state_dict_names(tmp_path):
     from videotuna_dpo.errors import UserError
-    from videotuna_dpo.models.checkpoint_io import load_torchscript_tensors
+    from videotuna_dpo.checkpoint_io import load_torchscript_tensors
 
     module = torch.jit.script(_Scripted())
     module.save(str(tmp_path / "scripted.pt"))

@@ -230,8 +230,9 @@ def test_small_frames_and_bad_options_are_refused(golden_checkpoint):
 
 
 def test_score_run_records_frames_too_small_for_amt_as_failed_and_scores_the_rest(golden_checkpoint, tmp_path):
+    from videotuna_dpo.data.scores import read_scores
     from videotuna_dpo.data.video_io import write_video
-    from videotuna_dpo.pipeline.score import read_scores, score_videos
+    from videotuna_dpo.pipeline.score import score_videos
 
     videos = tmp_path / "videos"
     write_video(videos / "small.mp4", torch.rand(5, 3, 64, 96), lossless=True)

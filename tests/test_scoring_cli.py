@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, make_distribution
+from videotuna_dpo.cli import parse_options
+from videotuna_dpo.data.scores import ScoresFile, read_scores
 from videotuna_dpo.data.video_io import read_video, write_video
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.score import ScoresFile, load_prompts, parse_options, read_scores
+from videotuna_dpo.pipeline.prompts import load_prompts
 from videotuna_dpo.scoring.omniscore import omniscore
 
 FREE = "temporal_flickering,dynamic_degree,motion_smoothness,imaging_quality"

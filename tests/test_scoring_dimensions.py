@@ -156,8 +156,9 @@ def test_dynamic_degree_samples_by_the_files_frame_rate_unless_the_fps_option_is
     """VBench keeps every round(fps / 8)-th frame: the same frames move twice as far per pair at 16 fps."""
     import json
 
+    from videotuna_dpo.data.scores import read_scores
     from videotuna_dpo.data.video_io import write_video
-    from videotuna_dpo.pipeline.score import read_scores, score_videos
+    from videotuna_dpo.pipeline.score import score_videos
 
     g = torch.Generator().manual_seed(0)
     texture = torch.rand(3, 24, 24, generator=g)

@@ -9,7 +9,7 @@ from videotuna_dpo import user_files
 from videotuna_dpo.config import ConfigError, load_config
 from videotuna_dpo.data.preference import DataError, load_pairs
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.score import read_scores
+from videotuna_dpo.data.scores import read_scores
 from videotuna_dpo.user_files import read_json, read_yaml
 
 # Nine levels of nine aliases each: 9**9 (387 million) strings once expanded.

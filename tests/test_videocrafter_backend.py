@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.videotuna_fixtures import dpo_module, make_vc2, pair_batch, train_steps, use_standin, vc2_files  # noqa: F401
+from videotuna_dpo.checkpoint_io import UntrustedCheckpointError
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.checkpoint_io import UntrustedCheckpointError
 
 
 class Marker:

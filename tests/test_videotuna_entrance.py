@@ -63,6 +63,12 @@ def test_a_videotuna_yaml_with_flow_and_data_targets_trains_dpo(vc2_files, tiny_
     assert trainable and all(p.requires_grad for p in trainable)
     assert sum(p.requires_grad for p in flow.parameters()) == len(trainable)  # the host's set_trainable_components undone
     assert flow.denoiser is flow.inner.denoiser
+    # The step's metrics come from the same place as `videotuna train`'s (strategy.log_step), sft_loss and lr included.
+    logged = flow.trainer.logged_metrics
+    assert {k for k in logged if k.startswith("train/")} == {
+        "train/loss", "train/implicit_acc", "train/reward_margin", "train/reward_w", "train/reward_l",
+        "train/sft_loss", "train/model_err_w", "train/model_err_l", "train/ref_err_w", "train/ref_err_l", "train/lr"}
+    assert float(logged["train/lr"]) == pytest.approx(1.0e-3)
     weights = tmp_path / "checkpoints" / "dpo_weights" / "last"
     assert (weights / "trainable.json").is_file()
     again = flow.backend_class(OmegaConf.merge(flow.backend.cfg, {"flow": vc2_files["section"], "trainable_weights": str(weights)}))
@@ -111,7 +117,7 @@ def test_shipped_dpo_configs_carry_the_papers_settings(name, accumulate):
     assert (data.video_length, data.frame_stride, list(data.resolution)) == (16, 4, [320, 512])
     assert top.lightning.trainer["accumulate_grad_batches"] == accumulate
     assert (top.dpo.uncond_prob, top.dpo.disable_dropout) == (0.2, True)  # the official caption dropout
-    from videotuna_dpo.pipeline.generate import GenerateSchema
+    from videotuna_dpo.sampling import GenerateSchema
 
     gen = validate(cfg.generate, GenerateSchema, "generate", str(source))
     sampler = (gen.num_frames, gen.steps, gen.guidance, gen.height, gen.width)

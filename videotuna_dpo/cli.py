@@ -1,4 +1,8 @@
-"""The ``videotuna`` command: one verb per step of the VideoDPO loop."""
+"""The ``videotuna`` command: one verb per step of the VideoDPO loop.
+
+A verb whose pipeline step imports torch imports it when it runs: ``videotuna --help``, each verb's ``--help``
+and ``videotuna plugins`` import no torch (``tests/test_plugins.py`` checks).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Sequence
+
+import yaml
 
 from videotuna_dpo import __version__
 from videotuna_dpo.config import load_config
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline import evaluate as evaluate_parser
-from videotuna_dpo.pipeline import score as score_parser
-from videotuna_dpo.registry import Registry
+from videotuna_dpo.pipeline.pairs import build_pairs_dataset, short_clip_warning
+from videotuna_dpo.registry import Registry, call_with_optional
 from videotuna_dpo.review import command as review_parser
+from videotuna_dpo.scoring.omniscore import DIMENSIONS, NO_WEIGHTS_DIMENSIONS
 
 EPILOG = """\
 the loop:
@@ -27,6 +33,73 @@ the loop:
   videotuna train     --strategy dpo: fine-tune on the preference dataset
   videotuna plugins   what is installed: strategies, scorers, datamodules, models
 """
+
+
+SCORE_EXAMPLE = (
+    "example: videotuna score --videos samples/ --prompts samples/prompts.json --out scores.jsonl "
+    f"--scorers {','.join(NO_WEIGHTS_DIMENSIONS)} --batch-size 4"
+)
+SCORE_DESCRIPTION = """\
+Score every video on VBench dimensions and their OmniScore; one JSON line per video in --out.
+A rerun skips videos already in --out; unreadable or too-short videos become "failed" lines.
+
+prompts: --prompts FILE as .json {"a.mp4" (path, file name or stem): "prompt", ...} or a list of
+{"path": ..., "prompt": ...}, .jsonl of those, or .txt with one prompt per sorted video; without it,
+a sidecar <video>.json (a.mp4.json or a.json) with a "prompt" key, as `videotuna generate` writes.
+
+weights: model-based scorers (subject_consistency, aesthetic_quality, overall_consistency; MUSIQ,
+RAFT and AMT options) read local files from $VIDEOTUNA_WEIGHTS or --option SCORER.KEY=PATH:
+  $VIDEOTUNA_WEIGHTS/dino/dino_vitbase16_pretrain.pth        subject_consistency  (weights=)
+  $VIDEOTUNA_WEIGHTS/clip/ViT-L-14.pt                        aesthetic_quality; overall_consistency without ViCLIP (clip_weights=)
+  $VIDEOTUNA_WEIGHTS/viclip/ViClip-InternVid-10M-FLT.pth     overall_consistency as VBench, used when present (viclip_weights=)
+  $VIDEOTUNA_WEIGHTS/aesthetic/sa_0_4_vit_l_14_linear.pth    aesthetic_quality    (head_weights=)
+  $VIDEOTUNA_WEIGHTS/musiq/musiq_spaq_ckpt-358bb6af.pth      imaging_quality, else a NIQE proxy (musiq_weights=)
+  $VIDEOTUNA_WEIGHTS/raft/raft_large_C_T_V2-1bb1363a.pth     dynamic_degree/motion_smoothness flow=raft (raft_weights=);
+    or VBench's RAFT raft/raft_model.pth (= raft-things.pth, princeton-vl layout, converted on load)
+  $VIDEOTUNA_WEIGHTS/amt/amt-s.pth                           motion_smoothness interpolator=amt, VBench's AMT-S (amt_weights=)
+"""
+EVAL_DESCRIPTION = """\
+Generate --num-samples videos per prompt from the base model and from each --weights with the same
+seeds (video k of prompt i uses seed + i*N + k), score them (--scorers, else the config's
+eval.scorers, else the dimensions that need no weights:
+{no_weights})
+and compare each tuned model with the base per dimension: means, delta, win rate (ties count half)
+and the paired z-score of OmniScore. Writes REPORT/report.json, REPORT/report.html and PNG plots;
+resumable.
+""".format(no_weights=",".join(NO_WEIGHTS_DIMENSIONS))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_options(items: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``["aesthetic_quality.clip_weights=/w/ViT-L-14.pt", ...]`` -> ``{scorer: {key: value}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        scorer, dot, option = key.partition(".")
+        if not sep or not dot or not scorer or not option:
+            raise UserError(f"--option {item!r}: expected SCORER.KEY=VALUE, e.g. dynamic_degree.fps=16")
+        options.setdefault(scorer, {})[option] = _parse_value(value)
+    return options
+
+
+def parse_weights(items: Iterable[str]) -> dict[str, float]:
+    """``["dynamic_degree=0.5"]`` -> ``{"dynamic_degree": 0.5}``."""
+    weights = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UserError(f"--weight {item!r}: expected DIMENSION=NUMBER, e.g. dynamic_degree=0.5") from None
+        if not sep or weights[name] < 0:
+            raise UserError(f"--weight {item!r}: expected DIMENSION=NUMBER >= 0")
+    return weights
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -51,13 +124,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     registry = Registry.load(cfg.get("plugins"))
     strategy = registry.get("strategy", args.strategy)
-    out = strategy.run(cfg, registry, resume=args.resume, source=str(args.config))
+    out = call_with_optional(strategy.run, cfg, registry, resume=args.resume, source=str(args.config))
     print(f"run finished: {out}")
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from videotuna_dpo.pipeline.generate import generate_videos
+    from videotuna_dpo.pipeline.generate import generate_videos  # imports torch: only when the verb runs
 
     cfg = load_config(args.config, args.overrides)
     registry = Registry.load(cfg.get("plugins"))
@@ -67,12 +140,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_pairs(args: argparse.Namespace) -> int:
-    from videotuna_dpo.pipeline.pairs import build_pairs_dataset, short_clip_warning
+def _cmd_score(args: argparse.Namespace) -> int:
+    from videotuna_dpo.pipeline.score import score_videos  # imports torch: only when the verb runs
 
+    summary = score_videos(
+        videos=args.videos,
+        out=args.out,
+        prompts=args.prompts,
+        scorers=[s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None,
+        batch_size=args.batch_size,
+        device=args.device,
+        options=parse_options(args.option),
+        weights=parse_weights(args.weight),
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+        announce=True,
+    )
+    print(
+        f"scored {summary['scored']}, failed {summary['failed']}, skipped {summary['skipped']} "
+        f"(already in {summary['out']})"
+    )
+    if summary["failed"]:
+        print(f"{summary['failed']} video(s) failed; their reasons are the \"failed\" lines of {summary['out']}",
+              file=sys.stderr)
+    return 0
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
     summary = build_pairs_dataset(args.scores, args.out, strategy=args.strategy, min_gap=args.min_gap,
                                   alpha=args.alpha, beta=args.beta, bin_width=args.bin_width, mode=args.mode,
-                                  labels=args.labels)
+                                  labels=args.labels, by=args.by)
     if summary["failed_videos_left_out"]:
         print(f"{summary['failed_videos_left_out']} video(s) failed scoring and are left out "
               f"(listed in {args.out}/pairs/manifest.json)", file=sys.stderr)
@@ -87,7 +184,8 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         if labels["not_applied"]:
             print(f"{len(labels['not_applied'])} label(s) name pairs this dataset does not have (another --strategy or "
                   f"--min-gap?) and were not applied: labels{labels['not_applied'][:10]}", file=sys.stderr)
-    print(f"{summary['pairs']} pairs from {summary['prompts']} prompts "
+    ranked = "" if args.by == "omniscore" else f" ranked by {args.by}"
+    print(f"{summary['pairs']} pairs{ranked} from {summary['prompts']} prompts "
           f"({summary['prompts_without_pair']} without a pair); weights {summary['weight_min']:.3g}.."
           f"{summary['weight_max']:.3g}; train with data.train_data={summary['train_data']}")
     print(f"official VideoDPO code: data_root: {summary['official_train_data']} (its META dir is absolute; "
@@ -96,7 +194,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from videotuna_dpo.pipeline.cache import cache_dataset
+    from videotuna_dpo.pipeline.cache import cache_dataset  # imports torch: only when the verb runs
 
     cfg = load_config(args.config, args.overrides)
     registry = Registry.load(cfg.get("plugins"))
@@ -107,11 +205,32 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from videotuna_dpo.pipeline.evaluate import evaluate  # imports torch: only when the verb runs
+    from videotuna_dpo.pipeline.report import format_table  # reads videos (torch): only when the verb runs
+
+    cfg = load_config(args.config, args.overrides)
+    registry = Registry.load(cfg.get("plugins"))
+    scorers = [s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None
+    summary = evaluate(cfg, registry, args.prompts, args.weights, args.num_samples, args.out, seed=args.seed,
+                       scorers=scorers, scorer_options=parse_options(args.option) or None, source=str(args.config),
+                       progress=not args.no_progress)
+    for label, table in summary["tables"].items():
+        print(f"{label} vs base ({table['pairs']} paired videos)")
+        print(format_table(table))
+        print()
+    if not summary["tables"]:
+        print("no --weights given: only the base model was sampled and scored")
+    print(f"report: {summary['report']['html']}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from videotuna_dpo.pipeline.demo import run_demo
+    from videotuna_dpo.pipeline.demo import run_demo  # imports torch: only when the verb runs
 
     s = run_demo(Path(args.out), samples=args.num_samples, eval_samples=args.eval_samples, steps=args.steps,
-                 alpha=args.alpha, seed=args.seed, rounds=args.rounds, overrides=args.overrides, flow=args.flow)
+                 alpha=args.alpha, seed=args.seed, rounds=args.rounds, overrides=args.overrides, run=main,
+                 flow=args.flow)
     method = "Flow-DPO of toy_flow" if args.flow else "Diffusion-DPO of toy"
     print(f"\n{method}: OmniScore on held-out seeds: base {s['omniscore_base']:.4f} -> tuned {s['omniscore_tuned']:.4f} "
           f"(delta {s['delta']:+.4f}, paired z {s['paired_z']:.2f}, win rate {s['win_rate']:.2f}, "
@@ -175,7 +294,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_generate)
 
-    score_parser.add_parser(sub)
+    p = sub.add_parser(
+        "score",
+        help="score videos on VBench dimensions -> scores.jsonl (OmniScore)",
+        description=SCORE_DESCRIPTION,
+        epilog=SCORE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--videos", required=True, help="a directory of videos (recursive), a .txt list of paths, or one video")
+    p.add_argument("--prompts", default=None, help="prompts file (.json, .jsonl or .txt); default: <video>.json sidecars")
+    p.add_argument("--out", required=True, help="the JSONL file to append to (resumed if it exists)")
+    p.add_argument("--scorers", default=None,
+                   help=f"comma-separated scorer names (default: all seven: {','.join(DIMENSIONS)})")
+    p.add_argument("--batch-size", type=int, default=4, help="videos per batch (default 4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
+                   help="a scorer option, e.g. dynamic_degree.fps=16 or aesthetic_quality.clip_weights=PATH (repeatable)")
+    p.add_argument("--weight", action="append", default=[], metavar="DIMENSION=W",
+                   help="OmniScore weight of a dimension, e.g. dynamic_degree=0.5 (repeatable; 0 leaves it out)")
+    p.add_argument("--retry-failed", action="store_true", help="score again the videos recorded as failed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser(
         "pairs",
@@ -183,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Group scored videos by prompt, pair them and write the official VideoDPO layout plus "
         "manifest.json and PNG plots: train_data.yaml (relative, for this package; the dataset can move) and "
         "train_data_official.yaml (absolute, the data_root to give the official VideoDPO code). Pair weight = "
-        "(beta / p) ** alpha with p the pair probability from the OmniScore histogram (bin width 0.01); --mode sqrt uses sqrt(p_w p_l) (the paper, default), "
+        "(beta / p) ** alpha with p the pair probability from the OmniScore histogram (or that of the --by score; bin "
+        "width 0.01); --mode sqrt uses sqrt(p_w p_l) (the paper, default), "
         "product uses p_w p_l (the official code).",
         epilog="example: videotuna pairs --scores scores.jsonl --out data/pairs --strategy best-worst --alpha 1.0",
     )
@@ -191,10 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset directory to write (a rerun replaces it as a whole)")
     p.add_argument("--strategy", default="best-worst", choices=["best-worst", "all-gap"],
                    help="best-worst: one pair per prompt (paper); all-gap: every pair above --min-gap")
-    p.add_argument("--min-gap", type=float, default=0.0, help="minimum OmniScore gap of a pair (ties never pair)")
+    p.add_argument("--by", default="omniscore", metavar="NAME",
+                   help="the score that ranks a prompt's videos and re-weights the pairs: omniscore (default), "
+                   "quality, semantic or any scorer's raw score in the records (e.g. a contributed reward model)")
+    p.add_argument("--min-gap", type=float, default=0.0,
+                   help="minimum gap of a pair in the --by score (ties never pair)")
     p.add_argument("--alpha", type=float, default=1.0, help="re-weighting exponent; 0 = plain DPO (all ones)")
     p.add_argument("--beta", type=float, default=0.72, help="re-weighting constant (default 0.72)")
-    p.add_argument("--bin-width", type=float, default=0.01, help="OmniScore histogram bin width")
+    p.add_argument("--bin-width", type=float, default=0.01, help="histogram bin width of the --by score")
     p.add_argument("--mode", default="sqrt", choices=["sqrt", "product"], help="pair probability (default sqrt)")
     p.add_argument("--labels", default=None, metavar="LABELS_JSON",
                    help="labels.json of `videotuna review`: keep confirms a pair, flip swaps winner and loser, tie "
@@ -219,7 +363,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_cache)
 
-    evaluate_parser.add_parser(sub)
+    p = sub.add_parser(
+        "eval",
+        help="base vs tuned weights on the same prompts and seeds -> table + HTML report",
+        description=EVAL_DESCRIPTION,
+        epilog="example: videotuna eval --config configs/dpo/cogvideox_2b.yaml --prompts eval_prompts.txt "
+        "--weights runs/dpo --num-samples 4 --out reports/dpo --seed 1000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML config with `model:` and `generate:` (and optional `eval:`)")
+    p.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {id: prompt})")
+    p.add_argument("--weights", nargs="+", action="extend", default=[], metavar="RUN_DIR_OR_WEIGHTS",
+                   help="run dirs (their weights/last) or weights dirs (with trainable.json) to compare with the base")
+    p.add_argument("--num-samples", type=int, default=4, help="videos per prompt and model (default 4)")
+    p.add_argument("--out", required=True, help="report directory (samples/, scores/, report.json, report.html)")
+    p.add_argument("--seed", type=int, default=1000, help="base seed, the same for every model (default 1000)")
+    p.add_argument("--scorers", default=None, help="comma-separated scorer names (default: eval.scorers or the "
+                   f"no-weights {','.join(NO_WEIGHTS_DIMENSIONS)})")
+    p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
+                   help="a scorer option, as in `videotuna score` (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
         "demo",

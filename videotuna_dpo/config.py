@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.user_files import load_yaml_config
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 
@@ -118,8 +118,9 @@ def check_values(node: Any, where: str, rules: Mapping[str, Rule], source: str =
             raise ConfigError(f"{source}: bad value for '{_join(where, key)}': {value!r} (expected {words})")
 
 
-def to_container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig,)) or OmegaConf.is_config(node) else node
+def plain(node: Any) -> Any:
+    """A config node as plain dicts and lists (interpolations resolved), for JSON; anything else as it is."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 def _known_keys(base: DictConfig, rel_path: str) -> list[str]:

@@ -7,6 +7,7 @@ registry (and ``videotuna plugins``) never imports torch.
 from __future__ import annotations
 
 from videotuna_dpo.hookspecs import hookimpl
+from videotuna_dpo.scoring import SCORERS
 
 
 @hookimpl
@@ -16,8 +17,6 @@ def videotuna_strategies():
 
 @hookimpl
 def videotuna_scorers():
-    from videotuna_dpo.scoring import SCORERS
-
     return {**SCORERS, "toy_alignment": "videotuna_dpo.toy.scorer:ToyAlignment"}
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import pluggy
 
-from videotuna_dpo import hookspecs
+from videotuna_dpo import __version__, hookspecs
+from videotuna_dpo import plugin as builtin
 from videotuna_dpo.errors import UserError
 
 ENTRY_POINT_GROUP = "videotuna"
@@ -106,8 +108,6 @@ class Registry:
         # Running from a source tree without `pip install -e .`: still offer the built-in plugin.
         if not pm.has_plugin(BUILTIN_PLUGIN) and not pm.is_blocked(BUILTIN_PLUGIN):
             if enabled is None or BUILTIN_PLUGIN in enabled:
-                from videotuna_dpo import plugin as builtin
-
                 pm.register(builtin, name=BUILTIN_PLUGIN)
         return cls(pm)
 
@@ -165,10 +165,20 @@ def resolve_reference(reference: str, what: str) -> Any:
         raise PluginError(f"{what}: module {module_name!r} has no attribute {attribute!r}") from None
 
 
+def call_with_optional(function: Callable[..., Any], *args: Any, **optional: Any) -> Any:
+    """``function(*args, **optional)``, each optional keyword passed only when ``function``'s signature names it
+    (or takes ``**kwargs``): the arguments ``hookspecs`` marks optional, which a plugin may leave out."""
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass only what is required
+        return function(*args)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return function(*args, **optional)
+    return function(*args, **{k: v for k, v in optional.items() if k in params})
+
+
 def _own_distribution() -> tuple[str, str]:
     try:
         return ("videotuna-dpo", importlib.metadata.version("videotuna-dpo"))
     except importlib.metadata.PackageNotFoundError:
-        from videotuna_dpo import __version__
-
         return ("videotuna-dpo (source tree)", __version__)

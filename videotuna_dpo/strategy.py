@@ -15,9 +15,11 @@ from omegaconf import OmegaConf
 from videotuna_dpo.config import NON_NEGATIVE, POSITIVE, check_kwargs, check_values, validate
 from videotuna_dpo.data.order import seeded
 from videotuna_dpo.errors import UserError, first_line
+from videotuna_dpo.eval_callback import eval_callback
 from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
 from videotuna_dpo.models.flow_matching import TIMESTEP_SAMPLING
+from videotuna_dpo.registry import call_with_optional
 
 
 @dataclass
@@ -360,12 +362,16 @@ class DPOStrategy:
         if "name" not in model_cfg:
             raise UserError(f"{source}: missing required key model.name (installed: {', '.join(registry.names('model'))})")
         data_name = data_cfg.get("name", "preference")
-        datamodule = registry.get("datamodule", data_name).from_config(data_cfg, source)
-        model_cfg = OmegaConf.merge(model_cfg, {"load_text_and_vae": False}) if data_cfg.get("cache") else model_cfg
-        if data_cfg.get("cache"):
-            datamodule.setup("fit")
-            datamodule.dataset.check_model(OmegaConf.create(model_cfg))
-        backend = registry.get("model", model_cfg["name"]).from_config(model_cfg, source)
+        datamodule = call_with_optional(registry.get("datamodule", data_name).from_config, data_cfg, source=source)
+        backend_class = registry.get("model", model_cfg["name"])
+        if getattr(datamodule, "holds_latents", False):  # batches carry latents: no VAE, no text encoder
+            if not hasattr(backend_class, "latent_distribution"):
+                raise UserError(f"{source}: data.name={data_name} gives latents, but model {model_cfg['name']} has no "
+                                f"latent_distribution (it cannot be cached); train it from the videos")
+            model_cfg = OmegaConf.merge(model_cfg, {"load_text_and_vae": False})
+            if hasattr(datamodule, "check_model"):
+                datamodule.check_model(model_cfg)
+        backend = call_with_optional(backend_class.from_config, model_cfg, source=source)
         if hasattr(datamodule, "seed"):
             datamodule.seed = top.seed
         return top, DPOModule(backend, top.dpo, top.optimizer, seed=top.seed), datamodule
@@ -388,8 +394,6 @@ class DPOStrategy:
         ]
         if ck.export_weights:
             callbacks.append(ExportTrainableWeights(out / "weights", ck.every_n_train_steps))
-        from videotuna_dpo.pipeline.eval_callback import eval_callback
-
         evaluator = eval_callback(cfg, source, registry)
         if evaluator is not None:
             callbacks.append(evaluator)

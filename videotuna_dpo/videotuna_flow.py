@@ -20,6 +20,7 @@ from videotuna_dpo.config import validate
 from videotuna_dpo.data.datamodule import PreferenceDataModule
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.videotuna_host import build_flow
+from videotuna_dpo.registry import Registry
 from videotuna_dpo.strategy import (DPOModule, DPOSchema, ExportCadence, OptimizerSchema, check_training_values,
                                     keep_trainable_only, log_step)
 
@@ -30,8 +31,6 @@ BACKENDS = {"videocrafter2": "videocrafter2", "t2v_turbo": "t2v_turbo", "wan": "
 
 
 def _backend_class(name: str) -> Any:
-    from videotuna_dpo.registry import Registry
-
     if name not in BACKENDS:
         raise UserError(f"flow.params.backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return Registry.load().get("model", BACKENDS[name])

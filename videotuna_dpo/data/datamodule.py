@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from videotuna_dpo.config import AT_LEAST_ONE, check_values, validate
 from videotuna_dpo.data.frames import fit_stride, frame_indices, frame_span, resize_center_crop, to_model_range
+from videotuna_dpo.data.latent_cache import CachedPreferenceDataset
 from videotuna_dpo.data.order import EpochOrder, generator, item_key
 from videotuna_dpo.data.preference import DataError, PairRecord, load_pairs
 from videotuna_dpo.data.video_io import VideoReadError, count_frames, read_video
@@ -160,13 +161,21 @@ class PreferenceDataModule(L.LightningDataModule):
                             f"data.cache to draw a random clip start per step from the videos)")
         return cls(cfg)
 
+    @property
+    def holds_latents(self) -> bool:
+        """Batches carry latents from ``data.cache`` (the strategy then builds the backend without VAE/text)."""
+        return bool(self.cfg.cache)
+
+    def check_model(self, model_cfg: Any) -> None:
+        """Refuse a latent cache built by another backend or checkpoint than ``model_cfg``."""
+        self.setup("fit")
+        self.dataset.check_model(model_cfg)
+
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
         cfg = self.cfg
         if cfg.cache:
-            from videotuna_dpo.data.latent_cache import CachedPreferenceDataset
-
             self.dataset = CachedPreferenceDataset.open(cfg)
         else:
             pairs = load_pairs(cfg.train_data, weights=cfg.weights, alpha=cfg.alpha, human_weight=cfg.human_weight)

@@ -135,104 +135,160 @@ def load_pairs(
     first_row: dict[tuple[Path, Path, str], str] = {}
     dirs = meta_dirs(train_data)
     use_manifest = weights == "manifest" or (weights == "auto" and all((d / "manifest.json").is_file() for d in dirs))
+    weighting = _Weighting(weights, alpha, use_manifest, human_weight)
     for d in dirs:
-        metadata = _load_json(d / "metadata.json", problems)
-        pairs = _load_json(d / "pair.json", problems)
-        if metadata is None or pairs is None:
-            continue
-        if not isinstance(metadata, list) or not isinstance(pairs, list):
-            problems.append(f"{d}: metadata.json and pair.json must each hold a JSON list")
-            continue
-        manifest_weights = None
-        human = [False] * len(pairs)  # rows a person confirmed or flipped (manifest "origin")
-        if use_manifest or (human_weight != 1.0 and (d / "manifest.json").is_file()):
-            manifest = _load_json(d / "manifest.json", problems)
-            rows = manifest.get("pairs") if isinstance(manifest, dict) else None
-            if manifest is not None and not (isinstance(rows, list) and all(isinstance(p, dict) for p in rows)):
-                got = "an object without one" if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
-                problems.append(f"{d}/manifest.json: expected a JSON object with a \"pairs\" list of objects, one "
-                                f"per pair.json row (as `videotuna pairs` writes it), got {got}")
-            elif manifest is not None and len(rows) != len(pairs):
-                problems.append(f"{d}/manifest.json: {len(rows)} pair weights for {len(pairs)} rows of pair.json")
-            elif manifest is not None:
-                if use_manifest:
-                    manifest_weights = [p.get("weight") for p in rows]
-                human = [p.get("origin") in HUMAN_ORIGINS for p in rows]
-        paths: list[Path | None] = []
-        seen_clips: dict[str, int] = {}
-        for i, item in enumerate(metadata):
-            clip = item.get("basic", {}).get("clip_path") if isinstance(item, dict) else None
-            if not isinstance(clip, str) or not clip:
-                problems.append(f"{d}/metadata.json row {i}: missing basic.clip_path")
-                paths.append(None)
-                continue
-            if clip in seen_clips:
-                problems.append(f"{d}/metadata.json row {i}: duplicate video {clip} (also row {seen_clips[clip]})")
-            seen_clips[clip] = i
-            path = Path(clip) if Path(clip).is_absolute() else d / clip
-            paths.append(path)
-        for row, pair in enumerate(pairs):
-            where = f"{d}/pair.json row {row}"
-            if not isinstance(pair, dict):
-                problems.append(f"{where}: not a JSON object")
-                continue
-            idx = []
-            for key in ("video1", "video2"):
-                v = pair.get(key)
-                if not isinstance(v, int) or isinstance(v, bool):
-                    problems.append(f"{where}: {key} must be an integer index, got {v!r}")
-                elif not 0 <= v < len(metadata):
-                    problems.append(f"{where}: {key}={v} out of range (metadata.json has {len(metadata)} entries)")
-                else:
-                    idx.append(v)
-            caption = _caption(pair.get("frame_caption"))
-            if not caption:
-                problems.append(f"{where}: empty caption (frame_caption)")
-            score = pair.get("score")
-            if score is not None and (not isinstance(score, (int, float)) or not math.isfinite(score)):
-                problems.append(f"{where}: score {score!r} is not a finite number")
-                continue
-            if len(idx) != 2:
-                continue
-            if idx[0] == idx[1]:
-                problems.append(f"{where}: winner and loser are the same video (index {idx[0]})")
-                continue
-            winner, loser = paths[idx[0]], paths[idx[1]]
-            if winner is None or loser is None:
-                continue
-            same = first_row.setdefault((winner.resolve(), loser.resolve(), caption), where)
-            if same != where:
-                problems.append(f"{where}: the same pair as {same} (winner, loser and caption); a pair listed twice "
-                                f"trains twice: remove the repeat (pair weights, not repeats, set how much a pair counts)")
-                continue
-            if check_files:
-                bad = [p for p in (winner, loser) if not p.is_file()]
-                if bad:
-                    problems.append(f"{where}: video file(s) not found: {', '.join(map(str, bad))}")
-                    continue
-            weight = 1.0
-            if manifest_weights is not None:
-                weight = manifest_weights[row]
-            elif weights == "pair_score" and alpha != 0:  # alpha 0: the official loader never reads score
-                # The official loader weighs a row without a score as score 1; a dataset of its scripts trains the same here.
-                prob = OFFICIAL_MISSING_SCORE if score is None else score
-                if prob <= 0:
-                    problems.append(f"{where}: data.weights=pair_score needs a positive score, got {score!r}")
-                    continue
-                weight = (OFFICIAL_WEIGHT_BETA / float(prob)) ** alpha
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-                problems.append(f"{where}: weight {weight!r} is not a finite non-negative number")
-                continue
-            if human[row]:
-                weight *= human_weight
-            if caption:
-                records.append(PairRecord(str(d), row, str(winner), str(loser), caption,
-                                          None if score is None else float(score), float(weight)))
+        records.extend(_dir_pairs(d, weighting, check_files, first_row, problems))
     if problems:
         raise DataError(problems)
     if not records:
         raise DataError([f"{train_data}: no preference pairs"])
     return records
+
+
+@dataclass(frozen=True)
+class _Weighting:
+    """How :func:`load_pairs` weighs a pair: ``data.weights``, ``data.alpha``, whether the manifests give the
+    weights, and ``data.human_weight``."""
+
+    mode: str
+    alpha: float
+    use_manifest: bool
+    human_weight: float
+
+
+def _dir_pairs(d: Path, weighting: _Weighting, check_files: bool, first_row: dict,
+               problems: list[str]) -> list[PairRecord]:
+    """The pairs of one META dir (metadata.json, pair.json, manifest.json); problems go to ``problems``."""
+    metadata = _load_json(d / "metadata.json", problems)
+    pairs = _load_json(d / "pair.json", problems)
+    if metadata is None or pairs is None:
+        return []
+    if not isinstance(metadata, list) or not isinstance(pairs, list):
+        problems.append(f"{d}: metadata.json and pair.json must each hold a JSON list")
+        return []
+    manifest_weights, human = _manifest_rows(d, len(pairs), weighting, problems)
+    paths = _clip_paths(d, metadata, problems)
+    records = []
+    for row, pair in enumerate(pairs):
+        where = f"{d}/pair.json row {row}"
+        found = _pair_row(where, pair, paths, first_row, check_files, problems)
+        if found is None:
+            continue
+        winner, loser, caption, score = found
+        weight = _row_weight(where, score, manifest_weights, row, weighting, problems)
+        if weight is None:
+            continue
+        if human[row]:
+            weight *= weighting.human_weight
+        if caption:
+            records.append(PairRecord(str(d), row, str(winner), str(loser), caption,
+                                      None if score is None else float(score), float(weight)))
+    return records
+
+
+def _manifest_rows(d: Path, rows_in_pair_json: int, weighting: _Weighting,
+                   problems: list[str]) -> tuple[list[Any] | None, list[bool]]:
+    """manifest.json's per-row weights (None unless the manifests give the weights) and which rows a person
+    confirmed or flipped (its ``origin``); read only when one of the two is needed."""
+    manifest_weights = None
+    human = [False] * rows_in_pair_json
+    if weighting.use_manifest or (weighting.human_weight != 1.0 and (d / "manifest.json").is_file()):
+        manifest = _load_json(d / "manifest.json", problems)
+        rows = manifest.get("pairs") if isinstance(manifest, dict) else None
+        if manifest is not None and not (isinstance(rows, list) and all(isinstance(p, dict) for p in rows)):
+            got = "an object without one" if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+            problems.append(f"{d}/manifest.json: expected a JSON object with a \"pairs\" list of objects, one "
+                            f"per pair.json row (as `videotuna pairs` writes it), got {got}")
+        elif manifest is not None and len(rows) != rows_in_pair_json:
+            problems.append(f"{d}/manifest.json: {len(rows)} pair weights for {rows_in_pair_json} rows of pair.json")
+        elif manifest is not None:
+            if weighting.use_manifest:
+                manifest_weights = [p.get("weight") for p in rows]
+            human = [p.get("origin") in HUMAN_ORIGINS for p in rows]
+    return manifest_weights, human
+
+
+def _clip_paths(d: Path, metadata: list[Any], problems: list[str]) -> list[Path | None]:
+    """Each metadata.json row's video path (relative ones under ``d``), None for a row without one."""
+    paths: list[Path | None] = []
+    seen_clips: dict[str, int] = {}
+    for i, item in enumerate(metadata):
+        clip = item.get("basic", {}).get("clip_path") if isinstance(item, dict) else None
+        if not isinstance(clip, str) or not clip:
+            problems.append(f"{d}/metadata.json row {i}: missing basic.clip_path")
+            paths.append(None)
+            continue
+        if clip in seen_clips:
+            problems.append(f"{d}/metadata.json row {i}: duplicate video {clip} (also row {seen_clips[clip]})")
+        seen_clips[clip] = i
+        paths.append(Path(clip) if Path(clip).is_absolute() else d / clip)
+    return paths
+
+
+def _pair_row(where: str, pair: Any, paths: list[Path | None], first_row: dict, check_files: bool,
+              problems: list[str]) -> tuple[Path, Path, str, Any] | None:
+    """One pair.json row -> (winner, loser, caption, score), or None when it cannot be a pair (problems said why).
+
+    An empty caption is a problem but still returned as ``""``: the row is checked to the end, then left out.
+    """
+    if not isinstance(pair, dict):
+        problems.append(f"{where}: not a JSON object")
+        return None
+    idx = []
+    for key in ("video1", "video2"):
+        v = pair.get(key)
+        if not isinstance(v, int) or isinstance(v, bool):
+            problems.append(f"{where}: {key} must be an integer index, got {v!r}")
+        elif not 0 <= v < len(paths):
+            problems.append(f"{where}: {key}={v} out of range (metadata.json has {len(paths)} entries)")
+        else:
+            idx.append(v)
+    caption = _caption(pair.get("frame_caption"))
+    if not caption:
+        problems.append(f"{where}: empty caption (frame_caption)")
+    score = pair.get("score")
+    if score is not None and (not isinstance(score, (int, float)) or not math.isfinite(score)):
+        problems.append(f"{where}: score {score!r} is not a finite number")
+        return None
+    if len(idx) != 2:
+        return None
+    if idx[0] == idx[1]:
+        problems.append(f"{where}: winner and loser are the same video (index {idx[0]})")
+        return None
+    winner, loser = paths[idx[0]], paths[idx[1]]
+    if winner is None or loser is None:
+        return None
+    same = first_row.setdefault((winner.resolve(), loser.resolve(), caption), where)
+    if same != where:
+        problems.append(f"{where}: the same pair as {same} (winner, loser and caption); a pair listed twice "
+                        f"trains twice: remove the repeat (pair weights, not repeats, set how much a pair counts)")
+        return None
+    if check_files:
+        bad = [p for p in (winner, loser) if not p.is_file()]
+        if bad:
+            problems.append(f"{where}: video file(s) not found: {', '.join(map(str, bad))}")
+            return None
+    return winner, loser, caption, score
+
+
+def _row_weight(where: str, score: Any, manifest_weights: list[Any] | None, row: int, weighting: _Weighting,
+                problems: list[str]) -> float | None:
+    """Row ``row``'s weight before ``human_weight``: the manifest's (when the manifests give the weights), the
+    official ``pair_score`` one, or 1; None when it is not a finite non-negative number (problems say so)."""
+    weight = 1.0
+    if manifest_weights is not None:
+        weight = manifest_weights[row]
+    elif weighting.mode == "pair_score" and weighting.alpha != 0:  # alpha 0: the official loader never reads score
+        # The official loader weighs a row without a score as score 1; a dataset of its scripts trains the same here.
+        prob = OFFICIAL_MISSING_SCORE if score is None else score
+        if prob <= 0:
+            problems.append(f"{where}: data.weights=pair_score needs a positive score, got {score!r}")
+            return None
+        weight = (OFFICIAL_WEIGHT_BETA / float(prob)) ** weighting.alpha
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        problems.append(f"{where}: weight {weight!r} is not a finite non-negative number")
+        return None
+    return weight
 
 
 def write_official_layout(

@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 
 from videotuna_dpo import fileio
 from videotuna_dpo.errors import UserError, first_line
+from videotuna_dpo.user_files import read_json
 
 # predict(noisy [B, ...latent], t [B], cond) -> prediction shaped like noisy
 PredictFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -20,16 +21,21 @@ PredictFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 @runtime_checkable
 class Backend(Protocol):
-    """What a model family provides. Latent layouts are the family's own; shapes are per method."""
+    """What a model family provides (see ``hookspecs.videotuna_models``). Latent layouts are the family's own.
+
+    A backend is also a ``torch.nn.Module``: the host moves it (``.to``), switches it to ``.eval()`` for
+    sampling, disables its dropout through ``.modules()`` and checkpoints its trainable tensors by name.
+    """
 
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, C, F, H, W]`` in [-1, 1] -> latents (the family's layout)."""
 
     def encode_prompt(self, prompts: list[str]) -> Any:
-        """Captions -> the conditioning ``predict`` takes."""
+        """B captions -> the conditioning ``predict`` takes: a tensor ``[B, ...]`` (the strategy concatenates two along
+        dim 0; ``dpo.uncond_prob`` needs this form) or a list of B items (concatenated with ``+``)."""
 
     def sample_timesteps(self, n: int, device: torch.device | str) -> torch.Tensor:
-        """``n`` training timesteps ``[n]`` drawn as the family trains."""
+        """``n`` training timesteps ``[n]`` on ``device``, drawn from torch's global generator as the family trains."""
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Forward diffusion q(x_t | x_0) with the family's schedule (and input scaling)."""
@@ -38,23 +44,31 @@ class Backend(Protocol):
         """The regression target of ``predict``: eps, v or flow velocity."""
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        """The policy's prediction (gradients flow into the trainable parameters)."""
+        """The policy's prediction, shaped like ``noisy`` (gradients flow into the trainable parameters).
+
+        ``noisy`` ``[2B, ...]`` holds the winners then the losers, ``t`` ``[2B]``, ``cond`` both halves'
+        conditioning."""
 
     def reference(self) -> AbstractContextManager[PredictFn]:
-        """Context yielding the frozen reference model's ``predict``."""
+        """Context yielding the frozen reference model's ``predict(noisy, t, cond)``; entered under ``torch.no_grad()``.
+        At the first step, before any update, it must equal ``predict`` (the first DPO loss is then log 2)."""
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Exactly the parameters the optimizer updates."""
 
     def save_trainable(self, directory: str | Path) -> Path:
-        """Write the trainable weights (safetensors) atomically to ``directory``."""
+        """Write the trainable weights atomically to ``directory`` (created) and return it; it must hold a
+        ``trainable.json`` (a JSON object), by which ``videotuna eval --weights`` knows a weights directory:
+        :func:`atomic_directory` writes both. The host writes ``weights/step-N`` and ``weights/last`` with it."""
 
     def load_trainable(self, directory: str | Path) -> None:
-        """Load what ``save_trainable`` wrote."""
+        """Load what ``save_trainable`` wrote (``model.trainable_weights``, ``generate --weights``)."""
 
-    def generate(self, prompts: list[str], num_frames: int, steps: int, guidance: float, seed: int | list[int],
+    def generate(self, prompts: list[str], num_frames: int, steps: int, guidance: float, seed: list[int],
                  **kwargs: Any) -> torch.Tensor:
-        """Sample videos: float ``[B, F, C, H, W]`` in [0, 1]; ``seed`` a list gives video i seed[i], whatever its batch."""
+        """Sample videos: float ``[B, F, C, H, W]`` in [0, 1], B = len(prompts); video i from ``seed[i]`` alone,
+        whatever its batch. Called with keywords; ``kwargs``: ``height``, ``width``, ``negative_prompt`` and
+        ``guidance_2``, each only when the config's ``generate:`` block sets it."""
 
 
 TRAINABLE_META = "trainable.json"
@@ -88,9 +102,6 @@ def read_trainable_meta(directory: str | Path, family: str | None = None, cfg: A
 
     Family, ``finetune`` (lora/full) and LoRA rank must match ``cfg``; a mismatch names what to set.
     """
-    from videotuna_dpo.errors import UserError
-    from videotuna_dpo.user_files import read_json
-
     path = Path(directory) / TRAINABLE_META
     if not path.is_file():
         raise UserError(

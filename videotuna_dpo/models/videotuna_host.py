@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from videotuna_dpo.checkpoint_io import load_weights
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.checkpoint_io import load_weights
 from videotuna_dpo.user_files import load_yaml_config
 
 VIDEOTUNA_REPO = "https://github.com/VideoVerses/VideoTuna"

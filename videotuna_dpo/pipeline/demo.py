@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from omegaconf import OmegaConf
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.pipeline.evaluate import table_row
 from videotuna_dpo.toy.world import all_specs
 from videotuna_dpo.user_files import read_json
 
@@ -85,9 +86,11 @@ def write_prompts(out: Path, rounds: int) -> None:
 
 
 def run_demo(out: str | Path, samples: int = 4, eval_samples: int | None = None, steps: int | None = None,
-             alpha: float = 1.0, seed: int = 0, rounds: int = 4, overrides: Sequence[str] = (),
-             run: Callable[[list[str]], int] | None = None, flow: bool = False) -> dict:
+             alpha: float = 1.0, seed: int = 0, rounds: int = 4, overrides: Sequence[str] = (), *,
+             run: Callable[[list[str]], int], flow: bool = False) -> dict:
     """Run every step (each resumes when rerun), then check the result; returns the summary.
+
+    ``run`` runs one ``videotuna`` command line and returns its exit status (the CLI passes its ``main``).
 
     ``flow``: Flow-DPO of the flow-matching toy ``toy_flow`` instead of Diffusion-DPO of ``toy``.
     ``steps`` and ``eval_samples`` default to that model's :data:`DEFAULTS`.
@@ -95,10 +98,6 @@ def run_demo(out: str | Path, samples: int = 4, eval_samples: int | None = None,
     default_steps, default_eval = DEFAULTS[flow]
     steps = default_steps if steps is None else steps
     eval_samples = default_eval if eval_samples is None else eval_samples
-    from videotuna_dpo.cli import main as cli_main
-    from videotuna_dpo.pipeline.evaluate import table_row
-
-    run = run or cli_main
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     write_demo_config(out, flow)

@@ -3,44 +3,30 @@
 Samples go to ``OUT/samples/<label>/`` (``base`` and one label per weight set), scores to
 ``OUT/scores/<label>.jsonl``; both steps resume, so a rerun only does what is missing. Per dimension
 the table holds the base and tuned means over paired videos, the delta, the win rate and a paired
-z-score. :class:`EvalCallback` logs the same OmniScore during DPO training.
+z-score. :class:`videotuna_dpo.eval_callback.EvalCallback` logs the same OmniScore during DPO training.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
+from videotuna_dpo.config import plain, validate
+from videotuna_dpo.data.scores import read_scores, record_values
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.eval_callback import eval_settings
 from videotuna_dpo.fileio import check_writable_dir
+from videotuna_dpo.pipeline.generate import generate_videos
+from videotuna_dpo.pipeline.report import write_report
+from videotuna_dpo.pipeline.score import score_videos
+from videotuna_dpo.sampling import GenerateSchema
+from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
 from videotuna_dpo.user_files import read_json
 
-NO_WEIGHTS_SCORERS = ("temporal_flickering", "dynamic_degree", "motion_smoothness")
 BASE = "base"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-@dataclass
-class EvalSchema:
-    """The optional ``eval:`` block of a config (``videotuna eval`` and the training callback)."""
-
-    scorers: Optional[list[str]] = None  # default: NO_WEIGHTS_SCORERS
-    options: dict[str, Any] = field(default_factory=dict)  # {scorer: {key: value}}, as --option
-    weights: dict[str, float] = field(default_factory=dict)  # OmniScore weights, as `videotuna score --weight`
-    score_batch_size: int = 4
-    prompts: list[str] = field(default_factory=list)  # the training callback's few prompts
-    seeds: list[int] = field(default_factory=lambda: [0])  # the callback samples every prompt with each seed
-
-
-def eval_settings(cfg: Any, source: str = "<config>") -> Any:
-    """The config's ``eval:`` block validated against :class:`EvalSchema` (defaults when absent)."""
-    from videotuna_dpo.config import validate
-
-    return validate(cfg.get("eval") if cfg is not None else None, EvalSchema, "eval", source)
 
 
 # ---------------------------------------------------------------- comparing two scores files
@@ -55,29 +41,21 @@ def pair_key(record: Mapping[str, Any]) -> str:
 
 
 def _ok_records(path: Path) -> tuple[dict[str, dict], int]:
-    from videotuna_dpo.pipeline.score import read_scores
-
     records = read_scores(path)
     ok: dict[str, dict] = {}
     for record in records.values():
         if record.get("status") != "ok":
             continue
+        if record.get("omniscore") is None:
+            raise UserError(f"{path}: the record of {record['path']} has no OmniScore (none of its scorers "
+                            f"{', '.join(record.get('raw') or {})} is an OmniScore dimension); eval compares "
+                            f"OmniScores: add a dimension to --scorers (or eval.scorers)")
         key = pair_key(record)
         if key in ok:
             raise UserError(f"{path}: two scored videos share the pairing key {key!r} "
                             f"({ok[key]['path']} and {record['path']}); score each sample directory separately")
         ok[key] = record
     return ok, sum(1 for r in records.values() if r.get("status") != "ok")
-
-
-def _dimension_values(record: Mapping[str, Any]) -> dict[str, float]:
-    """Every comparable number of a score record, by row name (raw/X, normalized/X, quality, ...)."""
-    values = {f"raw/{k}": float(v) for k, v in (record.get("raw") or {}).items()}
-    values.update({f"normalized/{k}": float(v) for k, v in (record.get("normalized") or {}).items()})
-    for group in ("quality", "semantic", "omniscore"):
-        if record.get(group) is not None:
-            values[group] = float(record[group])
-    return values
 
 
 def paired_z(diffs: Sequence[float]) -> float | None:
@@ -134,7 +112,7 @@ def compare_scores(base_jsonl: str | Path, tuned_jsonl: str | Path) -> dict:
                             f"comparison needs the same seeds (same --seed and --num-samples)")
         if b.get("prompt") != t.get("prompt"):
             raise UserError(f"{key}: prompt {b.get('prompt')!r} in {base_path} but {t.get('prompt')!r} in {tuned_path}")
-        bv, tv = _dimension_values(b), _dimension_values(t)
+        bv, tv = record_values(b), record_values(t)
         for name in bv.keys() & tv.keys():
             columns.setdefault(name, []).append((bv[name], tv[name]))
         paired.append({"key": key, "prompt": b.get("prompt"), "seed": bm.get("seed", tm.get("seed")),
@@ -224,11 +202,6 @@ def evaluate(
 
     Returns ``{"tables": {label: table}, "counts", "settings", "report": {name: path}}``.
     """
-    from videotuna_dpo.config import validate
-    from videotuna_dpo.pipeline.generate import GenerateSchema, generate_videos
-    from videotuna_dpo.pipeline.report import write_report
-    from videotuna_dpo.pipeline.score import score_videos
-
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     check_writable_dir(out, f"--out {out}")  # before any model loads
@@ -236,8 +209,8 @@ def evaluate(
         raise UserError(f"{source}: model.trainable_weights is set ({cfg.model.trainable_weights}), so the base would "
                         f"not be the pretrained model; remove it and pass those weights with --weights")
     settings = eval_settings(cfg, source)
-    names = list(scorers or settings.scorers or NO_WEIGHTS_SCORERS)
-    options = {k: dict(v) for k, v in (scorer_options or _plain(settings.options) or {}).items()}
+    names = list(scorers or settings.scorers or NO_WEIGHTS_DIMENSIONS)
+    options = {k: dict(v) for k, v in (scorer_options or plain(settings.options) or {}).items()}
     omni_weights = {k: float(v) for k, v in settings.weights.items()}
     resolved = [resolve_weights(w) for w in weights]
     runs: dict[str, str | None] = {BASE: None}
@@ -268,74 +241,10 @@ def evaluate(
             "seeds": f"video k of prompt i uses seed + i*{num_samples} + k, the same for every model",
             "scorers": names, "scorer_options": options, "omniscore_weights": omni_weights,
             "model": {"name": str(cfg.model.name), "pretrained": str(cfg.model.get("pretrained", ""))},
-            "generate": _plain(gen_settings), "weights": runs,
+            "generate": plain(gen_settings), "weights": runs,
         },
         "counts": counts,
         "tables": tables,
     }
     summary["report"] = write_report(out, summary)
     return summary
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
-
-
-DESCRIPTION = """\
-Generate --num-samples videos per prompt from the base model and from each --weights with the same
-seeds (video k of prompt i uses seed + i*N + k), score them (--scorers, else the config's
-eval.scorers, else temporal_flickering,dynamic_degree,motion_smoothness) and compare each tuned model
-with the base per dimension: means, delta, win rate (ties count half) and the paired z-score of
-OmniScore. Writes REPORT/report.json, REPORT/report.html and PNG plots; resumable.
-"""
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from videotuna_dpo.config import load_config
-    from videotuna_dpo.pipeline.report import format_table
-    from videotuna_dpo.pipeline.score import parse_options
-    from videotuna_dpo.registry import Registry
-
-    cfg = load_config(args.config, args.overrides)
-    registry = Registry.load(cfg.get("plugins"))
-    scorers = [s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None
-    summary = evaluate(cfg, registry, args.prompts, args.weights, args.num_samples, args.out, seed=args.seed,
-                       scorers=scorers, scorer_options=parse_options(args.option) or None, source=str(args.config),
-                       progress=not args.no_progress)
-    for label, table in summary["tables"].items():
-        print(f"{label} vs base ({table['pairs']} paired videos)")
-        print(format_table(table))
-        print()
-    if not summary["tables"]:
-        print("no --weights given: only the base model was sampled and scored")
-    print(f"report: {summary['report']['html']}")
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``eval`` verb on the ``videotuna`` subparsers."""
-    p = subparsers.add_parser(
-        "eval",
-        help="base vs tuned weights on the same prompts and seeds -> table + HTML report",
-        description=DESCRIPTION,
-        epilog="example: videotuna eval --config configs/dpo/cogvideox_2b.yaml --prompts eval_prompts.txt "
-        "--weights runs/dpo --num-samples 4 --out reports/dpo --seed 1000",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", required=True, help="YAML config with `model:` and `generate:` (and optional `eval:`)")
-    p.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {id: prompt})")
-    p.add_argument("--weights", nargs="+", action="extend", default=[], metavar="RUN_DIR_OR_WEIGHTS",
-                   help="run dirs (their weights/last) or weights dirs (with trainable.json) to compare with the base")
-    p.add_argument("--num-samples", type=int, default=4, help="videos per prompt and model (default 4)")
-    p.add_argument("--out", required=True, help="report directory (samples/, scores/, report.json, report.html)")
-    p.add_argument("--seed", type=int, default=1000, help="base seed, the same for every model (default 1000)")
-    p.add_argument("--scorers", default=None, help="comma-separated scorer names (default: eval.scorers or the "
-                   f"no-weights {','.join(NO_WEIGHTS_SCORERS)})")
-    p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
-                   help="a scorer option, as in `videotuna score` (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
-    p.set_defaults(func=_cmd_eval)
-    return p

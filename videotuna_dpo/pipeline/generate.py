@@ -6,51 +6,21 @@ are written atomically, the record last, so a rerun keeps every complete video a
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from videotuna_dpo.config import AT_LEAST_ONE, FINITE, check_values, validate
+from videotuna_dpo.config import check_values, validate
+from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_dir, remove_stale_temporaries, write_json_atomic
-from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.pipeline.prompts import load_prompt_file
-from videotuna_dpo.user_files import read_json
-
-
-@dataclass
-class GenerateSchema:
-    num_frames: int = 49
-    steps: int = 50
-    guidance: float = 6.0
-    height: Optional[int] = None
-    width: Optional[int] = None
-    fps: int = 8
-    negative_prompt: Optional[str] = None
-    batch_size: int = 1
-    lossless: bool = False  # exact RGB mp4 (libx264rgb, crf 0): for tiny videos, where H.264's chroma loss matters
-    guidance_2: Optional[float] = None  # Wan2.2-A14B: the low-noise expert's guidance (its own default: guidance)
-
-
-OPTIONAL_SAMPLER_KEYS = ("height", "width", "negative_prompt", "guidance_2")  # passed to generate only when set
-
-
-def sampler_kwargs(settings: Any) -> dict[str, Any]:
-    """The backend ``generate`` keyword arguments of validated ``generate:`` settings (batch size aside)."""
-    kwargs = {k: settings[k] for k in ("num_frames", "steps", "guidance")}
-    kwargs.update({k: settings[k] for k in OPTIONAL_SAMPLER_KEYS if settings[k] is not None})
-    return kwargs
-
-
-GENERATE_RULES = {"num_frames": AT_LEAST_ONE, "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "fps": AT_LEAST_ONE,
-                  "guidance": FINITE, "height": AT_LEAST_ONE, "width": AT_LEAST_ONE,
-                  "guidance_2": (lambda v: v is None or math.isfinite(v), "a finite number (or null)")}
+from videotuna_dpo.registry import call_with_optional
+from videotuna_dpo.sampling import GENERATE_RULES, GenerateSchema, sampler_kwargs
 
 
 @dataclass(frozen=True)
@@ -79,7 +49,7 @@ def load_backend(cfg: Any, registry: Any, weights: str | None = None, source: st
     model_cfg = cfg.model
     if weights:
         model_cfg = OmegaConf.merge(model_cfg, {"trainable_weights": str(weights)})
-    backend = registry.get("model", model_cfg.name).from_config(model_cfg, source)
+    backend = call_with_optional(registry.get("model", model_cfg.name).from_config, model_cfg, source=source)
     if torch.cuda.is_available():
         backend.to("cuda")
     return backend.eval()
@@ -127,8 +97,3 @@ def generate_videos(
     write_json_atomic(out / "prompts.json", {f"{j.name}.mp4": j.prompt for j in jobs})
     return {"generated": len(todo), "kept": len(jobs) - len(todo), "total": len(jobs)}
 
-
-def read_record(video: Path) -> dict:
-    """The generation record next to ``video`` (empty when there is none)."""
-    path = video.with_suffix(".json")
-    return read_json(path) if path.is_file() else {}

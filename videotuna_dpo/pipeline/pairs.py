@@ -3,6 +3,7 @@
 Writes the official VideoDPO layout (train_data.yaml, metadata.json, pair.json with ``score`` = the
 pair probability) plus train_data_official.yaml (the same with an absolute META dir, for the official
 loader), manifest.json (every video's dimensions, the pair weights, the parameters) and PNG plots.
+Videos are ranked by the OmniScore, or by any score the records hold (``--by``, see :func:`ranking_score`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from videotuna_dpo.data.preference import OFFICIAL_CLIP_LENGTH, OFFICIAL_TRAIN_DATA, write_official_layout
-from videotuna_dpo.fileio import atomic_directory, check_writable_dir, write_json_atomic
+from videotuna_dpo.data.scores import read_scores, record_line
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.fileio import atomic_directory, check_writable_dir, write_json_atomic
+from videotuna_dpo.pipeline import plots as figures
+from videotuna_dpo.review.labels import check_identity, file_sha256, pair_key, read_labels
 
 PAIR_STRATEGIES = ("best-worst", "all-gap")
 PROBABILITY_MODES = ("sqrt", "product")
@@ -57,16 +61,33 @@ def pair_weights(scores_w, scores_l, all_scores, alpha, beta=0.72, bin_width=0.0
 ORIGINS = ("scorer", "human-confirmed", "human-flipped")  # who chose a pair's winner (manifest "origin")
 
 
+GROUP_SCORES = ("omniscore", "quality", "semantic")  # the aggregates of a score record; other names are raw scores
+
+
+def ranking_score(record: dict, by: str = "omniscore") -> Any:
+    """The score pairs are ranked by: the record's ``omniscore``, ``quality`` or ``semantic``, else the raw score
+    of the scorer named ``by`` (None when the record has none)."""
+    if by in GROUP_SCORES:
+        return record.get(by)
+    return (record.get("raw") or {}).get(by)
+
+
+def recorded_scores(record: dict) -> list[str]:
+    """The names ``--by`` accepts for this record."""
+    return [g for g in GROUP_SCORES if record.get(g) is not None] + list(record.get("raw") or {})
+
+
 @dataclass
 class Pair:
     prompt: str
     winner: dict
     loser: dict
     origin: str = "scorer"
+    by: str = "omniscore"  # the score that ranked them
 
     @property
     def gap(self) -> float:
-        return self.winner["omniscore"] - self.loser["omniscore"]
+        return ranking_score(self.winner, self.by) - ranking_score(self.loser, self.by)
 
 
 def group_key(record: dict) -> str:
@@ -78,8 +99,10 @@ def group_key(record: dict) -> str:
     return f"id:{meta['prompt_id']}" if meta.get("prompt_id") else f"text:{record['prompt']}"
 
 
-def select_pairs(records: list[dict], strategy: str = "best-worst", min_gap: float = 0.0) -> tuple[list[Pair], dict]:
-    """Group scored videos by prompt and pair them; ties are never pairs. Returns pairs and counts."""
+def select_pairs(records: list[dict], strategy: str = "best-worst", min_gap: float = 0.0,
+                 by: str = "omniscore") -> tuple[list[Pair], dict]:
+    """Group scored videos by prompt and pair them by the score ``by`` (:func:`ranking_score`); ties are never
+    pairs. Returns pairs and counts."""
     if strategy not in PAIR_STRATEGIES:
         raise UserError(f"--strategy must be one of {', '.join(PAIR_STRATEGIES)}, got {strategy!r}")
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -89,17 +112,17 @@ def select_pairs(records: list[dict], strategy: str = "best-worst", min_gap: flo
     stats = {"prompts": len(groups), "prompts_without_pair": 0}
     for group in groups.values():
         prompt = group[0]["prompt"]
-        group = sorted(group, key=lambda r: (-r["omniscore"], r["path"]))
+        group = sorted(group, key=lambda r: (-ranking_score(r, by), r["path"]))
         found = []
         if strategy == "best-worst":
             best, worst = group[0], group[-1]
-            if len(group) >= 2 and best["omniscore"] - worst["omniscore"] > max(min_gap, 0.0):
-                found.append(Pair(prompt, best, worst))
+            if len(group) >= 2 and ranking_score(best, by) - ranking_score(worst, by) > max(min_gap, 0.0):
+                found.append(Pair(prompt, best, worst, by=by))
         else:
             for i, w in enumerate(group):
                 for l in group[i + 1 :]:
-                    if w["omniscore"] - l["omniscore"] > max(min_gap, 0.0):
-                        found.append(Pair(prompt, w, l))
+                    if ranking_score(w, by) - ranking_score(l, by) > max(min_gap, 0.0):
+                        found.append(Pair(prompt, w, l, by=by))
         if not found:
             stats["prompts_without_pair"] += 1
         pairs.extend(found)
@@ -115,8 +138,6 @@ def apply_labels(pairs: list[Pair], records: list[dict], labels_path: str | Path
     video of scores.jsonl: a label naming another video, or one whose file changed since it was labelled, is refused.
     A label matches a pair by its two videos whichever order the scorer gave them now.
     """
-    from videotuna_dpo.review.labels import check_identity, file_sha256, pair_key, read_labels
-
     labels = read_labels(labels_path, "pairs")
     check_identity(labels, {r["path"]: r["path"] for r in records}, str(scores_path))
     by_pair = {pair_key(label): label for label in labels.labels}
@@ -143,9 +164,9 @@ def apply_labels(pairs: list[Pair], records: list[dict], labels_path: str | Path
         if label.label == "tie":
             dropped.append({**row, "reason": f"tie (labels[{label.index}])"})
         elif label.preferred.path == pair.winner["path"]:
-            kept.append(Pair(pair.prompt, pair.winner, pair.loser, "human-confirmed"))
+            kept.append(Pair(pair.prompt, pair.winner, pair.loser, "human-confirmed", pair.by))
         else:
-            kept.append(Pair(pair.prompt, pair.loser, pair.winner, "human-flipped"))
+            kept.append(Pair(pair.prompt, pair.loser, pair.winner, "human-flipped", pair.by))
     report = {
         "file": str(Path(labels_path).resolve()), "sha256": file_sha256(labels_path), "labels": len(labels.labels),
         "confirmed": sum(p.origin == "human-confirmed" for p in kept),
@@ -159,19 +180,21 @@ def apply_labels(pairs: list[Pair], records: list[dict], labels_path: str | Path
     return kept, report
 
 
-def read_scored(scores_path: str | Path) -> tuple[list[dict], list[dict]]:
-    """The ``ok`` and the ``failed`` records of a scores.jsonl (last record per video)."""
-    from videotuna_dpo.pipeline.score import read_scores
-
+def read_scored(scores_path: str | Path, by: str = "omniscore") -> tuple[list[dict], list[dict]]:
+    """The ``ok`` and the ``failed`` records of a scores.jsonl (last record per video); each ``ok`` one must hold
+    a finite score ``by`` (:func:`ranking_score`)."""
     records = list(read_scores(scores_path).values())
     ok, failed = [], []
     for r in records:
         if r.get("status") != "ok":
             failed.append(r)
             continue
-        s = r.get("omniscore")
+        s = ranking_score(r, by)
+        if s is None:
+            raise UserError(f"{scores_path}: record for {r['path']} has no {by} score; it records "
+                            f"{', '.join(recorded_scores(r)) or 'none'}: pair by one of them with --by NAME")
         if not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise UserError(f"{scores_path}: record for {r['path']} has a non-finite omniscore {s!r}")
+            raise UserError(f"{scores_path}: record for {r['path']} has a non-finite {by} {s!r}")
         _check_dimensions(r, scores_path)
         if not r.get("prompt"):
             raise UserError(f"{scores_path}: record for {r['path']} has no prompt")
@@ -181,8 +204,6 @@ def read_scored(scores_path: str | Path) -> tuple[list[dict], list[dict]]:
 
 def _check_dimensions(record: dict, scores_path: str | Path) -> None:
     """Refuse a NaN or infinite dimension (raw, normalised, quality, semantic), naming its scores.jsonl line."""
-    from videotuna_dpo.pipeline.score import record_line
-
     values = {**{f"raw dimension {k!r}": v for k, v in (record.get("raw") or {}).items()},
               **{f"normalized dimension {k!r}": v for k, v in (record.get("normalized") or {}).items()},
               "quality": record.get("quality"), "semantic": record.get("semantic")}
@@ -243,8 +264,12 @@ def build_pairs_dataset(
     mode: str = "sqrt",
     plots: bool = True,
     labels: str | Path | None = None,
+    by: str = "omniscore",
 ) -> dict[str, Any]:
     """Pair, weight and write a dataset; returns a summary (counts, weight range, paths).
+
+    ``by``: the score that ranks a prompt's videos and whose histogram re-weights the pairs (:func:`ranking_score`):
+    the OmniScore by default, or any score the records hold; the manifest's ``ranked_by`` says which.
 
     ``labels``: a labels.json of ``videotuna review`` to apply to the scorer's pairs (:func:`apply_labels`).
 
@@ -254,10 +279,10 @@ def build_pairs_dataset(
     out = Path(out)
     check_pair_settings(min_gap, alpha, beta, bin_width, mode)
     _check_replaceable(out)
-    ok, failed = read_scored(scores_path)
+    ok, failed = read_scored(scores_path, by)
     if not ok:
         raise UserError(f"{scores_path}: no successfully scored videos")
-    pairs, stats = select_pairs(ok, strategy, min_gap)
+    pairs, stats = select_pairs(ok, strategy, min_gap, by)
     if not pairs:
         raise UserError(f"{scores_path}: no pairs (every prompt's samples tie or differ by <= {min_gap})")
     label_report = None
@@ -265,9 +290,9 @@ def build_pairs_dataset(
         pairs, label_report = apply_labels(pairs, ok + failed, labels, scores_path)
         if not pairs:
             raise UserError(f"--labels {labels}: every pair of {scores_path} is dropped by a tie or a reject")
-    all_scores = [r["omniscore"] for r in ok]
-    s_w = [p.winner["omniscore"] for p in pairs]
-    s_l = [p.loser["omniscore"] for p in pairs]
+    all_scores = [ranking_score(r, by) for r in ok]
+    s_w = [ranking_score(p.winner, by) for p in pairs]
+    s_l = [ranking_score(p.loser, by) for p in pairs]
     probability = pair_probabilities(s_w, s_l, all_scores, bin_width, mode)
     weights = (beta / probability) ** alpha
     if not np.isfinite(weights).all():
@@ -291,14 +316,14 @@ def build_pairs_dataset(
         clips.append({"clip_path": os.path.relpath(video, meta_dir), "caption": r["prompt"],
                       "duration": clip_duration(r)})
         videos.append({"clip_path": clips[-1]["clip_path"], "path": r["path"], "prompt": r["prompt"],
-                       "omniscore": r["omniscore"], "quality": r.get("quality"), "semantic": r.get("semantic"),
+                       "omniscore": r.get("omniscore"), "quality": r.get("quality"), "semantic": r.get("semantic"),
                        "raw": r.get("raw", {}), "normalized": r.get("normalized", {}),
                        "seed": meta.get("seed"), "model": meta.get("model")})
     rows = [{"winner": index[p.winner["path"]], "loser": index[p.loser["path"]], "caption": p.prompt,
              "score": float(prob)} for p, prob in zip(pairs, probability)]
     manifest = {
         "source_scores": str(Path(scores_path).resolve()),
-        "strategy": strategy, "min_gap": min_gap,
+        "strategy": strategy, "min_gap": min_gap, "ranked_by": by,
         "reweighting": {"alpha": alpha, "beta": beta, "bin_width": bin_width, "mode": mode,
                         "formula": "weight = (beta / p) ** alpha, p = " + ("sqrt(p_w * p_l)" if mode == "sqrt" else "p_w * p_l")},
         "videos": videos,
@@ -310,7 +335,8 @@ def build_pairs_dataset(
     }
     summary = {
         "train_data": str(out / "train_data.yaml"), "official_train_data": str(final / OFFICIAL_TRAIN_DATA),
-        "pairs": len(pairs), "videos": len(clips), "scored": len(ok), "failed_videos_left_out": len(failed), **stats,
+        "pairs": len(pairs), "ranked_by": by, "videos": len(clips), "scored": len(ok),
+        "failed_videos_left_out": len(failed), **stats,
         "short_clips": sum(c["duration"] < OFFICIAL_CLIP_LENGTH for c in clips),
         "weight_min": float(weights.min()), "weight_max": float(weights.max()), "weight_mean": float(weights.mean()),
     }
@@ -319,9 +345,7 @@ def build_pairs_dataset(
     with atomic_directory(out) as tmp:
         write_official_layout(tmp / meta_dir.name, clips, rows, manifest, final_meta_dir=meta_dir)
         if plots:
-            from videotuna_dpo.pipeline.plots import pair_plots
-
-            drawn = pair_plots(tmp / "plots", ok, pairs, weights)
+            drawn = figures.pair_plots(tmp / "plots", ok, pairs, weights, all_scores, by)
             summary["plots"] = {name: str(out / Path(png).relative_to(tmp)) for name, png in drawn.items()}
         write_json_atomic(tmp / "summary.json", summary)
     return summary

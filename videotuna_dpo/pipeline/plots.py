@@ -58,16 +58,18 @@ def correlation_heatmap(path: Path, columns: dict[str, Sequence[float]], title: 
     return save_figure(fig, path)
 
 
-def pair_plots(out: Path, records: list[dict], pairs: list, weights: np.ndarray) -> dict[str, str]:
-    """OmniScore histogram, pair-gap histogram, weight histogram, dimension correlation heatmap."""
-    scores = [r["omniscore"] for r in records]
+def pair_plots(out: Path, records: list[dict], pairs: list, weights: np.ndarray, scores: Sequence[float],
+               by: str = "omniscore") -> dict[str, str]:
+    """Histogram of ``scores``, the records' ranking score ``by`` (the OmniScore unless ``pairs --by``), pair-gap
+    histogram, weight histogram, correlation heatmap of the normalised dimensions and that score."""
+    label = "OmniScore" if by == "omniscore" else by
     dims = sorted({d for r in records for d in r.get("normalized", {})})
     columns = {d: [r.get("normalized", {}).get(d, np.nan) for r in records] for d in dims}
-    columns["omniscore"] = scores
+    columns[by] = scores
     return {
-        "omniscore_hist": histogram(out / "omniscore_hist.png", scores, "OmniScore of all samples", "OmniScore",
-                                    bins=np.arange(np.floor(min(scores) * 100) / 100, max(scores) + 0.02, 0.01)),
-        "gap_hist": histogram(out / "pair_gap_hist.png", [p.gap for p in pairs], "OmniScore gap of pairs", "winner - loser"),
+        f"{by}_hist": histogram(out / f"{by}_hist.png", scores, f"{label} of all samples", label,
+                                bins=np.arange(np.floor(min(scores) * 100) / 100, max(scores) + 0.02, 0.01)),
+        "gap_hist": histogram(out / "pair_gap_hist.png", [p.gap for p in pairs], f"{label} gap of pairs", "winner - loser"),
         "weight_hist": histogram(out / "weight_hist.png", weights, "Pair weights", "weight"),
         "dimension_correlation": correlation_heatmap(out / "dimension_correlation.png", columns,
                                                      "Correlation of normalised dimensions"),

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from videotuna_dpo.data.video_io import read_video
 from videotuna_dpo.fileio import atomic_entries, write_text_atomic
 from videotuna_dpo.pipeline.plots import _pyplot, save_figure
 
@@ -99,8 +100,6 @@ def diff_histogram(path: Path, table: Mapping[str, Any], label: str) -> str:
 
 def _strip(video: Path, frames: int) -> np.ndarray:
     """uint8 [H, frames * W, 3]: evenly spaced frames of ``video`` side by side."""
-    from videotuna_dpo.data.video_io import read_video
-
     clip = read_video(video)  # uint8 [F, C, H, W]
     index = np.unique(np.linspace(0, clip.shape[0] - 1, min(frames, clip.shape[0])).round().astype(int))
     return np.concatenate([clip[i].permute(1, 2, 0).numpy() for i in index], axis=1)

@@ -37,9 +37,9 @@ PREVIEW_SIDE = 256  # small videos are enlarged (whole pixels, an even factor) s
 
 def _values(record: Mapping[str, Any]) -> dict[str, float]:
     """Every number of a score record shown on the page: omniscore, quality, semantic, normalized/X, raw/X."""
-    from videotuna_dpo.pipeline.evaluate import _dimension_values
+    from videotuna_dpo.data.scores import record_values
 
-    return {k: v for k, v in _dimension_values(record).items() if math.isfinite(v)}
+    return {k: v for k, v in record_values(record).items() if math.isfinite(v)}
 
 
 def _dimensions(videos: list[dict]) -> list[str]:
@@ -112,7 +112,7 @@ def pairs_source(train_data: Path) -> dict[str, Any]:
 
 def eval_source(report_dir: Path) -> dict[str, Any]:
     """Base and tuned videos of an eval report, paired by prompt and seed, with every scored dimension."""
-    from videotuna_dpo.pipeline.score import read_scores
+    from videotuna_dpo.data.scores import read_scores
 
     report = read_json(report_dir / "report.json")
     tables = report.get("tables") if isinstance(report, dict) else None

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.scoring.base import load_state_dict
 
 AMT_FILE = "amt/amt-s.pth"
 PAD_MULTIPLE = 16  # the coarsest decoder works at 1/16 resolution
@@ -361,8 +362,6 @@ def load_amt(path: str | Path, device: torch.device | str = "cpu") -> AMTS:
     Raises :class:`UserError` naming the file when it cannot be read or does not hold exactly the
     AMT-S parameters (missing, unexpected or differently shaped entries).
     """
-    from videotuna_dpo.scoring.base import load_state_dict
-
     path = Path(path)
     state = load_state_dict(path)  # unreadable files are a UserError naming the file
     model = AMTS()

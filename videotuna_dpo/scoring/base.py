@@ -12,6 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from videotuna_dpo.checkpoint_io import load_weights
 from videotuna_dpo.errors import UserError
 
 WEIGHTS_ENV = "VIDEOTUNA_WEIGHTS"
@@ -145,8 +146,6 @@ def load_state_dict(path: Path, scorer: str | None = None) -> dict[str, torch.Te
     Tensors only: a file that also pickles Python objects is refused unless ``$VIDEOTUNA_TRUST_WEIGHTS=1``.
     Unreadable files are a :class:`UserError` naming ``scorer`` and the file.
     """
-    from videotuna_dpo.models.checkpoint_io import load_weights
-
     try:
         obj = load_weights(path, TRUST_ENV, trusted=os.environ.get(TRUST_ENV) == "1",
                            how_to_trust=f"set {TRUST_ENV}=1")

@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from videotuna_dpo.checkpoint_io import load_torchscript_tensors
 from videotuna_dpo.errors import UserError, first_line
-from videotuna_dpo.models.checkpoint_io import load_torchscript_tensors
 from videotuna_dpo.scoring.base import (
     WEIGHTS_ENV,
     BaseScorer,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from videotuna_dpo.errors import UserError
 
@@ -61,6 +61,12 @@ class OmniScoreConfig:
         return OmniScoreConfig({**self.weights, **overrides}, dict(self.ranges), dict(self.kinds), dict(self.group_weights))
 
 
+def omniscore_dimensions(names: Iterable[str], config: OmniScoreConfig | None = None) -> list[str]:
+    """The names among ``names`` that are OmniScore dimensions under ``config``: a range and a weight > 0."""
+    config = config or OmniScoreConfig()
+    return [n for n in names if n in config.ranges and config.weights.get(n, 0.0) > 0]
+
+
 def normalize(name: str, raw: float, config: OmniScoreConfig | None = None) -> float:
     """VBench min-max normalisation of one raw dimension value."""
     low, high = (config or OmniScoreConfig()).ranges[name]
@@ -70,10 +76,11 @@ def normalize(name: str, raw: float, config: OmniScoreConfig | None = None) -> f
 def omniscore(raw: Mapping[str, float], config: OmniScoreConfig | None = None) -> dict:
     """Raw dimension values -> {normalized, quality, semantic, omniscore, dimensions_used, weights}.
 
-    Dimensions without a range in ``config`` (e.g. a plugin's) are listed under ``ignored``.
+    Dimensions without a range in ``config`` (e.g. a plugin's) are listed under ``ignored``; without any
+    dimension (see :func:`omniscore_dimensions`) there is no OmniScore, an error naming the dimensions.
     """
     config = config or OmniScoreConfig()
-    used = [n for n in raw if n in config.ranges and config.weights.get(n, 0.0) > 0]
+    used = omniscore_dimensions(raw, config)
     for name in used:
         if not math.isfinite(raw[name]):
             raise ValueError(f"OmniScore: dimension {name} is {raw[name]!r}, not a finite number")

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.scoring.base import load_state_dict
 
 HEAD_DIM = 64
 
@@ -135,8 +136,6 @@ def viclip_tokenizer(context_length: int = 32):
 
 def load_viclip(path: Path, device: torch.device | str = "cpu") -> ViCLIP:
     """A ViCLIP with the weights at ``path`` (the released ``{"model": ...}`` file or a bare state dict)."""
-    from videotuna_dpo.scoring.base import load_state_dict
-
     state = load_state_dict(Path(path))
     required = ("vision_encoder.conv1.weight", "vision_encoder.temporal_positional_embedding",
                 "text_encoder.token_embedding.weight")

@@ -14,20 +14,22 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Callable
 
-from videotuna_dpo.cli import main as cli_main
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.pipeline.demo import DEFAULTS, SCORERS, demo_steps, write_demo_config, write_prompts
 from videotuna_dpo.pipeline.evaluate import compare_scores, table_row
 
 
-def _run(argv: list[str]) -> None:
-    if cli_main(argv) != 0:
-        raise UserError(f"ablation step failed: videotuna {' '.join(argv)}")
-
-
 def ablation(out: Path, seeds: int, alphas: list[float], betas: list[float], steps: int | None, rounds: int,
-             flow: bool = False, beta_schedule: str = "constant") -> list[dict]:
+             flow: bool = False, beta_schedule: str = "constant", *,
+             run: Callable[[list[str]], int]) -> list[dict]:
+    """``run``: runs one ``videotuna`` command line and returns its exit status (``main`` passes the CLI's)."""
+
+    def _run(argv: list[str]) -> None:
+        if run(argv) != 0:
+            raise UserError(f"ablation step failed: videotuna {' '.join(argv)}")
+
     default_steps, eval_samples = DEFAULTS[flow]  # the demo's: held-out samples per prompt, and steps unless given
     steps = default_steps if steps is None else steps
     out = out.resolve()
@@ -89,6 +91,8 @@ def summarize(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    from videotuna_dpo.cli import main as cli_main  # the program's entry: the toy package stays below the CLI
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("ablation"))
     parser.add_argument("--seeds", type=int, default=3)
@@ -103,7 +107,7 @@ def main() -> None:
     if args.beta_schedule != "constant" and not args.flow:
         parser.error("--beta-schedule applies to --flow (the eps toy trains with its own noise schedule)")
     rows = ablation(args.out, args.seeds, args.alphas, args.betas, args.steps, args.rounds, args.flow,
-                    args.beta_schedule)
+                    args.beta_schedule, run=cli_main)
     print(summarize(rows))
 
 

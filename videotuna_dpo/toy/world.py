@@ -6,7 +6,6 @@ Videos are uint8 ``[F, 3, H, W]``; every caption names a colour, a shape and a d
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -82,20 +81,3 @@ def render(spec: Spec, frames: int = 8, size: int = 32, flaw: str | None = None,
         video[f] = frame
     return video.round().clamp(0, 255).to(torch.uint8)
 
-
-def motion_direction(video: torch.Tensor, spec: Spec) -> tuple[float, float]:
-    """Centroid displacement (dx, dy) in pixels of the pixels closest to ``spec``'s colour."""
-    target = torch.tensor(COLORS[spec.color], dtype=torch.float32).view(1, 3, 1, 1)
-    dist = (video.float() - target).abs().sum(dim=1)  # [F, H, W]
-    mask = dist < 90
-    ys, xs = torch.meshgrid(torch.arange(video.shape[2]), torch.arange(video.shape[3]), indexing="ij")
-    cents = []
-    for m in mask:
-        if m.sum() == 0:
-            cents.append(None)
-            continue
-        cents.append((float(xs[m].float().mean()), float(ys[m].float().mean())))
-    seen = [c for c in cents if c is not None]
-    if len(seen) < 2:
-        return (math.nan, math.nan)
-    return (seen[-1][0] - seen[0][0], seen[-1][1] - seen[0][1])

@@ -3,6 +3,9 @@
 The contract (see videotuna_dpo/hookspecs.py, hook `videotuna_scorers`): a scorer class with
 `kind`, `needs_weights`, `weights_hint`, `version`, and `__call__(videos, prompts) -> [B]` where
 `videos` is a float tensor [B, F, C, H, W] in [0, 1].
+
+It declares no `score_range`, so it is no OmniScore dimension: `videotuna score --scorers example_brightness`
+records its raw score (the OmniScore is left out), and `videotuna pairs --by example_brightness` pairs by it.
 """
 
 import pluggy

@@ -1,4 +1,4 @@
-"""Reading weights without running pickled code unless the config explicitly trusts the file."""
+"""Reading the weights of models and scorers without running pickled code unless the config trusts the file."""
 
 from __future__ import annotations
 

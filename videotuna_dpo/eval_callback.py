@@ -1,21 +1,44 @@
-"""The training callback of ``eval_every_n_steps``: sample a few prompts with the policy and log ``eval/*``."""
+"""The ``eval:`` block of a config and the training callback of ``eval_every_n_steps``: sample a few prompts with
+the policy and log ``eval/*``. The block also sets the scorers of ``videotuna eval``."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
 
 import lightning as L
 import torch
 
+from videotuna_dpo.config import plain, validate
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.pipeline.evaluate import NO_WEIGHTS_SCORERS, _plain, eval_settings
+from videotuna_dpo.sampling import GenerateSchema, sampler_kwargs
+from videotuna_dpo.scoring.build import build_scorers, call_scorer, omniscore_config
+from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS, omniscore, omniscore_dimensions
+
+
+@dataclass
+class EvalSchema:
+    """The optional ``eval:`` block of a config (``videotuna eval`` and the training callback)."""
+
+    scorers: Optional[list[str]] = None  # default: NO_WEIGHTS_DIMENSIONS
+    options: dict[str, Any] = field(default_factory=dict)  # {scorer: {key: value}}, as --option
+    weights: dict[str, float] = field(default_factory=dict)  # OmniScore weights, as `videotuna score --weight`
+    score_batch_size: int = 4
+    prompts: list[str] = field(default_factory=list)  # the training callback's few prompts
+    seeds: list[int] = field(default_factory=lambda: [0])  # the callback samples every prompt with each seed
+
+
+def eval_settings(cfg: Any, source: str = "<config>") -> Any:
+    """The config's ``eval:`` block validated against :class:`EvalSchema` (defaults when absent)."""
+    return validate(cfg.get("eval") if cfg is not None else None, EvalSchema, "eval", source)
 
 
 class EvalCallback(L.Callback):
     """Every N training steps: sample a few prompts with the policy, score them, log ``eval/*``.
 
-    Logs ``eval/omniscore``, ``eval/quality``, ``eval/semantic`` (when present) and ``eval/<dimension>``
-    (normalised) at the global step; runs once before training too, as the baseline.
+    Logs ``eval/omniscore``, ``eval/quality``, ``eval/semantic`` (when present), ``eval/<dimension>``
+    (normalised) and ``eval/raw/<scorer>`` for scorers that are no OmniScore dimension, at the global step;
+    runs once before training too, as the baseline.
     """
 
     def __init__(
@@ -37,7 +60,7 @@ class EvalCallback(L.Callback):
         self.every = int(every_n_steps)
         self.prompts = list(prompts)
         self.seeds = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
-        self.scorer_names = list(scorers or NO_WEIGHTS_SCORERS)
+        self.scorer_names = list(scorers or NO_WEIGHTS_DIMENSIONS)
         self.generate_kwargs = dict(generate_kwargs or {})
         self.batch_size = int(self.generate_kwargs.pop("batch_size", 4))
         self.scorer_options = {k: dict(v) for k, v in (scorer_options or {}).items()}
@@ -48,16 +71,12 @@ class EvalCallback(L.Callback):
         self.history: list[dict] = []  # {"step", "omniscore", ...} per evaluation
 
     def _build(self, device: str) -> None:
-        from videotuna_dpo.pipeline.score import build_scorers, omniscore_config
-
         self._scorers = build_scorers(self.scorer_names, device, self.scorer_options, self.registry)
         self._config = omniscore_config(self._scorers, self.omniscore_weights)
 
     @torch.no_grad()
     def measure(self, backend: Any, device: str) -> dict[str, float]:
         """Mean OmniScore, quality, semantic and normalised dimensions of the policy's samples."""
-        from videotuna_dpo.scoring.omniscore import omniscore
-
         if self._scorers is None:
             self._build(device)
         jobs = [(p, s) for s in self.seeds for p in self.prompts]
@@ -68,14 +87,18 @@ class EvalCallback(L.Callback):
                                            **self.generate_kwargs).float().cpu())  # [B, F, C, H, W] in [0, 1]
         clip = torch.cat(videos)
         texts = [p for p, _ in jobs]
-        raw = {n: s(clip.to(device), texts).double().cpu() for n, s in self._scorers.items()}
+        raw = {n: call_scorer(s, clip.to(device), texts, None).double().cpu().reshape(len(jobs))
+               for n, s in self._scorers.items()}
+        dimensions = omniscore_dimensions(raw, self._config)
         totals: dict[str, list[float]] = {}
         for i in range(len(jobs)):
-            agg = omniscore({n: float(v[i]) for n, v in raw.items()}, self._config)
-            values = {"omniscore": agg["omniscore"], **agg["normalized"]}
-            for group in ("quality", "semantic"):
-                if agg[group] is not None:
-                    values[group] = agg[group]
+            values = {f"raw/{n}": float(v[i]) for n, v in raw.items() if n not in dimensions}
+            if dimensions:
+                agg = omniscore({n: float(v[i]) for n, v in raw.items()}, self._config)
+                values.update({"omniscore": agg["omniscore"], **agg["normalized"]})
+                for group in ("quality", "semantic"):
+                    if agg[group] is not None:
+                        values[group] = agg[group]
             for name, value in values.items():
                 totals.setdefault(name, []).append(value)
         return {name: sum(v) / len(v) for name, v in totals.items()}
@@ -118,15 +141,8 @@ def eval_callback(cfg: Any, source: str = "<config>", registry: Any = None) -> E
     settings = eval_settings(cfg, source)
     if not settings.prompts:
         raise UserError(f"{source}: eval_every_n_steps is {every} but eval.prompts is empty; list a few prompts")
-    from videotuna_dpo.config import validate
-    from videotuna_dpo.pipeline.generate import GenerateSchema, sampler_kwargs
-
     gen = validate(cfg.get("generate"), GenerateSchema, "generate", source)
     kwargs = {**sampler_kwargs(gen), "batch_size": gen.batch_size}
     return EvalCallback(every, list(settings.prompts), list(settings.seeds), settings.scorers, kwargs,
-                        scorer_options=_plain(settings.options), omniscore_weights=_plain(settings.weights),
+                        scorer_options=plain(settings.options), omniscore_weights=plain(settings.weights),
                         registry=registry)
-
-
-# ---------------------------------------------------------------- CLI
-

@@ -1,0 +1,1 @@
+"""ACME's contributions to videotuna: factories are "module:attr" strings, so listing them imports nothing."""
