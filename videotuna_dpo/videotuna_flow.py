@@ -57,6 +57,9 @@ class DPOFlow(pl.LightningModule):
         self.dpo_cfg = validate(dpo or {}, DPOSchema, "flow.params.dpo")
         self.optim_cfg = validate(optimizer or {}, OptimizerSchema, "flow.params.optimizer")
         check_training_values(self.dpo_cfg, self.optim_cfg, "flow.params")
+        if self.dpo_cfg.precompute_reference:
+            raise UserError("flow.params.dpo.precompute_reference: the reference pre-pass runs in `videotuna train` "
+                            "(on a latent cache); inside VideoTuna the reference runs live: remove it")
         self.export_every = int(export_every_n_steps)
         section = self.backend_class.check_flow_section(section, "flow.params.flow_config")
         self.inner = build_flow(section, BACKENDS[backend], self.backend_class.checkpoint_keys)

@@ -21,7 +21,7 @@ from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, read_safetensors, read_trainable_meta,
                                       seed_list)
-from videotuna_dpo.models.finetune import merge_lora
+from videotuna_dpo.models.finetune import NO_REFERENCE_COPY, merge_lora, reference_copy_wanted
 from videotuna_dpo.models.videotuna_host import (build_flow, flow_section, import_videotuna, load_into,
                                                  load_vc2_components)
 
@@ -141,6 +141,7 @@ class VideoCrafter2Backend(nn.Module):
         flow = self.flow
         self._ref_cpu: list[nn.Module] = []  # a CPU-resident reference is kept out of .to(device)
         self.ref_denoiser: nn.Module | None = None
+        self.reference_copy_skipped = self.cfg.finetune == "full" and not reference_copy_wanted()
         for module in (flow.first_stage_model, flow.cond_stage_model):
             module.requires_grad_(False).eval()
         flow.denoiser.requires_grad_(False)
@@ -157,7 +158,7 @@ class VideoCrafter2Backend(nn.Module):
             # What the host's GenerationBase.instantiate_lora sets, so its set_trainable_components agrees.
             flow.use_lora = True
             flow.lora_params = {n for n, p in flow.denoiser.named_parameters() if "lora_" in n}
-        else:
+        elif not self.reference_copy_skipped:
             reference = copy.deepcopy(flow.denoiser).to(DTYPES[self.cfg.reference_dtype]).requires_grad_(False).eval()
             if self.cfg.reference_on_cpu:
                 self._ref_cpu.append(reference)
@@ -255,6 +256,8 @@ class VideoCrafter2Backend(nn.Module):
             with self.flow.denoiser.disable_adapter(), eval_mode(self.flow.denoiser):
                 yield self.predict
             return
+        if self.reference_copy_skipped:
+            raise UserError(f"{type(self).__name__} {NO_REFERENCE_COPY}")
         reference = self.ref_denoiser if self.ref_denoiser is not None else self._ref_cpu[0]
         reference.eval()  # the Trainer's .train() on the whole module reaches the copy too
         device = next(self.flow.denoiser.parameters()).device
