@@ -416,7 +416,8 @@ def reference_store(datamodule: Any, model_cfg: Any, top: Any) -> Any:
     return ReferenceDraws(reference_dir(datamodule.cfg.cache), reference_settings(model_cfg, top.dpo, top.seed))
 
 
-def precompute_reference(trainer: L.Trainer, module: DPOModule, datamodule: Any, store: Any, seed: int) -> None:
+def precompute_reference(trainer: L.Trainer, module: DPOModule, datamodule: Any, store: Any, seed: int,
+                         pairs_per_shard: int = 64) -> None:
     """Run the reference pre-pass over the pairs whose draws are not stored yet (each rank its share, through
     ``trainer.predict``), then give the dataset every pair's draws for training."""
     from videotuna_dpo.data.reference_draws import ReferencePass, ReferencePassData, draw_seed, pair_key
@@ -429,7 +430,7 @@ def precompute_reference(trainer: L.Trainer, module: DPOModule, datamodule: Any,
               f"{len(keys)} pairs -> {store.directory}")
         dataset.attach_draws({"seed": torch.tensor([[draw_seed(seed, key, k) for k in range(store.draws)]
                                                     for key in keys], dtype=torch.int64)})
-        writer = ReferencePass(store, keys)
+        writer = ReferencePass(store, keys, pairs_per_shard)
         trainer.callbacks.append(writer)
         try:
             trainer.predict(module, datamodule=ReferencePassData(dataset, pending, store.draws, datamodule.cfg.batch_size),
