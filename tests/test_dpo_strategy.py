@@ -214,3 +214,28 @@ def test_sharded_strategies_refuse_to_route_between_two_trained_experts(strategy
 
     with pytest.raises(UserError, match=f"strategy={strategy}: .*model.train_experts=high, then low"):
         routed_ddp(_Routed(("transformer", "transformer_2")), {"strategy": strategy, "devices": 8})
+
+
+def test_the_global_batch_beta_and_lr_are_logged_once_at_the_start(tiny_cogvideox, tiny_dataset, tmp_path, capsys):
+    import yaml
+
+    from tests.conftest import ROOT
+    from videotuna_dpo.registry import Registry
+    from videotuna_dpo.strategy import DPOStrategy
+
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "configs" / "dpo" / "cogvideox_tiny.yaml"), {
+        "output_dir": str(tmp_path / "run"), "model": {"pretrained": str(tiny_cogvideox)},
+        "data": {"train_data": str(tiny_dataset), "batch_size": 1}, "optimizer": {"lr": 2e-4, "warmup_steps": 5},
+        "lightning": {"trainer": {"max_steps": 1, "accumulate_grad_batches": 2, "enable_progress_bar": False},
+                      "checkpoint": {"every_n_train_steps": 0, "export_weights": False}}})
+    DPOStrategy.run(cfg, Registry.load(["dpo"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DPO training:")]
+    assert lines == [
+        "DPO training: global batch 2 pairs (1 per device x 1 device(s) x 2 accumulation); beta 500 on the per-sample "
+        "error as the backend predicts it (noise, v or velocity) (loss sigmoid of -beta/2 x [(policy - reference error) "
+        "of the winner - of the loser]); lr 0.0002 per optimizer step on the mean over the global batch, not scaled by "
+        "it, reached after a linear warmup of 5 steps"]
+    hparams = yaml.safe_load((tmp_path / "run" / "logs" / "version_0" / "hparams.yaml").read_text())
+    assert hparams == {"run/pairs_per_device": 1, "run/devices": 1, "run/accumulate_grad_batches": 2,
+                       "run/global_batch_pairs": 2, "run/beta": 500.0, "run/beta_schedule": "constant",
+                       "run/loss_type": "sigmoid", "run/lr": 2e-4, "run/warmup_steps": 5}

@@ -232,6 +232,11 @@ def test_the_pre_pass_shards_pairs_across_two_ddp_ranks(tiny_cogvideox, tiny_dat
          "lightning.trainer.max_steps=2", "lightning.checkpoint.every_n_train_steps=0"],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # Logged once, by rank 0: the global batch counts both ranks.
+    assert [line for line in proc.stdout.splitlines() if line.startswith("DPO training: ")] == [
+        "DPO training: global batch 2 pairs (1 per device x 2 device(s) x 1 accumulation); beta 500 on the per-sample "
+        "error as the backend predicts it (noise, v or velocity) (loss sigmoid of -beta/2 x [(policy - reference error) "
+        "of the winner - of the loser]); lr 0.001 per optimizer step on the mean over the global batch, not scaled by it"]
     directory = reference_dir(cache)
     shards = sorted(p.name for p in directory.glob("draws-*"))
     assert shards == ["draws-r0-00000.safetensors", "draws-r1-00000.safetensors"]  # one pair each, each rank its own

@@ -224,6 +224,9 @@ class DPOModule(L.LightningModule):
         log_step(self, out, used)
         return out.loss
 
+    def on_train_start(self) -> None:
+        log_run_summary(self.trainer, self.dpo, self.optim)
+
     def sample_draws(self, seeds: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps ``[B, 2]`` (winner, loser) and caption-dropout decisions ``[B]`` of stored draws, each from its seed."""
         ts, drops = [], []
@@ -308,6 +311,36 @@ def configure_flow_matching(backend: Any, dpo: Any) -> None:
                             f"{type(backend).__name__} trains with its own noise schedule: remove dpo.{key}")
     if flow and dpo.timestep_sampling is not None:
         backend.set_timestep_sampling(dpo.timestep_sampling, dpo.logit_mean, dpo.logit_std, dpo.mode_scale)
+
+
+def run_summary(trainer: Any, dpo: Any, optim: Any) -> dict[str, Any]:
+    """The global batch in pairs (per device x devices x accumulation), beta as the loss applies it, and the lr."""
+    per_device = getattr(trainer.train_dataloader, "batch_size", None)
+    devices, accumulation = int(trainer.world_size), int(trainer.accumulate_grad_batches)
+    return {"pairs_per_device": per_device, "devices": devices, "accumulate_grad_batches": accumulation,
+            "global_batch_pairs": per_device * devices * accumulation if per_device else None,
+            "beta": float(dpo.beta), "beta_schedule": dpo.beta_schedule, "loss_type": dpo.loss_type,
+            "lr": float(optim.lr), "warmup_steps": int(optim.warmup_steps)}
+
+
+BETA_MEANING = {"constant": "on the per-sample error as the backend predicts it (noise, v or velocity)",
+                "eps_equivalent": "x (1 - s)^2 on the velocity error, i.e. Diffusion-DPO's beta on the implied noise error"}
+
+
+def log_run_summary(trainer: Any, dpo: Any, optim: Any) -> dict[str, Any]:
+    """Say once, at the start of training, what a step is: printed by rank 0 and given to the logger's hparams."""
+    summary = run_summary(trainer, dpo, optim)
+    if trainer.is_global_zero:
+        per_device = summary["pairs_per_device"] if summary["pairs_per_device"] is not None else "?"
+        warmup = f", reached after a linear warmup of {summary['warmup_steps']} steps" if summary["warmup_steps"] else ""
+        print(f"DPO training: global batch {summary['global_batch_pairs'] or '?'} pairs ({per_device} per device x "
+              f"{summary['devices']} device(s) x {summary['accumulate_grad_batches']} accumulation); beta "
+              f"{summary['beta']:g} {BETA_MEANING.get(summary['beta_schedule'], summary['beta_schedule'])} "
+              f"(loss {summary['loss_type']} of -beta/2 x [(policy - reference error) of the winner - of the loser]); lr {summary['lr']:g} per "
+              f"optimizer step on the mean over the global batch, not scaled by it{warmup}")
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams({f"run/{k}": v for k, v in summary.items()})
+    return summary
 
 
 def log_step(module: Any, out: Any, used: dict[str, torch.Tensor]) -> None:

@@ -21,7 +21,7 @@ from videotuna_dpo.data.datamodule import PreferenceDataModule
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.videotuna_host import build_flow
 from videotuna_dpo.strategy import (DPOModule, DPOSchema, ExportCadence, OptimizerSchema, check_training_values,
-                                    keep_trainable_only, log_step)
+                                    keep_trainable_only, log_run_summary, log_step)
 
 # The backends built on a VideoTuna flow, by flow.params.backend -> registered model name. Here `wan` is
 # VideoTuna's WanVideoModelFlow (the registry's `wan` is the diffusers Wan backend).
@@ -111,6 +111,9 @@ class DPOFlow(pl.LightningModule):
 
     def configure_optimizers(self):
         return self._dpo.configure_optimizers()
+
+    def on_train_start(self) -> None:
+        log_run_summary(self.trainer, self.dpo_cfg, self.optim_cfg)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Weights export (``<ckptdir>/dpo_weights/step-N`` and ``last``) on the host's Trainer."""
