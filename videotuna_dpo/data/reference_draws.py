@@ -42,7 +42,7 @@ SHARD = re.compile(r"draws-r(\d+)-(\d+)\.safetensors")
 # Model keys that leave the reference's prediction unchanged: what trains, how it is stored, how it samples.
 NOT_REFERENCE_KEYS = ("trainable_weights", "lora", "gradient_checkpointing", "reference_on_cpu", "load_text_and_vae",
                       "vae_slicing", "vae_tiling", "vae_dtype", "trust_checkpoint", "fps", "ddim_eta", "sample_shift",
-                      "sample_solver", "lcm_origin_steps")
+                      "sample_solver", "lcm_origin_steps", "activation_checkpointing", "grad_offload")
 PATH_KEYS = ("pretrained", "ckpt", "denoiser_ckpt", "lora_ckpt", "init_weights", "host_config")
 DPO_KEYS = ("share_noise", "uncond_prob", "timestep_sampling", "logit_mean", "logit_std", "mode_scale")
 

@@ -154,6 +154,17 @@ class DenoiserFinetuning:
             else:
                 self.ref_denoisers[attr] = reference
 
+    def setup_gradient_checkpointing(self) -> None:
+        """``model.gradient_checkpointing``: the trained denoisers recompute each block's activations in the backward
+        pass (diffusers' ``enable_gradient_checkpointing``); a network without it is refused by name."""
+        if not getattr(self.cfg, "gradient_checkpointing", False):
+            return
+        for attr, net in self._trained().items():
+            if not getattr(net, "_supports_gradient_checkpointing", False):
+                raise UserError(f"model.gradient_checkpointing: {type(self).__name__}'s {attr} ({type(net).__name__}) "
+                                f"cannot recompute its activations; set model.gradient_checkpointing=false")
+            net.enable_gradient_checkpointing()
+
     @property
     def ref_denoiser(self) -> nn.Module | None:
         """The frozen on-device reference copy of the (first) trained denoiser in a full fine-tune, else None."""

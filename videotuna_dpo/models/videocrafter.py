@@ -23,7 +23,7 @@ from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights
                                       seed_list)
 from videotuna_dpo.models.finetune import NO_REFERENCE_COPY, merge_lora, reference_copy_wanted
 from videotuna_dpo.models.videotuna_host import (build_flow, flow_section, import_videotuna, load_into,
-                                                 load_vc2_components)
+                                                 load_vc2_components, set_host_checkpointing)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FULL_FILE = "denoiser.safetensors"
@@ -55,6 +55,7 @@ class VideoCrafter2Schema:
     lora: VC2LoraSchema = field(default_factory=VC2LoraSchema)
     reference_on_cpu: bool = False  # full: keep the frozen copy on CPU, move it in per step
     reference_dtype: str = "fp32"  # full: dtype of the frozen copy (bf16 halves its memory; runs under autocast)
+    gradient_checkpointing: Optional[bool] = None  # every UNet block's checkpoint switch; null: as the host config (VC2: on)
     trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
     init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
     load_text_and_vae: bool = True  # false when training on a latent cache: VAE/text weights are not loaded
@@ -102,6 +103,7 @@ class VideoCrafter2Backend(nn.Module):
         if cfg.ckpt:
             self.load_pretrained(cfg.ckpt, cfg.denoiser_ckpt)
         self.setup_finetune()
+        self.gradient_checkpointing = set_host_checkpointing(self.flow.denoiser, cfg.gradient_checkpointing, self.family)
         if cfg.trainable_weights:
             self.load_trainable(cfg.trainable_weights)
 
