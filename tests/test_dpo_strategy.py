@@ -239,3 +239,30 @@ def test_the_global_batch_beta_and_lr_are_logged_once_at_the_start(tiny_cogvideo
     assert hparams == {"run/pairs_per_device": 1, "run/devices": 1, "run/accumulate_grad_batches": 2,
                        "run/global_batch_pairs": 2, "run/beta": 500.0, "run/beta_schedule": "constant",
                        "run/loss_type": "sigmoid", "run/lr": 2e-4, "run/warmup_steps": 5}
+
+
+def test_adamw_8bit_trains_with_bitsandbytes_adamw8bit_and_its_settings(tiny_cogvideox, tiny_dataset, monkeypatch):
+    """bitsandbytes needs a CUDA GPU; a stand-in package with its ``optim.AdamW8bit`` checks what we hand it."""
+    import sys
+    import types
+
+    class AdamW8bit(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            self.kwargs = kwargs
+            super().__init__(params, **kwargs)
+
+    backend = make_backend(tiny_cogvideox)  # before the stand-in: peft looks for bitsandbytes' layers when it exists
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit)))
+    module = DPOModule(backend, OmegaConf.structured(DPOSchema(beta=500.0)),
+                       OmegaConf.structured(OptimizerSchema(name="adamw_8bit", lr=2e-4, weight_decay=0.01, eps=1e-6)))
+    optimizer = module.configure_optimizers()["optimizer"]
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    assert type(optimizer) is AdamW8bit
+    assert optimizer.kwargs == {"lr": 2e-4, "betas": (0.9, 0.999), "weight_decay": 0.01, "eps": 1e-6}
+    assert [p for group in optimizer.param_groups for p in group["params"]] == backend.trainable_parameters()
+    before = [p.detach().clone() for p in backend.trainable_parameters()]
+    torch.manual_seed(0)
+    out, _ = module.dpo_step(_batch(tiny_dataset))
+    out.loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, backend.trainable_parameters()))

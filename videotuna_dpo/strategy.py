@@ -45,6 +45,7 @@ class DPOSchema:
 
 @dataclass
 class OptimizerSchema:
+    name: str = "adamw"  # adamw (torch) | adamw_8bit (bitsandbytes' AdamW8bit: 8-bit moments, about 1/4 the state)
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
@@ -89,7 +90,8 @@ DPO_RULES = {"beta": POSITIVE, "sft_weight": NON_NEGATIVE,
                                    f"one of {', '.join(TIMESTEP_SAMPLING)} (or null)"),
              "logit_std": POSITIVE,
              "reference_draws": (lambda v: v >= 1, "an integer >= 1")}
-OPTIMIZER_RULES = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,
+OPTIMIZERS = ("adamw", "adamw_8bit")
+OPTIMIZER_RULES = {"name": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"), "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,
                    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
                    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")}
 TRAINER_INTS = ("max_steps", "max_epochs", "accumulate_grad_batches", "log_every_n_steps", "num_nodes")
@@ -100,6 +102,18 @@ def check_training_values(dpo: Any, optimizer: Any, where: str = "", source: str
     prefix = f"{where}." if where else ""
     check_values(dpo, f"{prefix}dpo", DPO_RULES, source)
     check_values(optimizer, f"{prefix}optimizer", OPTIMIZER_RULES, source)
+    if optimizer.name == "adamw_8bit":
+        bitsandbytes_optim(f"{prefix}optimizer.name")
+
+
+def bitsandbytes_optim(key: str = "optimizer.name") -> Any:
+    """``bitsandbytes.optim``, or a UserError saying how to install it (it is optional: GPU-oriented)."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise UserError(f"{key}=adamw_8bit needs the bitsandbytes package, which is not importable ({first_line(exc)}): "
+                        f"pip install bitsandbytes (8-bit optimizers run on a CUDA GPU), or set {key}=adamw") from None
+    return bitsandbytes.optim
 
 
 def check_trainer_kwargs(trainer: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
@@ -273,8 +287,9 @@ class DPOModule(L.LightningModule):
         params = self.backend.trainable_parameters()
         if not params:
             raise UserError("the backend has no trainable parameters (check model.finetune / model.lora)")
-        opt = torch.optim.AdamW(params, lr=self.optim.lr, betas=tuple(self.optim.betas),
-                                weight_decay=self.optim.weight_decay, eps=self.optim.eps)
+        adamw = bitsandbytes_optim().AdamW8bit if self.optim.name == "adamw_8bit" else torch.optim.AdamW
+        opt = adamw(params, lr=self.optim.lr, betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay,
+                    eps=self.optim.eps)
         warmup = max(0, int(self.optim.warmup_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
