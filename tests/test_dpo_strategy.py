@@ -3,6 +3,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import make_backend
+from tests.videotuna_fixtures import pair_batch, vc2_files  # noqa: F401
 from videotuna_dpo.data.datamodule import PreferenceDataModule
 from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 
@@ -266,3 +267,33 @@ def test_adamw_8bit_trains_with_bitsandbytes_adamw8bit_and_its_settings(tiny_cog
     out.loss.backward()
     optimizer.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, backend.trainable_parameters()))
+
+
+@pytest.mark.parametrize("model", ["cogvideox_full", "cogvideox_lora", "videocrafter2_full"])
+def test_bf16_mixed_with_the_reference_in_bf16_starts_with_policy_equal_to_reference(
+        model, tiny_cogvideox, tiny_dataset, vc2_files, pair_batch):
+    """Lightning's bf16-mixed precision plugin; the reference a bf16 copy (full) or the bf16 base (LoRA): step 0 is log 2."""
+    import math
+
+    import lightning as L
+
+    from tests.videotuna_fixtures import make_vc2
+
+    if model == "videocrafter2_full":
+        backend = make_vc2(vc2_files, reference_dtype="bf16")
+        reference_net, batch = backend.ref_denoiser, pair_batch
+    else:
+        finetune = model.split("_")[1]
+        backend = make_backend(tiny_cogvideox, finetune=finetune, weight_dtype="bf16")
+        reference_net, batch = backend.ref_denoiser or backend.transformer, _batch(tiny_dataset)
+    assert {p.dtype for n, p in reference_net.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in backend.trainable_parameters()} == {torch.float32}
+    module = _module(backend, beta=5000.0)  # the paper's beta: a bf16 mismatch of 1e-3 in the errors would show
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    logged = trainer.callback_metrics
+    assert logged["train/model_err_w"].item() == pytest.approx(logged["train/ref_err_w"].item(), rel=2 ** -8)
+    assert logged["train/model_err_l"].item() == pytest.approx(logged["train/ref_err_l"].item(), rel=2 ** -8)
+    assert logged["train/loss"].item() == pytest.approx(math.log(2), abs=1e-3)
+    assert logged["train/reward_margin"].abs().item() < 2e-3
