@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from omegaconf import OmegaConf
 from videotuna_dpo.config import NON_NEGATIVE, POSITIVE, check_kwargs, check_values, validate
 from videotuna_dpo.data.order import generator, seeded
 from videotuna_dpo.errors import UserError, first_line
-from videotuna_dpo.fileio import check_writable_dir
+from videotuna_dpo.fileio import check_writable_dir, write_json_atomic, write_text_atomic
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
 from videotuna_dpo.models.finetune import without_reference_copy
 from videotuna_dpo.models.flow_matching import TIMESTEP_SAMPLING
@@ -576,11 +575,13 @@ class DPOStrategy:
             **trainer_kwargs,
         )
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if trainer.is_global_zero:  # every DDP process runs this; one writes
+            write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
         if top.dpo.precompute_reference:
             # Before fit, so a resumed run too computes any missing draws with the weights it started from.
             precompute_reference(trainer, module, datamodule, reference_store(datamodule, cfg.model, top), top.seed)
         # weights_only: resuming never runs pickled code from the checkpoint.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        (out / "run.json").write_text(json.dumps({"global_step": trainer.global_step, "output_dir": str(out)}))
+        if trainer.is_global_zero:
+            write_json_atomic(out / "run.json", {"global_step": trainer.global_step, "output_dir": str(out)})
         return out
