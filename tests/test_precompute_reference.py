@@ -116,7 +116,8 @@ def test_training_on_precomputed_reference_gives_the_live_reference_s_losses_ste
     dm.seed = cfg.seed
     dm.setup("fit")
     keys = [pair_key(p) for p in dm.dataset.pairs]
-    dm.dataset.attach_draws(ReferenceDraws(reference_dir(cache), reference_settings(cfg.model, top.dpo, top.seed)).load(keys))
+    store = ReferenceDraws(reference_dir(cache), reference_settings(backend.cfg, top.dpo, top.seed))
+    dm.dataset.attach_draws(store.load(keys))
     loader = dm.train_dataloader()
     optimizers = module.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
@@ -147,7 +148,7 @@ def _pre_pass(cfg, pairs_per_shard=64):
     top, module, datamodule = _build(cfg)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False)
-    store = reference_store(datamodule, cfg.model, top)
+    store = reference_store(datamodule, module.backend.cfg, top)
     precompute_reference(trainer, module, datamodule, store, top.seed, pairs_per_shard=pairs_per_shard)
     return store, datamodule.dataset
 
@@ -198,8 +199,16 @@ def test_draws_of_other_settings_are_refused_by_name_before_the_model_loads(tiny
         registry = Registry.load(["dpo"])
 
         def get(self, kind, name):
-            assert kind != "model", "the model loaded before the draws were checked"
-            return self.registry.get(kind, name)
+            found = self.registry.get(kind, name)
+            if kind != "model":
+                return found
+
+            class Unloadable(found):
+                @classmethod
+                def from_config(cls, *args, **kwargs):
+                    raise AssertionError("the model loaded before the draws were checked")
+
+            return Unloadable
 
     for override, message in ((dict(uncond_prob=0.5), "dpo.uncond_prob: draws have 0.0, config has 0.5"),
                               (dict(reference_draws=3), "dpo.reference_draws: draws have 2, config has 3")):
@@ -209,6 +218,11 @@ def test_draws_of_other_settings_are_refused_by_name_before_the_model_loads(tiny
     cfg = OmegaConf.merge(_config(tiny_cogvideox, tiny_dataset, cache, tmp_path / "r"), {"model": {"weight_dtype": "bf16"}})
     with pytest.raises(UserError, match="model.weight_dtype: draws have 'fp32', config has 'bf16'"):
         DPOStrategy.build(cfg, NoModel())
+    # A default written out, or a key that leaves the reference's prediction alone, changes nothing.
+    same = OmegaConf.merge(_config(tiny_cogvideox, tiny_dataset, cache, tmp_path / "r"),
+                           {"model": {"reference_on_cpu": False, "gradient_checkpointing": True, "lora": {"rank": 2}},
+                            "dpo": {"share_noise": True, "beta": 100.0}})
+    DPOStrategy.build(same, Registry.load(["dpo"]))
 
 
 def test_precompute_reference_needs_a_latent_cache_and_a_reference_it_can_compute(tiny_cogvideox, tiny_dataset,

@@ -531,7 +531,9 @@ class DPOStrategy:
             datamodule.setup("fit")
             datamodule.dataset.check_model(OmegaConf.create(model_cfg))
             if precompute:  # draws computed at other settings are refused before the model loads
-                reference_store(datamodule, model_cfg, top).check_settings()
+                schema = getattr(registry.get("model", model_cfg["name"]), "schema", None)
+                settings_cfg = validate(model_cfg, schema, "model", source) if schema else model_cfg
+                reference_store(datamodule, settings_cfg, top).check_settings()
         with without_reference_copy() if precompute else nullcontext():
             backend = registry.get("model", model_cfg["name"]).from_config(model_cfg, source)
         if hasattr(datamodule, "seed"):
@@ -579,7 +581,8 @@ class DPOStrategy:
             write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
         if top.dpo.precompute_reference:
             # Before fit, so a resumed run too computes any missing draws with the weights it started from.
-            precompute_reference(trainer, module, datamodule, reference_store(datamodule, cfg.model, top), top.seed)
+            store = reference_store(datamodule, getattr(module.backend, "cfg", cfg.model), top)  # defaults filled in
+            precompute_reference(trainer, module, datamodule, store, top.seed)
         # weights_only: resuming never runs pickled code from the checkpoint.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if trainer.is_global_zero:
