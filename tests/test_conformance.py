@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -214,6 +215,24 @@ def test_training_starts_at_log_2_from_the_cache_and_from_pixels(loop):
     for run in ("run", "run_cache"):
         assert first_logged_loss(root / run) == pytest.approx(math.log(2), abs=1e-4), run
         assert json.loads((root / run / "run.json").read_text())["global_step"] == 2
+
+
+def test_training_on_a_precomputed_reference_starts_at_log_2(loop):
+    """dpo.precompute_reference: the pre-pass stores every pair's draws; the policy alone then matches them at step 0."""
+    _, root, config = loop
+    cache = root / "cache_precomputed"
+    shutil.copytree(root / "cache", cache, ignore=shutil.ignore_patterns("reference"))
+    cli("train", "--strategy", "dpo", "--config", config, f"data.train_data={root / 'ds' / 'train_data.yaml'}",
+        f"data.cache={cache}", f"output_dir={root / 'run_precomputed'}", "dpo.precompute_reference=true",
+        "dpo.reference_draws=2")
+    rows = list(csv.DictReader(open(root / "run_precomputed" / "logs" / "version_0" / "metrics.csv")))
+    first = next(r for r in rows if r.get("train/loss"))
+    # The stored errors come from other batches than the step's: float noise (~1e-7) that beta / 2 amplifies.
+    for side in ("w", "l"):
+        assert float(first[f"train/model_err_{side}"]) == pytest.approx(float(first[f"train/ref_err_{side}"]), rel=1e-5)
+    assert float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-3)
+    index = json.loads((cache / "reference" / "index.json").read_text())
+    assert len(index["pairs"]) == len(json.loads((root / "ds" / "pairs" / "pair.json").read_text())) == 2
 
 
 def test_eval_compares_the_tuned_weights_with_the_base(loop):

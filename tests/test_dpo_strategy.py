@@ -3,6 +3,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import make_backend
+from tests.videotuna_fixtures import pair_batch, vc2_files  # noqa: F401
 from videotuna_dpo.data.datamodule import PreferenceDataModule
 from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 
@@ -214,3 +215,85 @@ def test_sharded_strategies_refuse_to_route_between_two_trained_experts(strategy
 
     with pytest.raises(UserError, match=f"strategy={strategy}: .*model.train_experts=high, then low"):
         routed_ddp(_Routed(("transformer", "transformer_2")), {"strategy": strategy, "devices": 8})
+
+
+def test_the_global_batch_beta_and_lr_are_logged_once_at_the_start(tiny_cogvideox, tiny_dataset, tmp_path, capsys):
+    import yaml
+
+    from tests.conftest import ROOT
+    from videotuna_dpo.registry import Registry
+    from videotuna_dpo.strategy import DPOStrategy
+
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "configs" / "dpo" / "cogvideox_tiny.yaml"), {
+        "output_dir": str(tmp_path / "run"), "model": {"pretrained": str(tiny_cogvideox)},
+        "data": {"train_data": str(tiny_dataset), "batch_size": 1}, "optimizer": {"lr": 2e-4, "warmup_steps": 5},
+        "lightning": {"trainer": {"max_steps": 1, "accumulate_grad_batches": 2, "enable_progress_bar": False},
+                      "checkpoint": {"every_n_train_steps": 0, "export_weights": False}}})
+    DPOStrategy.run(cfg, Registry.load(["dpo"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DPO training:")]
+    assert lines == [
+        "DPO training: global batch 2 pairs (1 per device x 1 device(s) x 2 accumulation); beta 500 on the per-sample "
+        "error as the backend predicts it (noise, v or velocity) (loss sigmoid of -beta/2 x [(policy - reference error) "
+        "of the winner - of the loser]); lr 0.0002 per optimizer step on the mean over the global batch, not scaled by "
+        "it, reached after a linear warmup of 5 steps"]
+    hparams = yaml.safe_load((tmp_path / "run" / "logs" / "version_0" / "hparams.yaml").read_text())
+    assert hparams == {"run/pairs_per_device": 1, "run/devices": 1, "run/accumulate_grad_batches": 2,
+                       "run/global_batch_pairs": 2, "run/beta": 500.0, "run/beta_schedule": "constant",
+                       "run/loss_type": "sigmoid", "run/lr": 2e-4, "run/warmup_steps": 5}
+
+
+def test_adamw_8bit_trains_with_bitsandbytes_adamw8bit_and_its_settings(tiny_cogvideox, tiny_dataset, monkeypatch):
+    """bitsandbytes needs a CUDA GPU; a stand-in package with its ``optim.AdamW8bit`` checks what we hand it."""
+    import sys
+    import types
+
+    class AdamW8bit(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            self.kwargs = kwargs
+            super().__init__(params, **kwargs)
+
+    backend = make_backend(tiny_cogvideox)  # before the stand-in: peft looks for bitsandbytes' layers when it exists
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit)))
+    module = DPOModule(backend, OmegaConf.structured(DPOSchema(beta=500.0)),
+                       OmegaConf.structured(OptimizerSchema(name="adamw_8bit", lr=2e-4, weight_decay=0.01, eps=1e-6)))
+    optimizer = module.configure_optimizers()["optimizer"]
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    assert type(optimizer) is AdamW8bit
+    assert optimizer.kwargs == {"lr": 2e-4, "betas": (0.9, 0.999), "weight_decay": 0.01, "eps": 1e-6}
+    assert [p for group in optimizer.param_groups for p in group["params"]] == backend.trainable_parameters()
+    before = [p.detach().clone() for p in backend.trainable_parameters()]
+    torch.manual_seed(0)
+    out, _ = module.dpo_step(_batch(tiny_dataset))
+    out.loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, backend.trainable_parameters()))
+
+
+@pytest.mark.parametrize("model", ["cogvideox_full", "cogvideox_lora", "videocrafter2_full"])
+def test_bf16_mixed_with_the_reference_in_bf16_starts_with_policy_equal_to_reference(
+        model, tiny_cogvideox, tiny_dataset, vc2_files, pair_batch):
+    """Lightning's bf16-mixed precision plugin; the reference a bf16 copy (full) or the bf16 base (LoRA): step 0 is log 2."""
+    import math
+
+    import lightning as L
+
+    from tests.videotuna_fixtures import make_vc2
+
+    if model == "videocrafter2_full":
+        backend = make_vc2(vc2_files, reference_dtype="bf16")
+        reference_net, batch = backend.ref_denoiser, pair_batch
+    else:
+        finetune = model.split("_")[1]
+        backend = make_backend(tiny_cogvideox, finetune=finetune, weight_dtype="bf16")
+        reference_net, batch = backend.ref_denoiser or backend.transformer, _batch(tiny_dataset)
+    assert {p.dtype for n, p in reference_net.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in backend.trainable_parameters()} == {torch.float32}
+    module = _module(backend, beta=5000.0)  # the paper's beta: a bf16 mismatch of 1e-3 in the errors would show
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    logged = trainer.callback_metrics
+    assert logged["train/model_err_w"].item() == pytest.approx(logged["train/ref_err_w"].item(), rel=2 ** -8)
+    assert logged["train/model_err_l"].item() == pytest.approx(logged["train/ref_err_l"].item(), rel=2 ** -8)
+    assert logged["train/loss"].item() == pytest.approx(math.log(2), abs=1e-3)
+    assert logged["train/reward_margin"].abs().item() < 2e-3

@@ -85,6 +85,8 @@ def test_cli_reports_bad_data_before_training(tiny_cogvideox, tmp_path):
     ("data.frame_stride=0", "bad value for 'data.frame_stride': 0 (expected an integer >= 1)"),
     ("lightning.trainer.max_steps=lots", "bad value for 'lightning.trainer.max_steps': 'lots' (expected an integer)"),
     ("dpo.loss_type=hinj", "bad value for 'dpo.loss_type': 'hinj' (expected one of sigmoid, hinge, ipo)"),
+    ("optimizer.name=adam", "bad value for 'optimizer.name': 'adam' (expected one of adamw, adamw_8bit)"),
+    ("dpo.reference_draws=0", "bad value for 'dpo.reference_draws': 0 (expected an integer >= 1)"),
 ])
 def test_bad_values_are_refused_by_key_before_any_model_loads(tmp_path, capsys, override, message):
     from videotuna_dpo.cli import main
@@ -94,6 +96,20 @@ def test_bad_values_are_refused_by_key_before_any_model_loads(tmp_path, capsys, 
                  f"data.train_data={tmp_path / 'nowhere.yaml'}", f"output_dir={tmp_path / 'run'}", override])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_8bit_adamw_without_bitsandbytes_is_refused_naming_the_package_before_any_model_loads(tmp_path, capsys,
+                                                                                               monkeypatch):
+    from videotuna_dpo.cli import main
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (importing it raises ImportError)
+    code = main(["train", "--strategy", "dpo", "--config", str(CONFIG), f"model.pretrained={tmp_path / 'nowhere'}",
+                 f"data.train_data={tmp_path / 'nowhere.yaml'}", f"output_dir={tmp_path / 'run'}",
+                 "optimizer.name=adamw_8bit"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "videotuna: error: optimizer.name=adamw_8bit needs the bitsandbytes package, which is not importable (" in err
+    assert "pip install bitsandbytes (8-bit optimizers run on a CUDA GPU), or set optimizer.name=adamw" in err
 
 
 @pytest.mark.parametrize("samples", [0, -2])

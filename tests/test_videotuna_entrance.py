@@ -51,13 +51,17 @@ def _run_like_train_new(config):
 
 
 @pytest.mark.parametrize("backend", ["videocrafter2", "t2v_turbo"])
-def test_a_videotuna_yaml_with_flow_and_data_targets_trains_dpo(vc2_files, tiny_dataset, tmp_path, backend):
+def test_a_videotuna_yaml_with_flow_and_data_targets_trains_dpo(vc2_files, tiny_dataset, tmp_path, backend, capsys):
     config = _videotuna_yaml(vc2_files, tiny_dataset, tmp_path, backend)
     path = tmp_path / "vc2_dpo.yaml"
     OmegaConf.save(config, path)
     torch.manual_seed(0)
     flow = _run_like_train_new(OmegaConf.load(path))
     assert flow.trainer.global_step == 3
+    started = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DPO training: ")]
+    assert len(started) == 1 and started[0].startswith("DPO training: global batch 2 pairs (2 per device x 1 device(s) "
+                                                       "x 1 accumulation); beta 500 ")
+    assert "; lr 0.001 per optimizer step" in started[0]
     assert flow._dpo.optim.lr == 1.0e-3  # from train.lr_config, as any VideoTuna run
     trainable = flow.backend.trainable_parameters()
     assert trainable and all(p.requires_grad for p in trainable)
@@ -367,3 +371,11 @@ def test_shipped_wan_config_runs_as_it_is(wan_files, tiny_dataset, tmp_path):
     assert (tmp_path / "checkpoints" / "dpo_weights" / "last" / "trainable.json").is_file()
     logged = torch.load(next((tmp_path / "images" / "train").glob("*.pt")), weights_only=True)
     assert logged["samples"].shape == (1, 3, 5, 32, 32) and logged["samples"].std() > 0  # 4n+1 frames, sampled
+
+
+def test_the_entrance_refuses_precompute_reference_by_name(vc2_files):
+    from videotuna_dpo.videotuna_flow import DPOFlow
+
+    with pytest.raises(UserError, match=r"flow.params.dpo.precompute_reference: the reference pre-pass runs in "
+                                        r"`videotuna train` \(on a latent cache\)"):
+        DPOFlow(vc2_files["section"], dpo={"precompute_reference": True})

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import zipfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -13,11 +13,12 @@ import torch
 from omegaconf import OmegaConf
 
 from videotuna_dpo.config import NON_NEGATIVE, POSITIVE, check_kwargs, check_values, validate
-from videotuna_dpo.data.order import seeded
+from videotuna_dpo.data.order import generator, seeded
 from videotuna_dpo.errors import UserError, first_line
 from videotuna_dpo.eval_callback import eval_callback
-from videotuna_dpo.fileio import check_writable_dir
+from videotuna_dpo.fileio import check_writable_dir, write_json_atomic, write_text_atomic
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
+from videotuna_dpo.models.finetune import without_reference_copy
 from videotuna_dpo.models.flow_matching import TIMESTEP_SAMPLING
 from videotuna_dpo.registry import call_with_optional
 
@@ -37,10 +38,15 @@ class DPOSchema:
     logit_mean: float = 0.0  # logit_normal's mean and std, mode's scale (diffusers' names)
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    # A no-grad pre-pass stores the reference's errors on reference_draws draws per pair next to the latent cache
+    # (data.cache/reference); training then runs the policy only (a full fine-tune builds no frozen copy).
+    precompute_reference: bool = False
+    reference_draws: int = 4  # K: epoch e trains each pair on its draw e mod K
 
 
 @dataclass
 class OptimizerSchema:
+    name: str = "adamw"  # adamw (torch) | adamw_8bit (bitsandbytes' AdamW8bit: 8-bit moments, about 1/4 the state)
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
@@ -83,8 +89,10 @@ DPO_RULES = {"beta": POSITIVE, "sft_weight": NON_NEGATIVE,
              "beta_schedule": (lambda v: v in BETA_SCHEDULES, f"one of {', '.join(BETA_SCHEDULES)}"),
              "timestep_sampling": (lambda v: v is None or v in TIMESTEP_SAMPLING,
                                    f"one of {', '.join(TIMESTEP_SAMPLING)} (or null)"),
-             "logit_std": POSITIVE}
-OPTIMIZER_RULES = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,
+             "logit_std": POSITIVE,
+             "reference_draws": (lambda v: v >= 1, "an integer >= 1")}
+OPTIMIZERS = ("adamw", "adamw_8bit")
+OPTIMIZER_RULES = {"name": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"), "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,
                    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
                    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")}
 TRAINER_INTS = ("max_steps", "max_epochs", "accumulate_grad_batches", "log_every_n_steps", "num_nodes")
@@ -95,6 +103,18 @@ def check_training_values(dpo: Any, optimizer: Any, where: str = "", source: str
     prefix = f"{where}." if where else ""
     check_values(dpo, f"{prefix}dpo", DPO_RULES, source)
     check_values(optimizer, f"{prefix}optimizer", OPTIMIZER_RULES, source)
+    if optimizer.name == "adamw_8bit":
+        bitsandbytes_optim(f"{prefix}optimizer.name")
+
+
+def bitsandbytes_optim(key: str = "optimizer.name") -> Any:
+    """``bitsandbytes.optim``, or a UserError saying how to install it (it is optional: GPU-oriented)."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise UserError(f"{key}=adamw_8bit needs the bitsandbytes package, which is not importable ({first_line(exc)}): "
+                        f"pip install bitsandbytes (8-bit optimizers run on a CUDA GPU), or set {key}=adamw") from None
+    return bitsandbytes.optim
 
 
 def check_trainer_kwargs(trainer: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
@@ -137,7 +157,8 @@ class DPOModule(L.LightningModule):
     def _drop_captions(self, batch: dict[str, Any], cond: Any) -> Any:
         """Caption dropout: each pair's conditioning -> the empty caption's with probability ``uncond_prob``.
 
-        One draw per pair, so its winner and loser (which share ``cond``) are dropped together.
+        One draw per pair, so its winner and loser (which share ``cond``) are dropped together; a stored draw
+        (``draw_drop``) brings its own decision.
         """
         p = self.dpo.uncond_prob
         if p <= 0:
@@ -145,7 +166,10 @@ class DPOModule(L.LightningModule):
         if not isinstance(cond, torch.Tensor):
             raise UserError(f"dpo.uncond_prob needs tensor prompt conditioning; {type(self.backend).__name__} "
                             f"gives {type(cond).__name__}: set dpo.uncond_prob=0")
-        drop = torch.rand(cond.shape[0], device=cond.device) < p
+        if "draw_drop" in batch:
+            drop = batch["draw_drop"].to(cond.device).bool()
+        else:
+            drop = torch.rand(cond.shape[0], device=cond.device) < p
         if not drop.any():
             return cond
         if "null_embeds" in batch:  # a latent-cache batch: the empty caption's embedding, cached
@@ -157,27 +181,45 @@ class DPOModule(L.LightningModule):
             null = self.backend.encode_prompt([""]).to(cond).expand_as(cond)
         return torch.where(drop.reshape(-1, *([1] * (cond.dim() - 1))), null, cond)
 
-    def dpo_step(self, batch: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
-        """The loss output and the tensors the step used (noise, timesteps, errors) for one batch."""
+    def step_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """``(x0, noise, t, cond)`` of one step: winners in the first half, losers in the second.
+
+        A batch with stored draws (``draw_seed``, ``draw_t``) takes each item's noise from its draw's seed and
+        its timesteps as stored; otherwise both are drawn here from the global generator.
+        """
         lat_w, lat_l, cond = self._encode(batch)
         b = lat_w.shape[0]
-        noise_w = torch.randn_like(lat_w)
-        t_w = self.backend.sample_timesteps(b, lat_w.device)
-        if self.dpo.share_noise:
-            noise_l, t_l = noise_w, t_w
+        if "draw_seed" in batch:
+            seeds = [int(s) for s in batch["draw_seed"]]
+            noise_w = draw_noise(seeds, lat_w, "winner")
+            noise_l = noise_w if self.dpo.share_noise else draw_noise(seeds, lat_l, "loser")
+            t_w, t_l = batch["draw_t"].to(lat_w.device).unbind(1)
         else:
-            noise_l, t_l = torch.randn_like(lat_l), self.backend.sample_timesteps(b, lat_l.device)
-        # Winners in the first half, losers in the second: one policy and one reference pass.
-        x0 = torch.cat([lat_w, lat_l])
-        noise = torch.cat([noise_w, noise_l])
-        t = torch.cat([t_w, t_l])
+            noise_w = torch.randn_like(lat_w)
+            t_w = self.backend.sample_timesteps(b, lat_w.device)
+            if self.dpo.share_noise:
+                noise_l, t_l = noise_w, t_w
+            else:
+                noise_l, t_l = torch.randn_like(lat_l), self.backend.sample_timesteps(b, lat_l.device)
         cond2 = torch.cat([cond, cond]) if isinstance(cond, torch.Tensor) else cond + cond
+        return torch.cat([lat_w, lat_l]), torch.cat([noise_w, noise_l]), torch.cat([t_w, t_l]), cond2
+
+    def dpo_step(self, batch: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The loss output and the tensors the step used (noise, timesteps, errors) for one batch."""
+        x0, noise, t, cond2 = self.step_inputs(batch)
+        # One policy pass over winners and losers, and one reference pass unless its errors were stored.
         noisy = self.backend.add_noise(x0, noise, t)
         target = self.backend.target(x0, noise, t)
 
         model_err = per_sample_mse(self.backend.predict(noisy, t, cond2), target)
-        with torch.no_grad(), self.backend.reference() as reference:
-            ref_err = per_sample_mse(reference(noisy, t, cond2), target)
+        if self.dpo.precompute_reference:
+            if "ref_err_w" not in batch:
+                raise UserError("dpo.precompute_reference: this batch carries no stored reference errors; train with "
+                                "`videotuna train` on a latent cache (data.cache), whose pre-pass stores them")
+            ref_err = torch.cat([batch["ref_err_w"], batch["ref_err_l"]]).to(model_err)
+        else:
+            with torch.no_grad(), self.backend.reference() as reference:
+                ref_err = per_sample_mse(reference(noisy, t, cond2), target)
         if self.dpo.beta_schedule == "eps_equivalent":  # velocity errors -> the noise errors they imply
             scale = self.backend.eps_equivalent_weight(t).to(model_err)
             model_err, ref_err = model_err * scale, ref_err * scale
@@ -197,6 +239,44 @@ class DPOModule(L.LightningModule):
         log_step(self, out, used)
         return out.loss
 
+    def on_train_start(self) -> None:
+        log_run_summary(self.trainer, self.dpo, self.optim)
+
+    def sample_draws(self, seeds: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps ``[B, 2]`` (winner, loser) and caption-dropout decisions ``[B]`` of stored draws, each from its seed."""
+        ts, drops = [], []
+        for s in seeds:
+            with seeded("draw", s):
+                t_w = self.backend.sample_timesteps(1, device)
+                t_l = t_w if self.dpo.share_noise else self.backend.sample_timesteps(1, device)
+                drops.append(bool(torch.rand(()) < self.dpo.uncond_prob))
+            ts.append(torch.cat([t_w, t_l]))
+        return torch.stack(ts), torch.tensor(drops, device=device)
+
+    @contextmanager
+    def initial_reference(self):
+        """The reference's ``predict`` for the pre-pass, which runs before the first step."""
+        if getattr(self.backend, "reference_copy_skipped", False):
+            yield self.backend.predict  # a full fine-tune without its frozen copy: at step 0 the policy is the reference
+            return
+        with self.backend.reference() as reference:
+            yield reference
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """The pre-pass of ``dpo.precompute_reference``: each item's draw (seed, timesteps, dropout) and the
+        reference's errors on its winner and loser ``[B, 2]``."""
+        batch = dict(batch)
+        seeds = [int(s) for s in batch["draw_seed"]]
+        batch["draw_t"], batch["draw_drop"] = self.sample_draws(seeds, batch["winner_latents"].device)
+        with torch.no_grad():
+            x0, noise, t, cond2 = self.step_inputs(batch)
+            target = self.backend.target(x0, noise, t)
+            with self.initial_reference() as reference:
+                ref_err = per_sample_mse(reference(self.backend.add_noise(x0, noise, t), t, cond2), target)
+        ref_w, ref_l = ref_err.chunk(2)
+        return {"pair_index": batch["pair_index"], "draw_index": batch["draw_index"], "seed": batch["draw_seed"],
+                "t": batch["draw_t"].cpu(), "drop": batch["draw_drop"].cpu(), "ref_err": torch.stack([ref_w, ref_l], 1).cpu()}
+
     def seeded_step(self, batch: dict[str, Any], batch_idx: int, module: Any = None) -> tuple[Any, dict]:
         """``dpo_step`` with noise, timesteps, caption dropout and dropout drawn from a seed of (run seed,
         epoch, batch, rank), so a run resumed at this batch draws exactly what the uninterrupted run drew."""
@@ -208,8 +288,9 @@ class DPOModule(L.LightningModule):
         params = self.backend.trainable_parameters()
         if not params:
             raise UserError("the backend has no trainable parameters (check model.finetune / model.lora)")
-        opt = torch.optim.AdamW(params, lr=self.optim.lr, betas=tuple(self.optim.betas),
-                                weight_decay=self.optim.weight_decay, eps=self.optim.eps)
+        adamw = bitsandbytes_optim().AdamW8bit if self.optim.name == "adamw_8bit" else torch.optim.AdamW
+        opt = adamw(params, lr=self.optim.lr, betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay,
+                    eps=self.optim.eps)
         warmup = max(0, int(self.optim.warmup_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -231,6 +312,11 @@ class DPOModule(L.LightningModule):
             )
 
 
+def draw_noise(seeds: list[int], like: torch.Tensor, which: str) -> torch.Tensor:
+    """Noise shaped like ``like`` ``[B, ...]``, item b from ``seeds[b]`` alone (drawn on the CPU: any device agrees)."""
+    return torch.stack([torch.randn(like.shape[1:], generator=generator("draw-noise", which, s)) for s in seeds]).to(like)
+
+
 def configure_flow_matching(backend: Any, dpo: Any) -> None:
     """``dpo.timestep_sampling`` / ``dpo.beta_schedule`` reach a flow-matching backend; any other refuses them by name."""
     flow = hasattr(backend, "eps_equivalent_weight") and hasattr(backend, "set_timestep_sampling")
@@ -241,6 +327,36 @@ def configure_flow_matching(backend: Any, dpo: Any) -> None:
                             f"{type(backend).__name__} trains with its own noise schedule: remove dpo.{key}")
     if flow and dpo.timestep_sampling is not None:
         backend.set_timestep_sampling(dpo.timestep_sampling, dpo.logit_mean, dpo.logit_std, dpo.mode_scale)
+
+
+def run_summary(trainer: Any, dpo: Any, optim: Any) -> dict[str, Any]:
+    """The global batch in pairs (per device x devices x accumulation), beta as the loss applies it, and the lr."""
+    per_device = getattr(trainer.train_dataloader, "batch_size", None)
+    devices, accumulation = int(trainer.world_size), int(trainer.accumulate_grad_batches)
+    return {"pairs_per_device": per_device, "devices": devices, "accumulate_grad_batches": accumulation,
+            "global_batch_pairs": per_device * devices * accumulation if per_device else None,
+            "beta": float(dpo.beta), "beta_schedule": dpo.beta_schedule, "loss_type": dpo.loss_type,
+            "lr": float(optim.lr), "warmup_steps": int(optim.warmup_steps)}
+
+
+BETA_MEANING = {"constant": "on the per-sample error as the backend predicts it (noise, v or velocity)",
+                "eps_equivalent": "x (1 - s)^2 on the velocity error, i.e. Diffusion-DPO's beta on the implied noise error"}
+
+
+def log_run_summary(trainer: Any, dpo: Any, optim: Any) -> dict[str, Any]:
+    """Say once, at the start of training, what a step is: printed by rank 0 and given to the logger's hparams."""
+    summary = run_summary(trainer, dpo, optim)
+    if trainer.is_global_zero:
+        per_device = summary["pairs_per_device"] if summary["pairs_per_device"] is not None else "?"
+        warmup = f", reached after a linear warmup of {summary['warmup_steps']} steps" if summary["warmup_steps"] else ""
+        print(f"DPO training: global batch {summary['global_batch_pairs'] or '?'} pairs ({per_device} per device x "
+              f"{summary['devices']} device(s) x {summary['accumulate_grad_batches']} accumulation); beta "
+              f"{summary['beta']:g} {BETA_MEANING.get(summary['beta_schedule'], summary['beta_schedule'])} "
+              f"(loss {summary['loss_type']} of -beta/2 x [(policy - reference error) of the winner - of the loser]); lr {summary['lr']:g} per "
+              f"optimizer step on the mean over the global batch, not scaled by it{warmup}")
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams({f"run/{k}": v for k, v in summary.items()})
+    return summary
 
 
 def log_step(module: Any, out: Any, used: dict[str, torch.Tensor]) -> None:
@@ -327,6 +443,52 @@ def routed_ddp(backend: Any, trainer_kwargs: dict[str, Any]) -> None:
               f"{type(backend).__name__} trains {', '.join(trained)}, and a batch may use only one")
 
 
+def check_precompute_reference(model_cfg: Any, data_cfg: Any, source: str) -> None:
+    """``dpo.precompute_reference`` needs a latent cache to store next to, and a reference it can compute."""
+    if not data_cfg.get("cache"):
+        raise UserError(f"{source}: dpo.precompute_reference stores the reference's draws next to the latent cache; "
+                        f"set data.cache (build it with `videotuna cache`)")
+    if model_cfg.get("finetune") == "full" and model_cfg.get("trainable_weights"):
+        raise UserError(f"{source}: dpo.precompute_reference with model.finetune=full runs the reference as the policy "
+                        f"before its first step, but model.trainable_weights makes that policy another model; start "
+                        f"from those weights with model.init_weights (they then are the reference) or drop "
+                        f"dpo.precompute_reference")
+
+
+def reference_store(datamodule: Any, model_cfg: Any, top: Any) -> Any:
+    """The stored reference draws of the run's latent cache, at the run's settings."""
+    from videotuna_dpo.data.reference_draws import ReferenceDraws, reference_dir, reference_settings
+
+    if not hasattr(getattr(datamodule, "dataset", None), "attach_draws"):
+        raise UserError(f"dpo.precompute_reference needs the preference datamodule's latent cache (data.cache); "
+                        f"{type(datamodule).__name__} has none")
+    return ReferenceDraws(reference_dir(datamodule.cfg.cache), reference_settings(model_cfg, top.dpo, top.seed))
+
+
+def precompute_reference(trainer: L.Trainer, module: DPOModule, datamodule: Any, store: Any, seed: int,
+                         pairs_per_shard: int = 64) -> None:
+    """Run the reference pre-pass over the pairs whose draws are not stored yet (each rank its share, through
+    ``trainer.predict``), then give the dataset every pair's draws for training."""
+    from videotuna_dpo.data.reference_draws import ReferencePass, ReferencePassData, draw_seed, pair_key
+
+    dataset = datamodule.dataset
+    keys = [pair_key(p) for p in dataset.pairs]
+    pending = store.prepare(keys)
+    if pending:
+        print(f"dpo.precompute_reference: the reference's errors on {store.draws} draws of {len(pending)} of "
+              f"{len(keys)} pairs -> {store.directory}")
+        dataset.attach_draws({"seed": torch.tensor([[draw_seed(seed, key, k) for k in range(store.draws)]
+                                                    for key in keys], dtype=torch.int64)})
+        writer = ReferencePass(store, keys, pairs_per_shard)
+        trainer.callbacks.append(writer)
+        try:
+            trainer.predict(module, datamodule=ReferencePassData(dataset, pending, store.draws, datamodule.cfg.batch_size),
+                            return_predictions=False)
+        finally:
+            trainer.callbacks.remove(writer)
+    dataset.attach_draws(store.load(keys))
+
+
 def resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     """The checkpoint ``--resume`` names (``last``: ``out/checkpoints/last.ckpt``), checked to load as tensors only."""
     if not resume:
@@ -361,6 +523,9 @@ class DPOStrategy:
         model_cfg, data_cfg = cfg.get("model") or {}, cfg.get("data") or {}
         if "name" not in model_cfg:
             raise UserError(f"{source}: missing required key model.name (installed: {', '.join(registry.names('model'))})")
+        precompute = top.dpo.precompute_reference
+        if precompute:
+            check_precompute_reference(model_cfg, data_cfg, source)
         data_name = data_cfg.get("name", "preference")
         datamodule = call_with_optional(registry.get("datamodule", data_name).from_config, data_cfg, source=source)
         backend_class = registry.get("model", model_cfg["name"])
@@ -371,7 +536,12 @@ class DPOStrategy:
             model_cfg = OmegaConf.merge(model_cfg, {"load_text_and_vae": False})
             if hasattr(datamodule, "check_model"):
                 datamodule.check_model(model_cfg)
-        backend = call_with_optional(backend_class.from_config, model_cfg, source=source)
+        if precompute:  # draws computed at other settings are refused before the model loads
+            schema = getattr(backend_class, "schema", None)
+            settings_cfg = validate(model_cfg, schema, "model", source) if schema else model_cfg
+            reference_store(datamodule, settings_cfg, top).check_settings()
+        with without_reference_copy() if precompute else nullcontext():
+            backend = call_with_optional(backend_class.from_config, model_cfg, source=source)
         if hasattr(datamodule, "seed"):
             datamodule.seed = top.seed
         return top, DPOModule(backend, top.dpo, top.optimizer, seed=top.seed), datamodule
@@ -411,8 +581,14 @@ class DPOStrategy:
             **trainer_kwargs,
         )
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if trainer.is_global_zero:  # every DDP process runs this; one writes
+            write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        if top.dpo.precompute_reference:
+            # Before fit, so a resumed run too computes any missing draws with the weights it started from.
+            store = reference_store(datamodule, getattr(module.backend, "cfg", cfg.model), top)  # defaults filled in
+            precompute_reference(trainer, module, datamodule, store, top.seed)
         # weights_only: resuming never runs pickled code from the checkpoint.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        (out / "run.json").write_text(json.dumps({"global_step": trainer.global_step, "output_dir": str(out)}))
+        if trainer.is_global_zero:
+            write_json_atomic(out / "run.json", {"global_step": trainer.global_step, "output_dir": str(out)})
         return out

@@ -22,7 +22,7 @@ from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.videotuna_host import build_flow
 from videotuna_dpo.registry import Registry
 from videotuna_dpo.strategy import (DPOModule, DPOSchema, ExportCadence, OptimizerSchema, check_training_values,
-                                    keep_trainable_only, log_step)
+                                    keep_trainable_only, log_run_summary, log_step)
 
 # The backends built on a VideoTuna flow, by flow.params.backend -> registered model name. Here `wan` is
 # VideoTuna's WanVideoModelFlow (the registry's `wan` is the diffusers Wan backend).
@@ -56,6 +56,9 @@ class DPOFlow(pl.LightningModule):
         self.dpo_cfg = validate(dpo or {}, DPOSchema, "flow.params.dpo")
         self.optim_cfg = validate(optimizer or {}, OptimizerSchema, "flow.params.optimizer")
         check_training_values(self.dpo_cfg, self.optim_cfg, "flow.params")
+        if self.dpo_cfg.precompute_reference:
+            raise UserError("flow.params.dpo.precompute_reference: the reference pre-pass runs in `videotuna train` "
+                            "(on a latent cache); inside VideoTuna the reference runs live: remove it")
         self.export_every = int(export_every_n_steps)
         section = self.backend_class.check_flow_section(section, "flow.params.flow_config")
         self.inner = build_flow(section, BACKENDS[backend], self.backend_class.checkpoint_keys)
@@ -107,6 +110,9 @@ class DPOFlow(pl.LightningModule):
 
     def configure_optimizers(self):
         return self._dpo.configure_optimizers()
+
+    def on_train_start(self) -> None:
+        log_run_summary(self.trainer, self.dpo_cfg, self.optim_cfg)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Weights export (``<ckptdir>/dpo_weights/step-N`` and ``last``) on the host's Trainer."""

@@ -246,6 +246,14 @@ class CachedPreferenceDataset(Dataset):
         self.pairs = pairs
         self.seed = 0
         self._handles: dict[str, Any] = {}
+        # dpo.precompute_reference: per pair K draws (``seed`` [N, K]; once computed also ``t``, ``drop``, ``ref_err``)
+        self.draws: dict[str, torch.Tensor] | None = None
+
+    def attach_draws(self, draws: dict[str, torch.Tensor]) -> None:
+        """Items then carry draw ``epoch mod K`` of their pair: its seed decides the posterior sample (and the noise)."""
+        if draws["seed"].shape[0] != len(self.pairs):
+            raise ValueError(f"draws for {draws['seed'].shape[0]} pairs, the dataset has {len(self.pairs)}")
+        self.draws = draws
 
     @classmethod
     def open(cls, data_cfg: Any) -> "CachedPreferenceDataset":
@@ -309,7 +317,16 @@ class CachedPreferenceDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, epoch = item_key(key)
         pair = self.pairs[i]
-        draws = generator("posterior", self.seed, epoch, i)  # a resumed run draws the same samples
+        stored: dict[str, Any] = {}
+        if self.draws is not None:  # the pair's stored draw of this epoch
+            k = epoch % self.draws["seed"].shape[1]
+            stored = {"pair_index": i, "draw_index": k, "draw_seed": self.draws["seed"][i, k]}
+            if "ref_err" in self.draws:
+                stored.update(draw_t=self.draws["t"][i, k], draw_drop=self.draws["drop"][i, k],
+                              ref_err_w=self.draws["ref_err"][i, k, 0], ref_err_l=self.draws["ref_err"][i, k, 1])
+            draws = generator("posterior-draw", int(stored["draw_seed"]))
+        else:
+            draws = generator("posterior", self.seed, epoch, i)  # a resumed run draws the same samples
         item = {
             "winner_latents": self._sample(pair.winner, draws),  # the backend's latent layout, e.g. [F', C', H', W']
             "loser_latents": self._sample(pair.loser, draws),
@@ -320,6 +337,7 @@ class CachedPreferenceDataset(Dataset):
         }
         if NULL_CAPTION in self.index["captions"]:  # caches built before caption dropout lack it
             item["null_embeds"] = self._tensor(self.index["captions"][NULL_CAPTION])
+        item.update(stored)
         return item
 
     def __getstate__(self) -> dict[str, Any]:  # safetensors handles do not cross worker processes

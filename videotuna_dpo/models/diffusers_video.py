@@ -109,9 +109,7 @@ class DiffusersVideoBackend(DenoiserFinetuning, nn.Module):
     def finish_setup(self) -> None:
         """LoRA adapters or the reference copy, gradient checkpointing, then ``model.trainable_weights``."""
         self.setup_finetuning(reference_dtype=self.weight_dtype)
-        if self.cfg.gradient_checkpointing:
-            for net in self._trained().values():
-                net.enable_gradient_checkpointing()
+        self.setup_gradient_checkpointing()
         if self.cfg.trainable_weights:
             self.load_trainable(self.cfg.trainable_weights)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +24,27 @@ from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights
                                       read_trainable_meta)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+_REFERENCE_COPY = ContextVar("videotuna_reference_copy", default=True)
+
+
+@contextmanager
+def without_reference_copy() -> Iterator[None]:
+    """Backends built inside make no frozen reference copy for a full fine-tune (``dpo.precompute_reference``:
+    the reference's errors come from a pre-pass, run by the policy before its first step, when it is the reference)."""
+    token = _REFERENCE_COPY.set(False)
+    try:
+        yield
+    finally:
+        _REFERENCE_COPY.reset(token)
+
+
+def reference_copy_wanted() -> bool:
+    """False inside :func:`without_reference_copy`."""
+    return _REFERENCE_COPY.get()
+
+
+NO_REFERENCE_COPY = ("was built without its frozen reference copy (dpo.precompute_reference): the reference's errors "
+                     "come from the stored pre-pass, not from a live reference")
 
 
 def merge_lora(net: nn.Module, state: dict[str, torch.Tensor], lora: dict[str, Any], what: str) -> None:
@@ -111,6 +133,7 @@ class DenoiserFinetuning:
             self.merge_init_weights(cfg.init_weights)
         self._ref_cpu: dict[str, nn.Module] = {}  # a plain dict: kept out of .to(device) and the state dict
         self.ref_denoisers = nn.ModuleDict()  # on-device reference copies, moved with the backend
+        self.reference_copy_skipped = cfg.finetune == "full" and not reference_copy_wanted()
         if cfg.finetune == "lora":
             from peft import LoraConfig
 
@@ -122,12 +145,25 @@ class DenoiserFinetuning:
                         p.data = p.data.float()
             return
         for attr, net in self._trained().items():
+            net.requires_grad_(True)
+            if self.reference_copy_skipped:
+                continue
             reference = copy.deepcopy(net).to(reference_dtype).requires_grad_(False).eval()
             if cfg.reference_on_cpu:
                 self._ref_cpu[attr] = reference
             else:
                 self.ref_denoisers[attr] = reference
-            net.requires_grad_(True)
+
+    def setup_gradient_checkpointing(self) -> None:
+        """``model.gradient_checkpointing``: the trained denoisers recompute each block's activations in the backward
+        pass (diffusers' ``enable_gradient_checkpointing``); a network without it is refused by name."""
+        if not getattr(self.cfg, "gradient_checkpointing", False):
+            return
+        for attr, net in self._trained().items():
+            if not getattr(net, "_supports_gradient_checkpointing", False):
+                raise UserError(f"model.gradient_checkpointing: {type(self).__name__}'s {attr} ({type(net).__name__}) "
+                                f"cannot recompute its activations; set model.gradient_checkpointing=false")
+            net.enable_gradient_checkpointing()
 
     @property
     def ref_denoiser(self) -> nn.Module | None:
@@ -190,6 +226,8 @@ class DenoiserFinetuning:
                 for net in self._trained().values():
                     set_adapters_enabled(net, True)
             return
+        if self.reference_copy_skipped:
+            raise UserError(f"{type(self).__name__} {NO_REFERENCE_COPY}")
         nets = {**self._live_nets(), **dict(self.ref_denoisers.items())}
         device = next(self.denoiser.parameters()).device
         for attr, reference in self._ref_cpu.items():

@@ -49,6 +49,7 @@ class T2VTurboSchema:
     time_cond_proj_dim: Optional[int] = 256  # T2V-Turbo's guidance-embedding projection (null: none)
     num_ddim_timesteps: int = 50  # training timesteps are drawn from this DDIM grid
     input_scaling: bool = False  # VC2's scale_arr; T2V-Turbo trained without it
+    gradient_checkpointing: Optional[bool] = None  # every UNet block's checkpoint switch; null: as the host config (VC2: on)
     trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
     init_weights: Optional[str] = None  # a T2V-Turbo weights folder replacing lora_ckpt for policy and reference
     load_text_and_vae: bool = True

@@ -21,9 +21,9 @@ from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, read_safetensors, read_trainable_meta,
                                       seed_list)
-from videotuna_dpo.models.finetune import merge_lora
+from videotuna_dpo.models.finetune import NO_REFERENCE_COPY, merge_lora, reference_copy_wanted
 from videotuna_dpo.models.videotuna_host import (build_flow, flow_section, import_videotuna, load_into,
-                                                 load_vc2_components)
+                                                 load_vc2_components, set_host_checkpointing)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FULL_FILE = "denoiser.safetensors"
@@ -55,6 +55,7 @@ class VideoCrafter2Schema:
     lora: VC2LoraSchema = field(default_factory=VC2LoraSchema)
     reference_on_cpu: bool = False  # full: keep the frozen copy on CPU, move it in per step
     reference_dtype: str = "fp32"  # full: dtype of the frozen copy (bf16 halves its memory; runs under autocast)
+    gradient_checkpointing: Optional[bool] = None  # every UNet block's checkpoint switch; null: as the host config (VC2: on)
     trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
     init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
     load_text_and_vae: bool = True  # false when training on a latent cache: VAE/text weights are not loaded
@@ -102,6 +103,7 @@ class VideoCrafter2Backend(nn.Module):
         if cfg.ckpt:
             self.load_pretrained(cfg.ckpt, cfg.denoiser_ckpt)
         self.setup_finetune()
+        self.gradient_checkpointing = set_host_checkpointing(self.flow.denoiser, cfg.gradient_checkpointing, self.family)
         if cfg.trainable_weights:
             self.load_trainable(cfg.trainable_weights)
 
@@ -141,6 +143,7 @@ class VideoCrafter2Backend(nn.Module):
         flow = self.flow
         self._ref_cpu: list[nn.Module] = []  # a CPU-resident reference is kept out of .to(device)
         self.ref_denoiser: nn.Module | None = None
+        self.reference_copy_skipped = self.cfg.finetune == "full" and not reference_copy_wanted()
         for module in (flow.first_stage_model, flow.cond_stage_model):
             module.requires_grad_(False).eval()
         flow.denoiser.requires_grad_(False)
@@ -157,7 +160,7 @@ class VideoCrafter2Backend(nn.Module):
             # What the host's GenerationBase.instantiate_lora sets, so its set_trainable_components agrees.
             flow.use_lora = True
             flow.lora_params = {n for n, p in flow.denoiser.named_parameters() if "lora_" in n}
-        else:
+        elif not self.reference_copy_skipped:
             reference = copy.deepcopy(flow.denoiser).to(DTYPES[self.cfg.reference_dtype]).requires_grad_(False).eval()
             if self.cfg.reference_on_cpu:
                 self._ref_cpu.append(reference)
@@ -255,6 +258,8 @@ class VideoCrafter2Backend(nn.Module):
             with self.flow.denoiser.disable_adapter(), eval_mode(self.flow.denoiser):
                 yield self.predict
             return
+        if self.reference_copy_skipped:
+            raise UserError(f"{type(self).__name__} {NO_REFERENCE_COPY}")
         reference = self.ref_denoiser if self.ref_denoiser is not None else self._ref_cpu[0]
         reference.eval()  # the Trainer's .train() on the whole module reaches the copy too
         device = next(self.flow.denoiser.parameters()).device

@@ -27,6 +27,26 @@ VC2_PREFIXES = {"denoiser": "model.diffusion_model.", "first_stage_model": "firs
                 "cond_stage_model": "cond_stage_model."}
 
 
+# The per-block checkpoint switches of VideoTuna's (VideoCrafter's) UNetModel: ResBlock.use_checkpoint and
+# BasicTransformerBlock.checkpoint, both built from the UNet config's use_checkpoint (true in VC2's shipped config).
+HOST_CHECKPOINT_SWITCHES = ("use_checkpoint", "checkpoint")
+
+
+def set_host_checkpointing(denoiser: torch.nn.Module, enabled: bool | None, family: str) -> bool:
+    """``model.gradient_checkpointing`` on a VideoTuna UNet: every block's switch set to ``enabled`` (None: as the host
+    config built them). Returns whether any block recomputes its activations in the backward pass."""
+    switches = [(module, name) for module in denoiser.modules() for name in HOST_CHECKPOINT_SWITCHES
+                if isinstance(getattr(module, name, None), bool)]
+    if enabled and not switches:
+        raise UserError(f"model.gradient_checkpointing: the {family} denoiser ({type(denoiser).__name__}) has no "
+                        f"per-block checkpoint switch (use_checkpoint / checkpoint, as in VideoTuna's UNetModel); "
+                        f"set model.gradient_checkpointing=false")
+    if enabled is not None:
+        for module, name in switches:
+            setattr(module, name, bool(enabled))
+    return any(getattr(module, name) for module, name in switches)
+
+
 class VideoTunaMissingError(UserError):
     """A VideoTuna-backed model was chosen but VideoTuna cannot be imported."""
 

@@ -39,6 +39,7 @@ class ToySchema:
     finetune: str = "full"
     lora: ToyLoraSchema = field(default_factory=ToyLoraSchema)
     reference_on_cpu: bool = False
+    gradient_checkpointing: bool = False  # the UNet's blocks recompute their activations in the backward pass
     trainable_weights: Optional[str] = None
     init_weights: Optional[str] = None  # a weights folder (LoRA or full) merged into the base: the reference
     load_text_and_vae: bool = True  # accepted for the cache path; the toy model has no VAE
@@ -91,6 +92,7 @@ class ToyBackend(DenoiserFinetuning, nn.Module):
         self.text_encoder = ToyTextEncoder.from_pretrained(root, subfolder="text_encoder", torch_dtype=torch.float32)
         self.text_encoder.requires_grad_(False).eval()
         self.setup_finetuning(reference_dtype=torch.float32)
+        self.setup_gradient_checkpointing()
         if cfg.trainable_weights:
             self.load_trainable(cfg.trainable_weights)
 

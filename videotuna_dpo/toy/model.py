@@ -82,6 +82,8 @@ class FiLMBlock(nn.Module):
 class ToyVideoUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Noisy video ``[B, 3, F, H, W]``, timesteps ``[B]``, text ``[B, L, D]`` -> prediction, same shape."""
 
+    _supports_gradient_checkpointing = True  # diffusers' enable_gradient_checkpointing: each FiLM block recomputed
+
     @register_to_config
     def __init__(self, channels: int = 32, text_dim: int = 64, cond_dim: int = 128, patch: int = 2):
         super().__init__()
@@ -96,6 +98,12 @@ class ToyVideoUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.up = nn.ConvTranspose3d(2 * channels, channels, (1, 4, 4), stride=(1, 2, 2), padding=(0, 1, 1))
         self.up1 = FiLMBlock(2 * channels, channels, cond_dim)
         self.out = nn.Sequential(nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv3d(channels, c_in, (1, 3, 3), padding=(0, 1, 1)))
+        self.gradient_checkpointing = False
+
+    def _block(self, block: FiLMBlock, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, h, cond)
+        return block(h, cond)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         p = self.config.patch
@@ -108,7 +116,7 @@ class ToyVideoUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
             m = text_mask.float()[..., None]
             pooled = (text * m).sum(1) / m.sum(1).clamp(min=1)
         cond = self.time_mlp(timestep_embedding(t, self.config.cond_dim)) + self.text_proj(pooled)
-        h0 = self.down1(self.stem(z), cond)
-        h1 = self.mid2(self.mid1(self.pool(h0), cond), cond)
-        y = self.out(self.up1(torch.cat([self.up(h1), h0], dim=1), cond))
+        h0 = self._block(self.down1, self.stem(z), cond)
+        h1 = self._block(self.mid2, self._block(self.mid1, self.pool(h0), cond), cond)
+        y = self.out(self._block(self.up1, torch.cat([self.up(h1), h0], dim=1), cond))
         return y.reshape(b, c, p, p, f, h // p, w // p).permute(0, 1, 4, 5, 2, 6, 3).reshape(b, c, f, h, w)
