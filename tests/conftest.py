@@ -21,6 +21,29 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 
 
+def ddp_env(**extra: str) -> dict[str, str]:
+    """The environment of a 2-process DDP subprocess: this one's, plus ``MASTER_PORT``, a free port below the
+    ephemeral range.
+
+    Lightning picks a free *ephemeral* port itself; under load a rank's connection attempts to it can be given
+    that very port as their source (a TCP self-connect), and rank 0 then fails with EADDRINUSE. Ports below
+    the range are never handed out as source ports; the worker id and pid spread concurrent runs apart.
+    """
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").is_file() else 32768
+    start = 20000 + (os.getpid() * 7) % max(1, low - 20000 - 1000)
+    for port in range(start, start + 1000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **extra}
+    raise RuntimeError(f"no free port in {start}..{start + 999}")
+
+
 def make_distribution(site: Path, dist_name: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
     """Write an installed distribution (dist-info + modules) into ``site`` by hand."""
     site.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ddp_env
 from tests.videotuna_fixtures import (STANDIN, tiny_flow_section, tiny_wan_section, use_standin, write_turbo_lora,
                                       write_vc2_ckpt, write_wan_ckpt)
 
@@ -275,7 +275,7 @@ def test_ddp_on_two_processes_ends_with_identical_weights_on_both_ranks(loop):
     out.mkdir()
     driver = out / "ddp_driver.py"
     driver.write_text(DDP_DRIVER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(STANDIN), os.environ.get("PYTHONPATH", "")]))
+    env = ddp_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(STANDIN), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, str(driver), str(out), "train", "--strategy", "dpo", "--config", str(config),
          f"data.train_data={root / 'ds' / 'train_data.yaml'}", f"output_dir={out / 'run'}", "data.batch_size=1",

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from tests.conftest import ROOT, make_backend
+from tests.conftest import ROOT, ddp_env, make_backend
 from videotuna_dpo.data.datamodule import PreferenceDataModule
 from videotuna_dpo.data.latent_cache import build_cache
 from videotuna_dpo.data.reference_draws import ReferenceDraws, pair_key, reference_dir, reference_settings
@@ -237,7 +237,7 @@ def test_precompute_reference_needs_a_latent_cache_and_a_reference_it_can_comput
 
 def test_the_pre_pass_shards_pairs_across_two_ddp_ranks(tiny_cogvideox, tiny_dataset, latent_cache, tmp_path):
     cache = _own_cache(latent_cache, tmp_path)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = ddp_env(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "videotuna_dpo", "train", "--strategy", "dpo", "--config", str(CONFIG),
          f"model.pretrained={tiny_cogvideox}", "model.finetune=full", f"data.train_data={tiny_dataset}",
