@@ -70,9 +70,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_pairs(args: argparse.Namespace) -> int:
     from videotuna_dpo.pipeline.pairs import build_pairs_dataset, short_clip_warning
 
+    if args.max_motion_drop is not None and not args.motion_guard:
+        raise UserError("--max-motion-drop applies to --motion-guard; add --motion-guard")
+    max_drop = (0.5 if args.max_motion_drop is None else args.max_motion_drop) if args.motion_guard else None
     summary = build_pairs_dataset(args.scores, args.out, strategy=args.strategy, min_gap=args.min_gap,
                                   alpha=args.alpha, beta=args.beta, bin_width=args.bin_width, mode=args.mode,
-                                  labels=args.labels)
+                                  labels=args.labels, max_motion_drop=max_drop)
+    if "motion_refused" in summary:
+        print(f"--motion-guard: {summary['motion_refused']} pair(s) refused, their winner moving more than "
+              f"{max_drop:g} less than their loser (listed in {args.out}/pairs/manifest.json)")
     if summary["failed_videos_left_out"]:
         print(f"{summary['failed_videos_left_out']} video(s) failed scoring and are left out "
               f"(listed in {args.out}/pairs/manifest.json)", file=sys.stderr)
@@ -199,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, metavar="LABELS_JSON",
                    help="labels.json of `videotuna review`: keep confirms a pair, flip swaps winner and loser, tie "
                    "drops it, reject drops every pair of the broken video")
+    p.add_argument("--motion-guard", action="store_true",
+                   help="refuse pairs whose winner moves much less than its loser (mean optical-flow magnitude, the "
+                   "motion_magnitude score: score with it); refused pairs are listed in the manifest")
+    p.add_argument("--max-motion-drop", type=float, default=None, metavar="X",
+                   help="with --motion-guard: refuse a pair when (loser - winner) / loser motion > X (default 0.5)")
     p.set_defaults(func=_cmd_pairs)
 
     review_parser.add_parser(sub)
