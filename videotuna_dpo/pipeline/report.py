@@ -244,7 +244,7 @@ def write_report(out: str | Path, summary: Mapping[str, Any], grid_prompts: int 
             for label, table in tables.items():
                 plots[f"diff_{label}"] = os.path.relpath(diff_histogram(stage / "plots" / f"omniscore_diff_{label}.png",
                                                                         table, label), stage)
-        grids = _grids(stage, tables, grid_prompts) if tables else []
+        grids = _grids(stage, tables, grid_prompts) if tables and grid_prompts > 0 else []
         report = {**summary, "plots": plots, "grids": grids}
         write_text_atomic(stage / "report.json", json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
         write_text_atomic(stage / "report.html", _page(summary, plots, grids))
