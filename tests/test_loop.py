@@ -261,3 +261,26 @@ def test_the_loop_verb_exits_3_and_stops_when_a_round_is_flagged(tmp_path, monke
     assert report["stopped_after"] == 1 and report["rounds_done"] == 1 and report["possible_reward_hacking"] is True
     assert not (tmp_path / "out" / "round_2").exists()
     assert "POSSIBLE REWARD HACKING" in report["summary_line"]
+
+
+def test_the_loop_runs_on_the_tiny_cogvideox_with_lora(tiny_cogvideox, tmp_path):
+    """Two rounds on a real architecture (LoRA, v-prediction, VAE latents in the cache), reference: base."""
+    from tests.conftest import ROOT
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(c + "\n" for c in CAPTIONS[:4]))
+    summary = run_loop(ROOT / "configs" / "dpo" / "cogvideox_tiny.yaml", prompts, tmp_path / "out", rounds=2, overrides=[
+        f"model.pretrained={tiny_cogvideox}", "generate.steps=2", "generate.height=32", "generate.width=32",
+        "data.video_length=4", "lightning.trainer.max_steps=2", "lightning.checkpoint.every_n_train_steps=2",
+        "lightning.trainer.enable_progress_bar=false", "loop.samples=2", "loop.eval_samples=2",
+        "eval.scorers=[temporal_flickering,dynamic_degree,motion_smoothness]"], run=main, progress=lambda line: None)
+    out = tmp_path / "out"
+    assert summary["rounds_done"] == 2
+    meta = json.loads((out / "round_2" / "weights" / "last" / "trainable.json").read_text())
+    assert meta["finetune"] == "lora" and meta["init_weights"] is None
+    assert OmegaConf.load(out / "round_2" / "run" / "config.yaml").model.trainable_weights == \
+        str(out / "round_1" / "weights" / "last")
+    report = json.loads((out / "report" / "loop.json").read_text())
+    assert len(report["per_round"]["omniscore"]) == 3 and report["rounds"][1]["against"]["round_1"]["pairs"] == 2
+    index = json.loads((out / "round_2" / "cache" / "index.json").read_text())
+    assert index["settings"]["backend"] == "cogvideox"
