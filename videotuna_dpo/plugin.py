@@ -18,7 +18,9 @@ def videotuna_strategies():
 def videotuna_scorers():
     from videotuna_dpo.scoring import SCORERS
 
-    return {**SCORERS, "toy_alignment": "videotuna_dpo.toy.scorer:ToyAlignment"}
+    return {**SCORERS, "toy_alignment": "videotuna_dpo.toy.scorer:ToyAlignment",
+            "toy_travel": "videotuna_dpo.toy.judges:ToyTravel",
+            "toy_shape_fidelity": "videotuna_dpo.toy.judges:ToyShapeFidelity"}
 
 
 @hookimpl
