@@ -53,27 +53,33 @@ def shape_fidelity(video: torch.Tensor, caption: str) -> float:
     return sum(ious) / len(ious)
 
 
-class ToyTravel(BaseScorer):
-    """Share of the world's path the object travels in its caption's direction, in [0, 1]; no weights."""
+class _CaptionJudge(BaseScorer):
+    """A judge scoring each video against its caption with ``measure(video, caption)``; no weights."""
+
+    kind = "quality"
+    score_range = None  # a judge, never an OmniScore dimension
+
+    @staticmethod
+    def measure(video: torch.Tensor, caption: str) -> float:
+        raise NotImplementedError
+
+    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self.measure(v, p) for v, p in zip(videos, prompts)], dtype=torch.float64)
+
+
+class ToyTravel(_CaptionJudge):
+    """Share of the world's path the object travels in its caption's direction, in [0, 1]."""
 
     name = "toy_travel"
-    kind = "quality"
     version = "toy-travel-1"
     min_frames = 2
-    score_range = None  # a judge, never an OmniScore dimension
-
-    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([travel(v, p) for v, p in zip(videos, prompts)], dtype=torch.float64)
+    measure = staticmethod(travel)
 
 
-class ToyShapeFidelity(BaseScorer):
-    """Mean IoU of the object with its caption's shape at the world's size, in [0, 1]; no weights."""
+class ToyShapeFidelity(_CaptionJudge):
+    """Mean IoU of the object with its caption's shape at the world's size, in [0, 1]."""
 
     name = "toy_shape_fidelity"
-    kind = "quality"
     version = "toy-shape-fidelity-1"
     min_frames = 1
-    score_range = None  # a judge, never an OmniScore dimension
-
-    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([shape_fidelity(v, p) for v, p in zip(videos, prompts)], dtype=torch.float64)
+    measure = staticmethod(shape_fidelity)
