@@ -284,3 +284,20 @@ def test_the_loop_runs_on_the_tiny_cogvideox_with_lora(tiny_cogvideox, tmp_path)
     assert len(report["per_round"]["omniscore"]) == 3 and report["rounds"][1]["against"]["round_1"]["pairs"] == 2
     index = json.loads((out / "round_2" / "cache" / "index.json").read_text())
     assert index["settings"]["backend"] == "cogvideox"
+
+
+def test_reference_previous_makes_round_1_the_reference_of_round_2(tmp_path):
+    summary = run_loop(DEMO_CONFIG, _prompts(tmp_path), tmp_path / "out", rounds=2, run=main,
+                       overrides=[*TINY, "loop.reference=previous", "lightning.trainer.max_steps=1"],
+                       progress=lambda line: None)
+    out = tmp_path / "out"
+    assert summary["rounds_done"] == 2
+    round_1 = out / "round_1" / "weights" / "last"
+    cfg = OmegaConf.load(out / "round_2" / "run" / "config.yaml")
+    assert cfg.model.init_weights == str(round_1) and cfg.model.get("trainable_weights") is None
+    run_meta = json.loads((out / "round_2" / "run" / "weights" / "last" / "trainable.json").read_text())
+    assert run_meta["init_weights"] == str(round_1.resolve())
+    # The round's weights are the whole network: sampled and evaluated on the base config as they are.
+    meta = json.loads((out / "round_2" / "weights" / "last" / "trainable.json").read_text())
+    assert meta["init_weights"] is None and meta["loop_trained_on"] == str(round_1.resolve())
+    assert (out / "eval" / "scores" / "round_2.jsonl").is_file()

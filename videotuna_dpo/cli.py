@@ -152,8 +152,8 @@ def _add_loop_parser(sub) -> None:
         "previous), then eval on the held-out prompts (loop.holdout_fraction of them) and seeds against the base "
         "and the previous round, with eval.judges (scorers training never uses) and the motion measures apart. "
         "Resumable: a rerun continues at the step that did not finish. Writes OUT/report/loop.html and loop.json. "
-        f"Exit status 3 when a round is marked possible reward hacking (the training OmniScore rises while a judge "
-        f"falls with paired z < -2); loop.stop_on_hacking=true then stops further rounds.",
+        "Exit status 3 when a round is marked possible reward hacking (the training OmniScore rises while a judge "
+        "falls with paired z < -2); loop.stop_on_hacking=true then stops further rounds.",
         epilog="example: videotuna loop --config configs/dpo/cogvideox_2b.yaml --prompts prompts.txt --rounds 3 "
         "--out runs/loop loop.samples=4 loop.reference=base 'eval.judges=[aesthetic_quality]'",
     )
