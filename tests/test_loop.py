@@ -301,3 +301,23 @@ def test_reference_previous_makes_round_1_the_reference_of_round_2(tmp_path):
     meta = json.loads((out / "round_2" / "weights" / "last" / "trainable.json").read_text())
     assert meta["init_weights"] is None and meta["loop_trained_on"] == str(round_1.resolve())
     assert (out / "eval" / "scores" / "round_2.jsonl").is_file()
+
+
+def test_the_toy_rounds_table_is_the_loops_report(uninterrupted):
+    """`python -m videotuna_dpo.toy.rounds` tabulates each seed's loop summary: its numbers are the report's."""
+    from videotuna_dpo.toy.rounds import loop_overrides, round_rows, summarize
+
+    _, summary = uninterrupted
+    rows = round_rows(summary)
+    report = summary["rounds"]
+    for r, row in enumerate(rows):
+        omni = next(x for x in report[r]["against"]["base"]["rows"] if x["dimension"] == "omniscore")
+        judge = next(x for x in report[r]["against"]["base"]["rows"] if x["dimension"] == "raw/toy_alignment")
+        assert (row["omniscore"], row["omniscore_delta"], row["omniscore_z"]) == (omni["tuned"], omni["delta"], omni["z"])
+        assert (row["toy_alignment"], row["toy_alignment_delta"]) == (judge["tuned"], judge["delta"])
+    assert rows[0]["omniscore_delta_prev"] is None and rows[1]["omniscore_delta_prev"] is not None
+    table = summarize({0: rows, 1: rows}, ["toy_alignment"]).splitlines()
+    assert table[0] == "2 seed(s): 0, 1" and len(table) == 4
+    assert table[2].startswith(f"1 | {rows[0]['omniscore_delta']:+.4f} +- 0.0000 | ")
+    assert "eval.judges=[toy_travel,toy_shape_fidelity,toy_alignment]" in loop_overrides(0, hack=True)
+    assert "eval.scorers=[temporal_flickering,motion_smoothness]" in loop_overrides(0, hack=True)
