@@ -321,3 +321,18 @@ def test_the_toy_rounds_table_is_the_loops_report(uninterrupted):
     assert table[2].startswith(f"1 | {rows[0]['omniscore_delta']:+.4f} +- 0.0000 | ")
     assert "eval.judges=[toy_travel,toy_shape_fidelity,toy_alignment]" in loop_overrides(0, hack=True)
     assert "eval.scorers=[temporal_flickering,motion_smoothness]" in loop_overrides(0, hack=True)
+
+
+def test_a_finished_rounds_files_may_be_cleaned_up_but_not_the_weights_the_next_round_needs(tmp_path):
+    out = tmp_path / "out"
+    _loop(tmp_path, rounds=1, extra=["lightning.trainer.max_steps=1"])
+    import shutil
+
+    shutil.rmtree(out / "round_1" / "cache")  # round 1 is finished: its cache is not needed again
+    assert _loop(tmp_path, run=lambda argv: pytest.fail("nothing to do"), rounds=1,
+                 extra=["lightning.trainer.max_steps=1"])["rounds_done"] == 1
+    shutil.rmtree(out / "round_1" / "weights")  # but round 2 starts from round 1's weights
+    with pytest.raises(UserError, match=r"round_1/weights/last/trainable\.json is missing, but .*loop_state\.json "
+                                        r"records round 1's weights step as finished"):
+        _loop(tmp_path, run=lambda argv: pytest.fail("no verb runs"), rounds=2,
+              extra=["lightning.trainer.max_steps=1"])

@@ -307,10 +307,14 @@ def run_loop(config: str | Path, prompts: str | Path, out: str | Path, rounds: i
                       str(settings.eval_seed), "--no-progress"], out / "eval" / "scores" / f"round_{r}.jsonl"),
             ("compare", lambda r=r, rd=rd: _compare_round(out, r, judges, compare_scores), rd / "eval.json"),
         ]
+        finished = state.done(f"round_{r}/compare")
         for name, action, output in steps:
             key = f"round_{r}/{name}"
             if state.done(key):
-                if not output.exists():
+                # A finished round's files may be cleaned up (its cache, say), but for the weights the next round
+                # starts from; an unfinished round needs what its finished steps made.
+                needed = not finished or (name == "weights" and r < settings.rounds)
+                if needed and not output.exists():
                     raise UserError(f"{output} is missing, but {state.path} records round {r}'s {name} step as "
                                     f"finished and later steps were made from it; restore it, or run the loop "
                                     f"again with another --out")
