@@ -79,6 +79,7 @@ def test_report_table_equals_the_means_of_the_scores_files(evaluated):
         return sum(r[dimension] for r in records) / len(records)
 
     expected = {"omniscore", "quality"} | {f"raw/{d}" for d in NO_WEIGHTS} | {f"normalized/{d}" for d in NO_WEIGHTS}
+    expected.add("raw/motion_magnitude")  # always measured (the motion guard), never part of the OmniScore
     assert {r["dimension"] for r in table["rows"]} == expected  # no semantic scorer, no semantic row
     for row in table["rows"]:
         assert row["base"] == pytest.approx(mean(base, row["dimension"]), abs=1e-12), row["dimension"]

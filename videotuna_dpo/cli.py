@@ -31,6 +31,7 @@ the loop:
   videotuna review    look at the pairs, label them by hand (pairs --labels applies the labels)
   videotuna cache     preference dataset -> latent shards
   videotuna train     --strategy dpo: fine-tune on the preference dataset
+  videotuna loop      rounds of all of the above, each from the previous round's weights, with guards
   videotuna plugins   what is installed: strategies, scorers, datamodules, models
 """
 
@@ -167,9 +168,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
+    if args.max_motion_drop is not None and not args.motion_guard:
+        raise UserError("--max-motion-drop applies to --motion-guard; add --motion-guard")
+    max_drop = (0.5 if args.max_motion_drop is None else args.max_motion_drop) if args.motion_guard else None
     summary = build_pairs_dataset(args.scores, args.out, strategy=args.strategy, min_gap=args.min_gap,
                                   alpha=args.alpha, beta=args.beta, bin_width=args.bin_width, mode=args.mode,
-                                  labels=args.labels, by=args.by)
+                                  labels=args.labels, by=args.by, max_motion_drop=max_drop)
+    if "motion_refused" in summary:
+        print(f"--motion-guard: {summary['motion_refused']} pair(s) refused, their winner moving more than "
+              f"{max_drop:g} less than their loser (listed in {args.out}/pairs/manifest.json)")
     if summary["failed_videos_left_out"]:
         print(f"{summary['failed_videos_left_out']} video(s) failed scoring and are left out "
               f"(listed in {args.out}/pairs/manifest.json)", file=sys.stderr)
@@ -219,6 +226,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"{label} vs base ({table['pairs']} paired videos)")
         print(format_table(table))
         print()
+    for warning in (w for table in summary["tables"].values() for w in table["guards"]["warnings"]):
+        print(f"warning: {warning}", file=sys.stderr)
     if not summary["tables"]:
         print("no --weights given: only the base model was sampled and scored")
     print(f"report: {summary['report']['html']}")
@@ -240,6 +249,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"videotuna demo: the tuned model did not beat the base ({s['criteria']})", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_loop(args: argparse.Namespace) -> int:
+    from videotuna_dpo.pipeline.loop import HACKING_EXIT, run_loop
+    from videotuna_dpo.pipeline.loop_report import summary_line
+
+    s = run_loop(args.config, args.prompts, args.out, rounds=args.rounds, overrides=args.overrides, run=main)
+    for warning in s["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"\n{summary_line(s)}")
+    print(f"report: {s['report']['html']}")
+    return HACKING_EXIT if s["possible_reward_hacking"] else 0
+
+
+def _add_loop_parser(sub) -> None:
+    p = sub.add_parser(
+        "loop",
+        help="iterative VideoDPO: rounds of generate -> score -> pairs -> cache -> train -> eval",
+        description="Run --rounds rounds of VideoDPO, each step the public verb: generate loop.samples videos per "
+        "training prompt with the previous round's weights (the base first), score them with eval.scorers, pairs, "
+        "cache, train --strategy dpo from the previous round's weights (reference: loop.reference, base or "
+        "previous), then eval on the held-out prompts (loop.holdout_fraction of them) and seeds against the base "
+        "and the previous round, with eval.judges (scorers training never uses) and the motion measures apart. "
+        "Resumable: a rerun continues at the step that did not finish. Writes OUT/report/loop.html and loop.json. "
+        "Exit status 3 when a round is marked possible reward hacking (the training OmniScore rises while a judge "
+        "falls with paired z < -2); loop.stop_on_hacking=true then stops further rounds.",
+        epilog="example: videotuna loop --config configs/dpo/cogvideox_2b.yaml --prompts prompts.txt --rounds 3 "
+        "--out runs/loop loop.samples=4 loop.reference=base 'eval.judges=[aesthetic_quality]'",
+    )
+    p.add_argument("--config", required=True, help="training config (model, data, dpo, generate, eval, loop blocks)")
+    p.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {id: prompt}); split into "
+                   "training and held-out prompts by loop.holdout_fraction")
+    p.add_argument("--rounds", type=int, default=None, help="rounds to run (default loop.rounds, 2)")
+    p.add_argument("--out", required=True, help="loop directory (rounds, eval, report); a rerun resumes it")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys, loop.* too)")
+    p.set_defaults(func=_cmd_loop)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, metavar="LABELS_JSON",
                    help="labels.json of `videotuna review`: keep confirms a pair, flip swaps winner and loser, tie "
                    "drops it, reject drops every pair of the broken video")
+    p.add_argument("--motion-guard", action="store_true",
+                   help="refuse pairs whose winner moves much less than its loser (mean optical-flow magnitude, the "
+                   "motion_magnitude score: score with it); refused pairs are listed in the manifest")
+    p.add_argument("--max-motion-drop", type=float, default=None, metavar="X",
+                   help="with --motion-guard: refuse a pair when (loser - winner) / loser motion > X (default 0.5)")
     p.set_defaults(func=_cmd_pairs)
 
     review_parser.add_parser(sub)
@@ -408,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Flow-DPO of the flow-matching toy (toy_flow; config toy/demo.yaml + toy/demo_flow.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config (toy/demo.yaml)")
     p.set_defaults(func=_cmd_demo)
+    _add_loop_parser(sub)
     return parser
 
 

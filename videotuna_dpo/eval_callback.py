@@ -21,6 +21,7 @@ class EvalSchema:
     """The optional ``eval:`` block of a config (``videotuna eval`` and the training callback)."""
 
     scorers: Optional[list[str]] = None  # default: NO_WEIGHTS_DIMENSIONS
+    judges: list[str] = field(default_factory=list)  # scorers training never used: reported apart, never in OmniScore
     options: dict[str, Any] = field(default_factory=dict)  # {scorer: {key: value}}, as --option
     weights: dict[str, float] = field(default_factory=dict)  # OmniScore weights, as `videotuna score --weight`
     score_batch_size: int = 4

@@ -17,7 +17,9 @@ def videotuna_strategies():
 
 @hookimpl
 def videotuna_scorers():
-    return {**SCORERS, "toy_alignment": "videotuna_dpo.toy.scorer:ToyAlignment"}
+    return {**SCORERS, "toy_alignment": "videotuna_dpo.toy.scorer:ToyAlignment",
+            "toy_travel": "videotuna_dpo.toy.judges:ToyTravel",
+            "toy_shape_fidelity": "videotuna_dpo.toy.judges:ToyShapeFidelity"}
 
 
 @hookimpl

@@ -22,6 +22,7 @@ from videotuna_dpo.pipeline.generate import generate_videos
 from videotuna_dpo.pipeline.report import write_report
 from videotuna_dpo.pipeline.score import score_videos
 from videotuna_dpo.sampling import GenerateSchema
+from videotuna_dpo.pipeline.guards import MOTION_SCORERS, check_judges, check_table
 from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
 from videotuna_dpo.user_files import read_json
 
@@ -210,8 +211,13 @@ def evaluate(
                         f"not be the pretrained model; remove it and pass those weights with --weights")
     settings = eval_settings(cfg, source)
     names = list(scorers or settings.scorers or NO_WEIGHTS_DIMENSIONS)
+    judges = [str(j) for j in settings.judges]
+    check_judges(names, judges, f"{source}: eval.judges")
+    # Judges and the motion measures are scored with the rest but never join the OmniScore (weight 0).
+    measured = [n for n in dict.fromkeys([*MOTION_SCORERS, *judges]) if n not in names]
     options = {k: dict(v) for k, v in (scorer_options or plain(settings.options) or {}).items()}
     omni_weights = {k: float(v) for k, v in settings.weights.items()}
+    omni_weights.update({n: 0.0 for n in measured if _is_dimension(n, registry)})
     resolved = [resolve_weights(w) for w in weights]
     runs: dict[str, str | None] = {BASE: None}
     runs.update({label: str(w.resolve()) for label, w in zip(weight_labels(resolved), resolved)})
@@ -228,18 +234,22 @@ def evaluate(
             _check_samples(samples, weights_dir, sampler)
         gen = generate_videos(cfg, registry, prompts_file, samples, num_samples=num_samples, seed=seed,
                               weights=weights_dir, source=source)
-        scored = score_videos(samples, out / "scores" / f"{label}.jsonl", scorers=names,
+        scored = score_videos(samples, out / "scores" / f"{label}.jsonl", scorers=names + measured,
                               batch_size=settings.score_batch_size, options=options, weights=omni_weights,
                               progress=progress, registry=registry)
         counts[label] = {"videos": gen["total"], "generated": gen["generated"], "kept": gen["kept"],
                          "scored": scored["scored"], "failed": scored["failed"], "skipped": scored["skipped"]}
+        _check_measured_apart(out / "scores" / f"{label}.jsonl", measured)
     tables = {label: compare_scores(out / "scores" / f"{BASE}.jsonl", out / "scores" / f"{label}.jsonl")
               for label in runs if label != BASE}
+    for label, table in tables.items():
+        table["guards"] = check_table(table, judges, label, BASE)
     summary = {
         "settings": {
             "config": source, "prompts": str(prompts_file), "num_samples": num_samples, "seed": seed,
             "seeds": f"video k of prompt i uses seed + i*{num_samples} + k, the same for every model",
-            "scorers": names, "scorer_options": options, "omniscore_weights": omni_weights,
+            "scorers": names, "judges": judges, "measured": measured,
+            "scorer_options": options, "omniscore_weights": omni_weights,
             "model": {"name": str(cfg.model.name), "pretrained": str(cfg.model.get("pretrained", ""))},
             "generate": plain(gen_settings), "weights": runs,
         },
@@ -248,3 +258,20 @@ def evaluate(
     }
     summary["report"] = write_report(out, summary)
     return summary
+
+
+def _is_dimension(name: str, registry: Any) -> bool:
+    """Whether scorer ``name`` would join the OmniScore: a VBench dimension, or a scorer declaring a range."""
+    from videotuna_dpo.scoring.omniscore import RANGES
+
+    return name in RANGES or getattr(registry.get("scorer", name), "score_range", None) is not None
+
+
+def _check_measured_apart(scores: Path, measured: Sequence[str]) -> None:
+    """Refuse scores where a judge or motion measure joined the OmniScore (its weight 0 did not reach it)."""
+    for record in read_scores(scores).values():
+        joined = [n for n in record.get("dimensions_used") or () if n in measured]
+        if joined:
+            raise UserError(f"{scores}: {', '.join(joined)} joined the OmniScore of {record['path']}, but judges and "
+                            f"motion measures must stay out of it; score with eval.weights.{joined[0]}: 0")
+

@@ -94,6 +94,8 @@ def generate_videos(
             write_json_atomic(out / f"{job.name}.json", record)
             bar.update(1)
     bar.close()
-    write_json_atomic(out / "prompts.json", {f"{j.name}.mp4": j.prompt for j in jobs})
+    listing = {f"{j.name}.mp4": j.prompt for j in jobs}
+    if not (out / "prompts.json").is_file() or read_json(out / "prompts.json") != listing:  # a rerun with nothing
+        write_json_atomic(out / "prompts.json", listing)  # to do leaves every file of the directory as it was
     return {"generated": len(todo), "kept": len(jobs) - len(todo), "total": len(jobs)}
 

@@ -265,6 +265,7 @@ def build_pairs_dataset(
     plots: bool = True,
     labels: str | Path | None = None,
     by: str = "omniscore",
+    max_motion_drop: float | None = None,
 ) -> dict[str, Any]:
     """Pair, weight and write a dataset; returns a summary (counts, weight range, paths).
 
@@ -272,6 +273,8 @@ def build_pairs_dataset(
     the OmniScore by default, or any score the records hold; the manifest's ``ranked_by`` says which.
 
     ``labels``: a labels.json of ``videotuna review`` to apply to the scorer's pairs (:func:`apply_labels`).
+    ``max_motion_drop``: the motion guard (``--motion-guard``); pairs whose winner moves more than this fraction
+    less than its loser are refused (:func:`videotuna_dpo.pipeline.guards.motion_guard_pairs`).
 
     Everything is checked first and the dataset is built next to ``out``, then swapped in: ``out`` ends up
     the new dataset or, on any failure, stays the old one.
@@ -290,6 +293,14 @@ def build_pairs_dataset(
         pairs, label_report = apply_labels(pairs, ok + failed, labels, scores_path)
         if not pairs:
             raise UserError(f"--labels {labels}: every pair of {scores_path} is dropped by a tie or a reject")
+    motion_report = None
+    if max_motion_drop is not None:
+        from videotuna_dpo.pipeline.guards import motion_guard_pairs
+
+        pairs, motion_report = motion_guard_pairs(pairs, max_motion_drop, scores_path)
+        if not pairs:
+            raise UserError(f"--motion-guard: every pair of {scores_path} has a winner that moves more than "
+                            f"{max_motion_drop:g} less than its loser; raise --max-motion-drop")
     all_scores = [ranking_score(r, by) for r in ok]
     s_w = [ranking_score(p.winner, by) for p in pairs]
     s_l = [ranking_score(p.loser, by) for p in pairs]
@@ -332,6 +343,7 @@ def build_pairs_dataset(
                   for row, p, prob, w in zip(rows, pairs, probability, weights)],
         "failed_videos": [{"path": r["path"], "reason": r.get("reason", "")} for r in failed],
         "labels": label_report,
+        "motion_guard": motion_report,
     }
     summary = {
         "train_data": str(out / "train_data.yaml"), "official_train_data": str(final / OFFICIAL_TRAIN_DATA),
@@ -340,6 +352,8 @@ def build_pairs_dataset(
         "short_clips": sum(c["duration"] < OFFICIAL_CLIP_LENGTH for c in clips),
         "weight_min": float(weights.min()), "weight_max": float(weights.max()), "weight_mean": float(weights.mean()),
     }
+    if motion_report is not None:
+        summary["motion_refused"] = len(motion_report["refused"])
     if label_report is not None:
         summary["labels"] = {k: v for k, v in label_report.items() if k != "dropped_pairs"}
     with atomic_directory(out) as tmp:

@@ -143,10 +143,10 @@ def _grids(out: Path, tables: Mapping[str, Mapping[str, Any]], n_prompts: int) -
 # ---------------------------------------------------------------- the page
 
 
-def _html_table(table: Mapping[str, Any]) -> str:
+def _html_table(table: Mapping[str, Any], rows: list | None = None) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("dimension", "base", "tuned", "delta", "win rate", "z", "n"))
     body = []
-    for r in table["rows"]:
+    for r in table["rows"] if rows is None else rows:
         cls = "up" if r["delta"] > 0 else "down" if r["delta"] < 0 else ""
         body.append(f"<tr><td>{html.escape(r['dimension'])}</td><td>{_fmt(r['base'])}</td><td>{_fmt(r['tuned'])}</td>"
                     f"<td class='{cls}'>{r['delta']:+.4f}</td><td>{r['win_rate']:.3f}</td><td>{_fmt(r['z'], 2)}</td>"
@@ -154,12 +154,46 @@ def _html_table(table: Mapping[str, Any]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def split_rows(table: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, list]:
+    """A table's rows as the report shows them apart: ``training`` (OmniScore, its groups and the training
+    scorers), ``judges`` (``eval.judges``, never used in training) and ``motion`` (measured, not trained on)."""
+    judges = {f"raw/{j}" for j in settings.get("judges") or ()}
+    measured = {f"raw/{m}" for m in settings.get("measured") or ()} - judges
+    parts: dict[str, list] = {"training": [], "judges": [], "motion": []}
+    for r in table["rows"]:
+        key = "judges" if r["dimension"] in judges else "motion" if r["dimension"] in measured else "training"
+        parts[key].append(r)
+    return parts
+
+
+def _guarded_tables(table: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    """The training scorers' table, then the judges' and the motion measures' apart, and the guards' warnings."""
+    esc = html.escape
+    parts = split_rows(table, settings)
+    guards = table.get("guards") or {}
+    out = []
+    for warning in guards.get("warnings", []):
+        out.append(f"<p class='warn'>&#9888; {esc(warning)}</p>")
+    scorers = ", ".join(settings.get("scorers") or [])
+    out.append(f"<h3>Training scorers</h3><p>The OmniScore of {esc(scorers or 'the scorers used')}.</p>")
+    out.append(_html_table(table, parts["training"]))
+    if parts["judges"]:
+        out.append("<h3>Judges (never used in training)</h3><p>Raw scores, higher is better. A judge falling (paired "
+                   "z &lt; -2) while the training OmniScore rises marks possible reward hacking.</p>")
+        out.append(_html_table(table, parts["judges"]))
+    if parts["motion"]:
+        out.append("<h3>Motion (measured, not in the OmniScore)</h3><p>dynamic_degree and the mean optical-flow "
+                   "magnitude (pixels per frame); a significant drop (paired z &lt; -2) is a warning.</p>")
+        out.append(_html_table(table, parts["motion"]))
+    return "\n".join(out)
+
+
 def _page(summary: Mapping[str, Any], plots: Mapping[str, str], grids: list[dict]) -> str:
     esc = html.escape
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>videotuna eval report</title><style>",
              "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
-             ".up{color:#1a7f37}.down{color:#c62828}img{max-width:100%;margin:0.5em 0}pre{background:#f6f6f6;padding:1em}",
+             ".up{color:#1a7f37}.down{color:#c62828}.warn{color:#c62828;font-weight:bold}img{max-width:100%;margin:0.5em 0}pre{background:#f6f6f6;padding:1em}",
              "</style></head><body><h1>videotuna eval</h1>"]
     tables = summary.get("tables", {})
     if not tables:
@@ -173,7 +207,7 @@ def _page(summary: Mapping[str, Any], plots: Mapping[str, str], grids: list[dict
                          f"paired videos (same prompt and seed); unpaired: {table['unpaired']['base']} base, "
                          f"{table['unpaired']['tuned']} tuned; failed scoring: {table['failed']['base']} base, "
                          f"{table['failed']['tuned']} tuned.</p>")
-        parts.append(_html_table(table))
+        parts.append(_guarded_tables(table, summary.get("settings") or {}))
         if f"diff_{label}" in plots:
             parts.append(f"<img src='{esc(plots[f'diff_{label}'])}' alt='paired OmniScore differences of {esc(label)}'>")
     if "deltas" in plots:
@@ -209,7 +243,7 @@ def write_report(out: str | Path, summary: Mapping[str, Any], grid_prompts: int 
             for label, table in tables.items():
                 plots[f"diff_{label}"] = os.path.relpath(diff_histogram(stage / "plots" / f"omniscore_diff_{label}.png",
                                                                         table, label), stage)
-        grids = _grids(stage, tables, grid_prompts) if tables else []
+        grids = _grids(stage, tables, grid_prompts) if tables and grid_prompts > 0 else []
         report = {**summary, "plots": plots, "grids": grids}
         write_text_atomic(stage / "report.json", json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
         write_text_atomic(stage / "report.html", _page(summary, plots, grids))

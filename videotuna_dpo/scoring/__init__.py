@@ -12,4 +12,6 @@ SCORERS = {
     "aesthetic_quality": "videotuna_dpo.scoring.clip_scorers:AestheticQuality",
     "imaging_quality": "videotuna_dpo.scoring.imaging:ImagingQuality",
     "overall_consistency": "videotuna_dpo.scoring.clip_scorers:OverallConsistency",
+    # Not an OmniScore dimension: the mean optical-flow magnitude, which eval reports and pairs --motion-guard uses.
+    "motion_magnitude": "videotuna_dpo.scoring.motion_magnitude:MotionMagnitude",
 }
