@@ -12,8 +12,9 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "videotuna_dpo"
 # Library layers below the verbs: they never import a pipeline step, the CLI or the review tool.
 VERBS = ("videotuna_dpo.pipeline", "videotuna_dpo.cli", "videotuna_dpo.review")
-# Programs on top of the CLI (`python -m videotuna_dpo`, `python -m videotuna_dpo.toy.ablation`), not library modules.
-PROGRAMS = ("videotuna_dpo.__main__", "videotuna_dpo.toy.ablation")
+# Programs on top of the CLI (`python -m videotuna_dpo`, `python -m videotuna_dpo.toy.ablation`,
+# `python -m videotuna_dpo.toy.rounds`), not library modules.
+PROGRAMS = ("videotuna_dpo.__main__", "videotuna_dpo.toy.ablation", "videotuna_dpo.toy.rounds")
 
 
 def _modules() -> dict[str, ast.Module]:

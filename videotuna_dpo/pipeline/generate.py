@@ -21,6 +21,7 @@ from videotuna_dpo.fileio import check_writable_dir, remove_stale_temporaries, w
 from videotuna_dpo.pipeline.prompts import load_prompt_file
 from videotuna_dpo.registry import call_with_optional
 from videotuna_dpo.sampling import GENERATE_RULES, GenerateSchema, sampler_kwargs
+from videotuna_dpo.user_files import read_json
 
 
 @dataclass(frozen=True)
