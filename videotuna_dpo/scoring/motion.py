@@ -33,6 +33,15 @@ def to_frames_uint8(video: torch.Tensor) -> np.ndarray:
     return to_uint8_levels(video).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def attach_flow(scorer: BaseScorer, method: str, raft_weights: str | None, raft_iters: int) -> None:
+    """``scorer.flow``, the optical flow a motion scorer measures with, and what it says of its weights."""
+    scorer.flow = FlowEstimator(method, scorer.name, raft_weights, scorer.device, raft_iters)
+    scorer.needs_weights = method == "raft"
+    scorer.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if scorer.needs_weights else ""
+    if scorer.flow.weights:
+        scorer.weights_used["raft"] = str(scorer.flow.weights)
+
+
 def top_magnitude(flow: np.ndarray, fraction: float = 0.05) -> np.ndarray:
     """Flow ``[N, H, W, 2]`` -> float32 ``[N]``: mean of the largest ``fraction`` of per-pixel flow magnitudes.
 
@@ -84,11 +93,7 @@ class DynamicDegree(BaseScorer):
     def __init__(self, device: str | None = None, flow: str = "dis", raft_weights: str | None = None,
                  fps: float | None = None, flow_short_side: int | str | None = "auto", raft_iters: int = 20):
         super().__init__(device)
-        self.flow = FlowEstimator(flow, self.name, raft_weights, self.device, raft_iters)
-        self.needs_weights = flow == "raft"
-        self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
-        if self.flow.weights:
-            self.weights_used["raft"] = str(self.flow.weights)
+        attach_flow(self, flow, raft_weights, raft_iters)
         self.fps = None if fps is None else float(fps)  # None: the file's frame rate (8 when unknown)
         if flow_short_side == "auto":
             flow_short_side = None if flow == "raft" else 256
@@ -180,11 +185,7 @@ class MotionSmoothness(BaseScorer):
             self.weights_used["amt"] = str(path)
             self.version = "vbench-motion_smoothness-1/amt-s"
             return
-        self.flow = FlowEstimator(flow, self.name, raft_weights, self.device, raft_iters)
-        self.needs_weights = flow == "raft"
-        self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
-        if self.flow.weights:
-            self.weights_used["raft"] = str(self.flow.weights)
+        attach_flow(self, flow, raft_weights, raft_iters)
         # RAFT flow is 2 since RAFT runs with VBench's padding and input scaling (shared with dynamic_degree).
         revision = 2 if self.flow.method == "raft" else 1
         self.version = f"vbench-motion_smoothness-{revision}/flow-interp-{self.flow.label}"

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from videotuna_dpo.scoring.base import BaseScorer
-from videotuna_dpo.scoring.flow import FlowEstimator, resize_for_flow
-from videotuna_dpo.scoring.motion import to_frames_uint8
+from videotuna_dpo.scoring.flow import resize_for_flow
+from videotuna_dpo.scoring.motion import attach_flow, to_frames_uint8
 
 FLOW_SHORT_SIDE = 256  # flow is measured at most at this short side, then scaled back to the file's pixels
 
@@ -35,11 +35,7 @@ class MotionMagnitude(BaseScorer):
     def __init__(self, device: str | None = None, flow: str = "dis", raft_weights: str | None = None,
                  raft_iters: int = 20, flow_short_side: int | None = FLOW_SHORT_SIDE):
         super().__init__(device)
-        self.flow = FlowEstimator(flow, self.name, raft_weights, self.device, raft_iters)
-        self.needs_weights = flow == "raft"
-        self.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if self.needs_weights else ""
-        if self.flow.weights:
-            self.weights_used["raft"] = str(self.flow.weights)
+        attach_flow(self, flow, raft_weights, raft_iters)
         self.flow_short_side = flow_short_side
         self.version = f"motion_magnitude-1/{self.flow.label}"
 
