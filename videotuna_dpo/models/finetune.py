@@ -93,6 +93,17 @@ def set_adapters_enabled(net: nn.Module, enabled: bool) -> None:
             module.enable_adapters(enabled)
 
 
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module.eval()`` while inside, its previous mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
 class DenoiserFinetuning:
     """Mixin for an ``nn.Module`` backend whose trainable networks are ``getattr(self, attr)`` for each
     attribute in ``trained_attrs`` (by default just ``denoiser_attr``; Wan2.2-A14B trains one or both experts).

@@ -21,7 +21,7 @@ from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, read_safetensors, read_trainable_meta,
                                       seed_list)
-from videotuna_dpo.models.finetune import NO_REFERENCE_COPY, merge_lora, reference_copy_wanted
+from videotuna_dpo.models.finetune import NO_REFERENCE_COPY, eval_mode, merge_lora, reference_copy_wanted
 from videotuna_dpo.models.videotuna_host import (build_flow, flow_section, import_videotuna, load_into,
                                                  load_vc2_components, set_host_checkpointing)
 
@@ -61,17 +61,6 @@ class VideoCrafter2Schema:
     load_text_and_vae: bool = True  # false when training on a latent cache: VAE/text weights are not loaded
     fps: int = 28  # fps condition for generate (VideoTuna's VC2 inference setting)
     ddim_eta: float = 1.0  # generate: DDIM eta (the paper sampled with 1.0)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` while inside, its previous mode restored after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 class VideoCrafter2Backend(nn.Module):

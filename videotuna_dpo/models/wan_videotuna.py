@@ -11,10 +11,9 @@ Rectified flow as the host's ``WanT2V.training_step``: shift 5, ``x_t = (1 - s) 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ from torch import nn
 from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import seed_list
-from videotuna_dpo.models.finetune import DenoiserFinetuning
+from videotuna_dpo.models.finetune import DenoiserFinetuning, eval_mode
 from videotuna_dpo.models.flow_matching import FlowMatchingSchedule, FlowMatchingTraining, shift_sigmas
 from videotuna_dpo.models.videotuna_host import build_flow, flow_section, import_videotuna
 
@@ -63,17 +62,6 @@ class WanVideoTunaSchema:
     load_text_and_vae: bool = True  # false when training on a latent cache: the T5/VAE weights are not read
     sample_shift: float = 5.0  # generate: the sampler's flow shift (WanT2V.generate's default)
     sample_solver: str = "unipc"  # generate: Wan's FlowUniPCMultistepScheduler
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` while inside, its previous mode restored after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 class WanVideoTunaBackend(FlowMatchingTraining, DenoiserFinetuning, nn.Module):
