@@ -44,6 +44,32 @@ def ddp_env(**extra: str) -> dict[str, str]:
     raise RuntimeError(f"no free port in {start}..{start + 999}")
 
 
+def run_ddp(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command that starts 2 DDP ranks; every rank's output lands in ``cwd/ddp.stdout|stderr``.
+
+    Lightning starts rank 1 as a child that inherits rank 0's output, so both ranks write to the files. The
+    command runs in its own process group: on a timeout the whole group (rank 1 included, which would
+    otherwise outlive rank 0) is killed and the test fails with both ranks' output, instead of a bare
+    ``TimeoutExpired`` that loses it.
+    """
+    out_path, err_path = Path(cwd) / "ddp.stdout", Path(cwd) / "ddp.stderr"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            pytest.fail(f"DDP run still going after {timeout} s, killed; stdout:\n{out_path.read_text()[-4000:]}\n"
+                        f"stderr:\n{err_path.read_text()[-8000:]}")
+        finally:
+            try:  # a rank left behind by a rank 0 that exited
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(args, proc.returncode, out_path.read_text(), err_path.read_text())
+
+
 def make_distribution(site: Path, dist_name: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
     """Write an installed distribution (dist-info + modules) into ``site`` by hand."""
     site.mkdir(parents=True, exist_ok=True)

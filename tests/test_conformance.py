@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, ddp_env
+from tests.conftest import ROOT, ddp_env, run_ddp
 from tests.videotuna_fixtures import (STANDIN, tiny_flow_section, tiny_wan_section, use_standin, write_turbo_lora,
                                       write_vc2_ckpt, write_wan_ckpt)
 
@@ -276,11 +275,11 @@ def test_ddp_on_two_processes_ends_with_identical_weights_on_both_ranks(loop):
     driver = out / "ddp_driver.py"
     driver.write_text(DDP_DRIVER)
     env = ddp_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(STANDIN), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
+    proc = run_ddp(
         [sys.executable, str(driver), str(out), "train", "--strategy", "dpo", "--config", str(config),
          f"data.train_data={root / 'ds' / 'train_data.yaml'}", f"output_dir={out / 'run'}", "data.batch_size=1",
          "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp", "lightning.trainer.max_steps=2"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=out)
+        env=env, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from safetensors.torch import load_file
 
