@@ -90,7 +90,8 @@ def test_with_a_dimension_beside_it_the_omniscore_is_that_dimension_and_its_raw_
         assert record["omniscore"] == pytest.approx(expected)
 
 
-def test_the_eval_callback_logs_the_raw_score_of_a_scorer_that_is_no_dimension(example_scorer_site, monkeypatch):
+def test_the_eval_callback_logs_the_raw_score_of_a_scorer_that_is_no_dimension(example_scorer_site, monkeypatch,
+                                                                              capsys):
     from videotuna_dpo.eval_callback import EvalCallback
     from videotuna_dpo.registry import Registry
 
@@ -101,4 +102,9 @@ def test_the_eval_callback_logs_the_raw_score_of_a_scorer_that_is_no_dimension(e
             return torch.stack([torch.full((2, 3, 8, 8), 0.1 * (s + 1)) for s in seed])  # [B, F, C, H, W]
 
     callback = EvalCallback(1, ["a lamp"], seeds=[0, 2], scorers=["example_brightness"], registry=Registry.load())
+    # 8x8 frames: the motion measures (optical flow) cannot score them and are left out, said once.
     assert callback.measure(Constant(), "cpu") == {"raw/example_brightness": pytest.approx((0.1 + 0.3) / 2)}
+    assert callback.measure(Constant(), "cpu") == {"raw/example_brightness": pytest.approx((0.1 + 0.3) / 2)}
+    assert capsys.readouterr().out.splitlines() == [
+        f"eval callback: {name} left out: needs frames of at least 16 px a side, got 8x8 (OpenCV's DIS optical flow)"
+        for name in ("dynamic_degree", "motion_magnitude")]

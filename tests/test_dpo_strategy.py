@@ -297,3 +297,66 @@ def test_bf16_mixed_with_the_reference_in_bf16_starts_with_policy_equal_to_refer
     assert logged["train/model_err_l"].item() == pytest.approx(logged["train/ref_err_l"].item(), rel=2 ** -8)
     assert logged["train/loss"].item() == pytest.approx(math.log(2), abs=1e-3)
     assert logged["train/reward_margin"].abs().item() < 2e-3
+
+
+@pytest.mark.parametrize("trainer,expected", [
+    ({"strategy": "fsdp", "accelerator": "cpu", "devices": 2},
+     r"^c.yaml: lightning.trainer \(accelerator=cpu, devices=2, precision=32-true, strategy=fsdp\) cannot run here: "
+     r"The strategy `fsdp` requires a GPU accelerator"),
+    ({"strategy": "deepspeed_stage_3", "accelerator": "cpu", "devices": 1},
+     r"cannot run here: .*DeepSpeed.*pip install -U deepspeed"),
+    ({"accelerator": "gpu", "devices": 8},
+     r"^c.yaml: lightning.trainer \(accelerator=gpu, devices=8, precision=32-true\) cannot run here: No supported gpu"),
+])
+def test_an_engine_the_machine_cannot_run_is_refused_before_the_model_loads(tmp_path, trainer, expected, monkeypatch):
+    from tests.conftest import ROOT
+    from videotuna_dpo.errors import UserError
+    from videotuna_dpo.registry import Registry
+    from videotuna_dpo.strategy import DPOStrategy
+
+    monkeypatch.setattr(DPOStrategy, "build", lambda *a, **k: pytest.fail("the model was built before the check"))
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "configs" / "dpo" / "cogvideox_tiny.yaml"), {
+        "output_dir": str(tmp_path / "run"), "lightning": {"trainer": trainer},
+        "model": {"pretrained": str(tmp_path / "not-loaded")}, "data": {"train_data": str(tmp_path / "not-read.yaml")}})
+    with pytest.raises(UserError, match=expected):
+        DPOStrategy.run(cfg, Registry.load(["dpo"]), source="c.yaml")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("precompute,refused", [(False, True), (True, False)])
+def test_a_sharded_strategy_refuses_a_cpu_reference_copy_it_would_replicate(precompute, refused):
+    from videotuna_dpo.errors import UserError
+    from videotuna_dpo.strategy import check_engine
+
+    model = OmegaConf.create({"finetune": "full", "reference_on_cpu": True})
+    dpo = OmegaConf.create({"precompute_reference": precompute})
+    # On this CPU-only machine the engine itself is refused next; what is asserted is which refusal comes.
+    with pytest.raises(UserError) as err:
+        check_engine({"strategy": "deepspeed_stage_3", "accelerator": "cpu"}, model, dpo, "c.yaml")
+    message = str(err.value)
+    assert message.startswith("c.yaml: lightning.trainer.strategy=deepspeed_stage_3 with model.reference_on_cpu=true: "
+                              "the frozen reference copy would be moved whole onto every GPU") == refused
+    assert ("dpo.precompute_reference=true" in message) == refused
+    check_engine({"strategy": "ddp", "accelerator": "cpu", "devices": 2}, model, dpo, "c.yaml")  # DDP replicates anyway
+
+
+@pytest.mark.parametrize("strategy,offload", [("fsdp", False), ("fsdp_cpu_offload", True)])
+def test_fsdp_shards_the_denoiser_block_by_block_as_it_names_its_blocks(tiny_cogvideox, strategy, offload, capsys):
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from videotuna_dpo.strategy import wrap_blocks
+
+    kwargs = {"strategy": strategy, "devices": 4}
+    wrap_blocks(make_backend(tiny_cogvideox, finetune="full"), kwargs)
+    chosen = kwargs["strategy"]
+    assert isinstance(chosen, FSDPStrategy) and kwargs["devices"] == 4
+    # CogVideoXTransformer3DModel._no_split_modules names CogVideoXBlock and CogVideoXPatchEmbed.
+    assert chosen.kwargs["auto_wrap_policy"]._module_classes == {CogVideoXBlock,
+                                                                 type(make_backend(tiny_cogvideox).transformer.patch_embed)}
+    assert (chosen.cpu_offload is not None and chosen.cpu_offload.offload_params) == offload
+    assert capsys.readouterr().out.startswith(f"lightning.trainer.strategy={strategy}: FSDP shards each of "
+                                              "CogVideoXBlock, CogVideoXPatchEmbed")
+    other = {"strategy": "ddp"}
+    wrap_blocks(make_backend(tiny_cogvideox), other)
+    assert other == {"strategy": "ddp"}

@@ -323,13 +323,65 @@ def test_callback_logs_the_omniscore_of_the_current_policy_and_keeps_train_mode(
     logged = {int(r["step"]): float(r["eval/omniscore"]) for r in rows if r.get("eval/omniscore")}
     assert logged == pytest.approx({h["step"]: h["omniscore"] for h in callback.history})
     assert {k for r in rows for k, v in r.items() if v and k.startswith("eval/")} == {
-        "eval/omniscore", "eval/quality", *(f"eval/{d}" for d in NO_WEIGHTS)}
+        "eval/omniscore", "eval/quality", *(f"eval/{d}" for d in NO_WEIGHTS), "eval/raw/motion_magnitude"}
     # The last value is the score of the final weights, recomputed from scratch.
     video = backend.generate(["a red square moving right"], seed=[5], **generate)
     scorers = build_scorers(NO_WEIGHTS, "cpu", {})
     expected = omniscore({n: float(s(video, ["a red square moving right"])[0]) for n, s in scorers.items()})
     assert callback.history[-1]["omniscore"] == pytest.approx(expected["omniscore"], abs=1e-9)
     assert float(trainer.callback_metrics["eval/omniscore"]) == pytest.approx(expected["omniscore"], rel=1e-6)
+
+
+def test_callback_logs_judges_and_motion_apart_from_the_omniscore(tiny_cogvideox, tiny_dataset, tmp_path):
+    from tests.conftest import make_backend
+    from videotuna_dpo.data.datamodule import PreferenceDataModule
+    from videotuna_dpo.scoring.build import build_scorers
+    from videotuna_dpo.scoring.omniscore import omniscore
+    from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
+
+    backend = make_backend(tiny_cogvideox)
+    module = DPOModule(backend, OmegaConf.structured(DPOSchema(beta=500.0)),
+                       OmegaConf.structured(OptimizerSchema(lr=1e-3, weight_decay=0.0)))
+    dm = PreferenceDataModule.from_config(OmegaConf.create(
+        {"train_data": str(tiny_dataset), "video_length": 9, "resolution": [32, 32], "batch_size": 2}))
+    generate = {"num_frames": 9, "steps": 2, "guidance": 1.0}
+    callback = EvalCallback(1, ["a red square moving right"], seeds=[5], scorers=["motion_smoothness"],
+                            generate_kwargs=generate, judges=["temporal_flickering"])
+    assert callback.measured == ["dynamic_degree", "motion_magnitude", "temporal_flickering"]
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(str(tmp_path)),
+                        callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(module, datamodule=dm)
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    assert {k for r in rows for k, v in r.items() if v and k.startswith("eval/")} == {
+        "eval/omniscore", "eval/quality", "eval/motion_smoothness", "eval/judge/temporal_flickering",
+        "eval/raw/dynamic_degree", "eval/raw/motion_magnitude"}
+    video = backend.generate(["a red square moving right"], seed=[5], **generate)
+    scorers = build_scorers(["motion_smoothness", "temporal_flickering", "dynamic_degree"], "cpu", {})
+    raw = {n: float(s(video, ["a red square moving right"])[0]) for n, s in scorers.items()}
+    last = callback.history[-1]
+    assert last["step"] == 1
+    assert last["judge/temporal_flickering"] == pytest.approx(raw["temporal_flickering"], abs=1e-9)
+    assert last["raw/dynamic_degree"] == pytest.approx(raw["dynamic_degree"], abs=1e-9)
+    # The OmniScore is motion smoothness's alone: neither the judge nor the motion measures joined it.
+    assert last["omniscore"] == pytest.approx(omniscore({"motion_smoothness": raw["motion_smoothness"]})["omniscore"],
+                                              abs=1e-9)
+
+
+def test_callback_points_out_a_judge_falling_while_the_implicit_accuracy_is_high():
+    callback = EvalCallback(10, ["p"], scorers=["motion_smoothness"], judges=["toy_shape_fidelity", "aesthetic"])
+    callback.history = [{"step": 0, "judge/toy_shape_fidelity": 0.8, "judge/aesthetic": 0.5},
+                        {"step": 30, "judge/toy_shape_fidelity": 0.7, "judge/aesthetic": 0.6}]
+    assert callback.over_optimisation(torch.tensor(0.95)) == (
+        "eval at step 30: train/implicit_acc 0.95 while judge toy_shape_fidelity 0.8 -> 0.7 since step 0: the policy "
+        "separates its training pairs but gets worse on what they did not measure, the sign of over-optimisation "
+        "(see README, reading the logs)")
+    assert callback.over_optimisation(torch.tensor(0.85)) is None  # the pairs are not yet separated
+    assert callback.over_optimisation(None) is None
+    callback.history[-1]["judge/toy_shape_fidelity"] = 0.8  # no judge fell
+    assert callback.over_optimisation(torch.tensor(1.0)) is None
+    with pytest.raises(UserError, match="eval.judges: motion_smoothness also score the training"):
+        EvalCallback(10, ["p"], scorers=["motion_smoothness"], judges=["motion_smoothness"])
 
 
 def test_callback_comes_from_eval_every_n_steps_and_the_eval_block():

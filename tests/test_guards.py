@@ -10,7 +10,8 @@ import pytest
 from videotuna_dpo.cli import main
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.pipeline.evaluate import compare_scores, table_row
-from videotuna_dpo.pipeline.guards import check_judges, check_table, motion_drop
+from videotuna_dpo.eval_callback import check_judges
+from videotuna_dpo.pipeline.guards import check_table, motion_drop
 from videotuna_dpo.pipeline.pairs import build_pairs_dataset
 from videotuna_dpo.pipeline.report import write_report
 

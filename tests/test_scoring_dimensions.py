@@ -182,3 +182,19 @@ def test_dynamic_degree_samples_by_the_files_frame_rate_unless_the_fps_option_is
     assert by_file["at16.mp4"]["raw"]["dynamic_degree"] == 1.0
     forced = run("b.jsonl", fps=8)  # the option wins over the file
     assert forced["at16.mp4"]["raw"]["dynamic_degree"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["dynamic_degree", "motion_smoothness", "motion_magnitude"])
+def test_dis_flow_scorers_refuse_frames_under_16_px_a_side_instead_of_crashing(name):
+    """OpenCV's DIS raises on 8x8 frames and kills the process (SIGSEGV) on 15x64 ones: such videos are unscorable
+    (``videotuna score`` records them as failed with this reason) and never reach it."""
+    from videotuna_dpo.scoring.build import build_scorers
+
+    options = {"motion_smoothness": {"interpolator": "flow"}} if name == "motion_smoothness" else {}
+    scorer = build_scorers([name], "cpu", options)[name]
+    assert scorer.unscorable(16, 15, 64) == ("needs frames of at least 16 px a side, got 15x64 (OpenCV's DIS "
+                                             "optical flow)")
+    assert scorer.unscorable(16, 16, 64) is None
+    with pytest.raises(ValueError, match=f"{name}: needs frames of at least 16 px a side, got 8x8"):
+        scorer(torch.rand(1, 16, 3, 8, 8), ["p"])
+    assert scorer(torch.rand(1, 4, 3, 16, 64), ["p"]).shape == (1,)

@@ -13,7 +13,10 @@ from videotuna_dpo.config import plain, validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.sampling import GenerateSchema, sampler_kwargs
 from videotuna_dpo.scoring.build import build_scorers, call_scorer, omniscore_config
-from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS, omniscore, omniscore_dimensions
+from videotuna_dpo.scoring.omniscore import MOTION_SCORERS, NO_WEIGHTS_DIMENSIONS, omniscore, omniscore_dimensions
+
+# A run whose implicit accuracy reached this while a judge fell below its step-0 value is pointed out.
+OVERFIT_ACC = 0.9
 
 
 @dataclass
@@ -29,6 +32,16 @@ class EvalSchema:
     seeds: list[int] = field(default_factory=lambda: [0])  # the callback samples every prompt with each seed
 
 
+def check_judges(training: Sequence[str], judges: Sequence[str], where: str = "eval.judges") -> None:
+    """Refuse a judge that is also a training scorer (a judge must be a scorer the training never used)."""
+    both = [j for j in judges if j in training]
+    if both:
+        raise UserError(f"{where}: {', '.join(both)} also score the training (eval.scorers: {', '.join(training)}); "
+                        f"a judge must be a scorer the training never used")
+    if len(set(judges)) != len(judges):
+        raise UserError(f"{where}: lists a judge twice: {', '.join(judges)}")
+
+
 def eval_settings(cfg: Any, source: str = "<config>") -> Any:
     """The config's ``eval:`` block validated against :class:`EvalSchema` (defaults when absent)."""
     return validate(cfg.get("eval") if cfg is not None else None, EvalSchema, "eval", source)
@@ -39,7 +52,11 @@ class EvalCallback(L.Callback):
 
     Logs ``eval/omniscore``, ``eval/quality``, ``eval/semantic`` (when present), ``eval/<dimension>``
     (normalised) and ``eval/raw/<scorer>`` for scorers that are no OmniScore dimension, at the global step;
-    runs once before training too, as the baseline.
+    runs once before training too, as the baseline. Judges (``eval.judges``: scorers training never used) are
+    logged raw as ``eval/judge/<name>``, and the motion measures (``dynamic_degree``, ``motion_magnitude``) as
+    ``eval/raw/<name>`` when they are not among the scorers; neither joins the OmniScore. When
+    ``train/implicit_acc`` has reached 0.9 and a judge has fallen below its step-0 value, a line says so: the
+    policy separates its training pairs while getting worse on what they did not measure.
     """
 
     def __init__(
@@ -53,6 +70,7 @@ class EvalCallback(L.Callback):
         omniscore_weights: Mapping[str, float] | None = None,
         at_start: bool = True,
         registry: Any = None,
+        judges: Sequence[str] = (),
     ):
         if every_n_steps < 1:
             raise UserError(f"eval_every_n_steps must be at least 1, got {every_n_steps}")
@@ -62,6 +80,10 @@ class EvalCallback(L.Callback):
         self.prompts = list(prompts)
         self.seeds = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
         self.scorer_names = list(scorers or NO_WEIGHTS_DIMENSIONS)
+        self.judges = [str(j) for j in judges]
+        check_judges(self.scorer_names, self.judges, "eval.judges")
+        # Scored with the rest, reported apart: the judges and the motion measures not among the scorers.
+        self.measured = [n for n in dict.fromkeys([*MOTION_SCORERS, *self.judges]) if n not in self.scorer_names]
         self.generate_kwargs = dict(generate_kwargs or {})
         self.batch_size = int(self.generate_kwargs.pop("batch_size", 4))
         self.scorer_options = {k: dict(v) for k, v in (scorer_options or {}).items()}
@@ -69,11 +91,13 @@ class EvalCallback(L.Callback):
         self.at_start = at_start
         self.registry = registry
         self._scorers: dict | None = None
+        self._said: set[str] = set()
         self.history: list[dict] = []  # {"step", "omniscore", ...} per evaluation
 
     def _build(self, device: str) -> None:
         self._scorers = build_scorers(self.scorer_names, device, self.scorer_options, self.registry)
         self._config = omniscore_config(self._scorers, self.omniscore_weights)
+        self._measured = build_scorers(self.measured, device, self.scorer_options, self.registry)
 
     @torch.no_grad()
     def measure(self, backend: Any, device: str) -> dict[str, float]:
@@ -88,12 +112,16 @@ class EvalCallback(L.Callback):
                                            **self.generate_kwargs).float().cpu())  # [B, F, C, H, W] in [0, 1]
         clip = torch.cat(videos)
         texts = [p for p, _ in jobs]
-        raw = {n: call_scorer(s, clip.to(device), texts, None).double().cpu().reshape(len(jobs))
-               for n, s in self._scorers.items()}
+        def run(scorers: dict) -> dict[str, torch.Tensor]:
+            return {n: call_scorer(s, clip.to(device), texts, None).double().cpu().reshape(len(jobs))
+                    for n, s in scorers.items()}
+
+        raw, apart = run(self._scorers), run(self._unskipped(clip.shape))
         dimensions = omniscore_dimensions(raw, self._config)
         totals: dict[str, list[float]] = {}
         for i in range(len(jobs)):
             values = {f"raw/{n}": float(v[i]) for n, v in raw.items() if n not in dimensions}
+            values.update({(f"judge/{n}" if n in self.judges else f"raw/{n}"): float(v[i]) for n, v in apart.items()})
             if dimensions:
                 agg = omniscore({n: float(v[i]) for n, v in raw.items()}, self._config)
                 values.update({"omniscore": agg["omniscore"], **agg["normalized"]})
@@ -103,6 +131,20 @@ class EvalCallback(L.Callback):
             for name, value in values.items():
                 totals.setdefault(name, []).append(value)
         return {name: sum(v) / len(v) for name, v in totals.items()}
+
+    def _unskipped(self, shape: Sequence[int]) -> dict[str, Any]:
+        """The measured scorers, less a motion measure (not asked for) that cannot score videos of ``shape``
+        (said once); a judge that cannot fails in the scorer, naming why."""
+        kept = {}
+        for name, scorer in self._measured.items():
+            check = getattr(scorer, "unscorable", None)
+            problem = check(shape[1], shape[-2], shape[-1]) if check and name not in self.judges else None
+            if problem is None:
+                kept[name] = scorer
+            elif name not in self._said:
+                self._said.add(name)
+                print(f"eval callback: {name} left out: {problem}")
+        return kept
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -123,6 +165,22 @@ class EvalCallback(L.Callback):
             logger.log_metrics(logged, step=step)
         for name, value in logged.items():  # visible to other callbacks (checkpoint monitors, progress bar)
             trainer.callback_metrics[name] = torch.tensor(value)
+        warning = self.over_optimisation(trainer.callback_metrics.get("train/implicit_acc"))
+        if warning:
+            print(warning)
+
+    def over_optimisation(self, implicit_acc: Any) -> str | None:
+        """The line for the latest evaluation when the implicit accuracy is high and a judge fell since step 0."""
+        if len(self.history) < 2 or implicit_acc is None or float(implicit_acc) < OVERFIT_ACC:
+            return None
+        first, last = self.history[0], self.history[-1]
+        fell = [f"{j} {first[f'judge/{j}']:.4g} -> {last[f'judge/{j}']:.4g}" for j in self.judges
+                if last[f"judge/{j}"] < first[f"judge/{j}"]]
+        if not fell:
+            return None
+        return (f"eval at step {last['step']}: train/implicit_acc {float(implicit_acc):.2f} while judge "
+                f"{'; '.join(fell)} since step {first['step']}: the policy separates its training pairs but gets "
+                f"worse on what they did not measure, the sign of over-optimisation (see README, reading the logs)")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.at_start:
@@ -144,6 +202,7 @@ def eval_callback(cfg: Any, source: str = "<config>", registry: Any = None) -> E
         raise UserError(f"{source}: eval_every_n_steps is {every} but eval.prompts is empty; list a few prompts")
     gen = validate(cfg.get("generate"), GenerateSchema, "generate", source)
     kwargs = {**sampler_kwargs(gen), "batch_size": gen.batch_size}
+    check_judges(list(settings.scorers or NO_WEIGHTS_DIMENSIONS), list(settings.judges), f"{source}: eval.judges")
     return EvalCallback(every, list(settings.prompts), list(settings.seeds), settings.scorers, kwargs,
                         scorer_options=plain(settings.options), omniscore_weights=plain(settings.weights),
-                        registry=registry)
+                        registry=registry, judges=list(settings.judges))

@@ -422,6 +422,68 @@ class ExportTrainableWeights(ExportCadence, L.Callback):
     """Writes ``weights/step-N`` every N steps and ``weights/last`` at the end (safetensors)."""
 
 
+SHARDED = ("fsdp", "deepspeed_stage_3")  # strategies that shard the parameters themselves
+
+
+def check_engine(trainer_kwargs: dict[str, Any], model_cfg: Any, dpo: Any, source: str = "<config>") -> None:
+    """The distributed engine the config asks for, checked before any model loads: a strategy the machine
+    cannot run (FSDP or DeepSpeed without a GPU, DeepSpeed not installed) or a reference that a sharded
+    strategy would replicate whole on every GPU is refused by name, not after minutes of loading."""
+    import logging
+
+    strategy = trainer_kwargs.get("strategy", "auto")
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    sharded = name.startswith(SHARDED) or name in ("FSDPStrategy", "DeepSpeedStrategy")
+    full = model_cfg.get("finetune") == "full"
+    if sharded and full and model_cfg.get("reference_on_cpu") and not dpo.get("precompute_reference"):
+        raise UserError(f"{source}: lightning.trainer.strategy={name} with model.reference_on_cpu=true: the frozen "
+                        f"reference copy would be moved whole onto every GPU for each reference pass, which is what "
+                        f"{name} shards the model to avoid. Set dpo.precompute_reference=true (the reference's errors "
+                        f"are computed once before training and no copy is held), or model.reference_on_cpu=false "
+                        f"(the copy stays on the GPUs, sharded with the policy)")
+    # Lightning checks accelerator, strategy, precision and the engine's package when a Trainer is made; made
+    # here with the run's settings (nothing launches before fit), its refusal comes before the model loads.
+    probe = {k: v for k, v in trainer_kwargs.items() if k in ("accelerator", "strategy", "devices", "num_nodes",
+                                                             "precision", "plugins")}
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  **probe)
+    except Exception as exc:  # Lightning's refusals are ValueError, MisconfigurationException, ImportError...
+        settings = ", ".join(f"{k}={v}" for k, v in probe.items()) or "the defaults"
+        raise UserError(f"{source}: lightning.trainer ({settings}) cannot run here: {first_line(exc, 400)}") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def wrap_blocks(backend: Any, trainer_kwargs: dict[str, Any]) -> None:
+    """``strategy: fsdp`` (or ``fsdp_cpu_offload``) -> Lightning's FSDPStrategy wrapping each block of the denoisers.
+
+    Wrapped only at the root, FSDP gathers the whole model for every forward and saves nothing at the peak. The
+    blocks are the classes the network names in ``_no_split_modules`` (diffusers' and Wan's own list of the layers
+    that must stay whole, which accelerate shards by too), found among the modules of every denoiser, so the
+    frozen reference copy of a full fine-tune is sharded block by block with the policy. A network without such a
+    list keeps the root wrap, said once.
+    """
+    strategy = trainer_kwargs.get("strategy")
+    if strategy not in ("fsdp", "fsdp_cpu_offload"):
+        return
+    nets = [getattr(backend, attr) for attr in getattr(backend, "denoiser_attrs", ())]
+    nets += list(getattr(backend, "ref_denoisers", {}).values())
+    names = {name for net in nets for name in getattr(net, "_no_split_modules", None) or ()}
+    blocks = {type(m) for net in nets for m in net.modules() if type(m).__name__ in names}
+    if not blocks:
+        print(f"lightning.trainer.strategy={strategy}: {type(backend).__name__}'s denoiser names no blocks to shard "
+              f"by (_no_split_modules); FSDP wraps the whole model as one unit")
+        return
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer_kwargs["strategy"] = FSDPStrategy(auto_wrap_policy=blocks, cpu_offload=strategy == "fsdp_cpu_offload")
+    print(f"lightning.trainer.strategy={strategy}: FSDP shards each of {', '.join(sorted(c.__name__ for c in blocks))}")
+
+
 def routed_ddp(backend: Any, trainer_kwargs: dict[str, Any]) -> None:
     """A backend that routes each sample to one of several trained denoisers (Wan2.2-A14B's experts) leaves one
     unused on a rank whose batch fell in the other's range: DDP must then look for unused parameters, and a
@@ -548,13 +610,15 @@ class DPOStrategy:
 
     @classmethod
     def run(cls, cfg: Any, registry: Any, resume: str | None = None, source: str = "<config>") -> Path:
-        out = Path(validate(cfg, TrainSchema, "", source).output_dir)
+        checked = validate(cfg, TrainSchema, "", source)
+        out = Path(checked.output_dir)
         check_writable_dir(out, f"output_dir={out}")  # before any model loads
+        trainer_kwargs = check_trainer_kwargs(OmegaConf.to_container(checked.lightning.trainer, resolve=True), source)
+        check_engine(trainer_kwargs, cfg.get("model") or {}, checked.dpo, source)
         ckpt_path = resume_checkpoint(resume, out)
         top, module, datamodule = cls.build(cfg, registry, source)
         L.seed_everything(top.seed, workers=True)
         out = Path(top.output_dir)
-        trainer_kwargs = check_trainer_kwargs(OmegaConf.to_container(top.lightning.trainer, resolve=True), source)
         ck = top.lightning.checkpoint
         callbacks = [
             L.pytorch.callbacks.ModelCheckpoint(
@@ -569,6 +633,7 @@ class DPOStrategy:
             callbacks.append(evaluator)
         trainer_kwargs.setdefault("max_steps", 1000)
         routed_ddp(module.backend, trainer_kwargs)
+        wrap_blocks(module.backend, trainer_kwargs)
         if hasattr(datamodule, "shard_by_rank"):
             # Our sampler shards by rank itself and resumes mid-epoch; Lightning's DistributedSampler would not.
             datamodule.shard_by_rank = True

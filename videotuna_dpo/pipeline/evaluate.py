@@ -16,13 +16,13 @@ from typing import Any, Mapping, Sequence
 from videotuna_dpo.config import plain, validate
 from videotuna_dpo.data.scores import read_scores, record_values
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.eval_callback import eval_settings
+from videotuna_dpo.eval_callback import check_judges, eval_settings
 from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.pipeline.generate import generate_videos
 from videotuna_dpo.pipeline.report import write_report
 from videotuna_dpo.pipeline.score import score_videos
 from videotuna_dpo.sampling import GenerateSchema
-from videotuna_dpo.pipeline.guards import MOTION_SCORERS, check_judges, check_table
+from videotuna_dpo.pipeline.guards import MOTION_SCORERS, check_table
 from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
 from videotuna_dpo.user_files import read_json
 

@@ -19,9 +19,9 @@ import math
 from typing import Any, Mapping, Sequence
 
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.scoring.omniscore import MOTION_SCORERS  # eval always scores these
 
 Z_LIMIT = -2.0  # a drop counts when the paired z-score is below this
-MOTION_SCORERS = ("dynamic_degree", "motion_magnitude")  # eval always scores these
 MOTION_MEASURE = "motion_magnitude"  # what pairs --motion-guard compares (raw, pixels per frame)
 HACKING = "possible reward hacking"
 MOTION_DROP = "motion drop"
@@ -74,16 +74,6 @@ def check_table(table: Mapping[str, Any], judges: Sequence[str] = (), label: str
 def _z(row: Mapping[str, Any]) -> str:
     z = row.get("z")
     return "-" if z is None else f"{z:.2f}" if isinstance(z, float) and math.isfinite(z) else str(z)
-
-
-def check_judges(training: Sequence[str], judges: Sequence[str], where: str = "eval.judges") -> None:
-    """Refuse a judge that is also a training scorer (a judge must be a scorer the training never used)."""
-    both = [j for j in judges if j in training]
-    if both:
-        raise UserError(f"{where}: {', '.join(both)} also score the training (eval.scorers: {', '.join(training)}); "
-                        f"a judge must be a scorer the training never used")
-    if len(set(judges)) != len(judges):
-        raise UserError(f"{where}: lists a judge twice: {', '.join(judges)}")
 
 
 # ---------------------------------------------------------------- pairs --motion-guard

@@ -35,7 +35,8 @@ from omegaconf import OmegaConf
 from videotuna_dpo.config import check_values, load_config, validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import atomic_directory, check_writable_dir, write_json_atomic, write_text_atomic
-from videotuna_dpo.pipeline.guards import MOTION_MEASURE, check_judges, check_table
+from videotuna_dpo.eval_callback import check_judges
+from videotuna_dpo.pipeline.guards import MOTION_MEASURE, check_table
 from videotuna_dpo.pipeline.prompts import load_prompt_file
 from videotuna_dpo.user_files import read_json
 

@@ -52,6 +52,8 @@ class BaseScorer:
     weights_hint = ""
     version = "0"
     min_frames = 1
+    min_side = 0  # frames with a shorter side are unscorable
+    min_side_why = ""  # said after the size in the reason
     uses_fps = False  # True: score() takes fps=, the frame rate of the batch's files (None if unknown)
 
     def __init__(self, device: str | None = None):
@@ -62,6 +64,8 @@ class BaseScorer:
         """Why a video of this size cannot be scored (``videotuna score`` records it as failed), else None."""
         if num_frames < self.min_frames:
             return f"needs at least {self.min_frames} frames, got {num_frames}"
+        if min(height, width) < self.min_side:
+            return f"needs frames of at least {self.min_side} px a side, got {height}x{width}{self.min_side_why}"
         return None
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

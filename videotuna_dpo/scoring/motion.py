@@ -33,9 +33,14 @@ def to_frames_uint8(video: torch.Tensor) -> np.ndarray:
     return to_uint8_levels(video).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+DIS_MIN_SIDE = 16
+
+
 def attach_flow(scorer: BaseScorer, method: str, raft_weights: str | None, raft_iters: int) -> None:
     """``scorer.flow``, the optical flow a motion scorer measures with, and what it says of its weights."""
     scorer.flow = FlowEstimator(method, scorer.name, raft_weights, scorer.device, raft_iters)
+    if method == "dis":  # OpenCV's DIS fails on, or crashes the process with, frames under 16 px a side (8x8, 15x64)
+        scorer.min_side, scorer.min_side_why = DIS_MIN_SIDE, " (OpenCV's DIS optical flow)"
     scorer.needs_weights = method == "raft"
     scorer.weights_hint = "raft_weights or $VIDEOTUNA_WEIGHTS/raft/..." if scorer.needs_weights else ""
     if scorer.flow.weights:

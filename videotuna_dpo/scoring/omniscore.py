@@ -26,6 +26,9 @@ QUALITY_DIMENSIONS = (
 SEMANTIC_DIMENSIONS = ("overall_consistency",)
 DIMENSIONS = QUALITY_DIMENSIONS + SEMANTIC_DIMENSIONS
 NO_WEIGHTS_DIMENSIONS = ("temporal_flickering", "dynamic_degree", "motion_smoothness", "imaging_quality")
+# Always measured in evaluation (`videotuna eval` and the training callback), apart from the OmniScore unless
+# they are among its scorers: DPO drifts toward low-motion video, and these show it.
+MOTION_SCORERS = ("dynamic_degree", "motion_magnitude")
 
 # VBench's min-max normalisation constants, as VideoDPO uses them.
 RANGES: dict[str, tuple[float, float]] = {
