@@ -245,17 +245,38 @@ def test_eval_compares_the_tuned_weights_with_the_base(loop):
 
 
 DDP_DRIVER = textwrap.dedent('''
-    """Train through the CLI under DDP; each rank writes its trainable tensors when training ends."""
+    """Train through the CLI under DDP; each rank writes its trainable tensors when training ends, and every
+    rank records what it writes of the run's outputs (config, run.json, exported weights) in writes-rank<r>.txt."""
+    import os
     import sys
     from pathlib import Path
 
-    import torch
     from safetensors.torch import save_file
 
     from videotuna_dpo import strategy
     from videotuna_dpo.cli import main
 
     out = Path(sys.argv[1])
+
+
+    def rank():
+        return os.environ.get("LOCAL_RANK", "0")  # Lightning sets it in the processes it starts
+
+
+    def record(what):
+        with open(out / f"writes-rank{rank()}.txt", "a") as handle:
+            handle.write(what + "\\n")
+
+
+    def logged(name, write):
+        def wrapper(path, *args, **kwargs):
+            record(f"{name} {Path(path).relative_to(out)}")
+            return write(path, *args, **kwargs)
+        return wrapper
+
+
+    strategy.write_text_atomic = logged("text", strategy.write_text_atomic)
+    strategy.write_json_atomic = logged("json", strategy.write_json_atomic)
     base_end = strategy.ExportTrainableWeights.on_train_end
 
     def on_train_end(self, trainer, pl_module):
@@ -263,30 +284,44 @@ DDP_DRIVER = textwrap.dedent('''
         save_file(tensors, str(out / f"rank{trainer.global_rank}.safetensors"))
         base_end(self, trainer, pl_module)
 
+    def on_train_start(self, trainer, pl_module):
+        pl_module.backend.save_trainable = logged("weights", pl_module.backend.save_trainable)
+
     strategy.ExportTrainableWeights.on_train_end = on_train_end
+    strategy.ExportTrainableWeights.on_train_start = on_train_start
     sys.exit(main(sys.argv[2:]))
 ''')
 
 
 def test_ddp_on_two_processes_ends_with_identical_weights_on_both_ranks(loop):
+    """Two gloo processes train 2 steps, then resume from the step-2 checkpoint to step 3: both ranks hold the same
+    weights each time, and only rank 0 writes the run's config, run.json and exported weights."""
+    from safetensors.torch import load_file
+
     name, root, config = loop
     out = root / "ddp"
     out.mkdir()
     driver = out / "ddp_driver.py"
     driver.write_text(DDP_DRIVER)
     env = ddp_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(STANDIN), os.environ.get("PYTHONPATH", "")]))
-    proc = run_ddp(
-        [sys.executable, str(driver), str(out), "train", "--strategy", "dpo", "--config", str(config),
-         f"data.train_data={root / 'ds' / 'train_data.yaml'}", f"output_dir={out / 'run'}", "data.batch_size=1",
-         "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp", "lightning.trainer.max_steps=2"],
-        env=env, cwd=out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    from safetensors.torch import load_file
-
-    ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    assert json.loads((out / "run" / "run.json").read_text())["global_step"] == 2
+    command = [sys.executable, str(driver), str(out), "train", "--strategy", "dpo", "--config", str(config),
+               f"data.train_data={root / 'ds' / 'train_data.yaml'}", f"output_dir={out / 'run'}", "data.batch_size=1",
+               "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp", "lightning.checkpoint.every_n_train_steps=2",
+               "lightning.checkpoint.export_weights=true"]
+    for steps, resume in ((2, []), (3, ["--resume", "last"])):
+        for old in out.glob("writes-rank*.txt"):
+            old.unlink()
+        proc = run_ddp(command[:4] + resume + command[4:] + [f"lightning.trainer.max_steps={steps}"], env=env, cwd=out)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
+        assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+        assert json.loads((out / "run" / "run.json").read_text())["global_step"] == steps
+        assert not (out / "writes-rank1.txt").exists()
+        written = (out / "writes-rank0.txt").read_text().splitlines()
+        assert written == ["text run/config.yaml", *(["weights run/weights/step-2"] if steps == 2 else []),
+                           "weights run/weights/last", "json run/run.json"], written
+    assert (out / "run" / "checkpoints" / "step-2.ckpt").is_file()
 
 
 def test_cache_records_the_weights_it_was_built_from_and_the_empty_caption(loop):
