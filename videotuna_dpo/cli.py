@@ -118,14 +118,14 @@ def _add_launch_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
 
 
 def _launch(args: argparse.Namespace):
-    from videotuna_dpo.pipeline.jobs import Launch  # imports torch: only when a verb runs
+    from videotuna_dpo.jobs import Launch  # imports torch: only when a verb runs
 
     return Launch(devices=args.devices, num_nodes=args.num_nodes, accelerator=args.accelerator,
                   num_workers=getattr(args, "num_workers", 2))
 
 
 def _main_process() -> bool:
-    from videotuna_dpo.pipeline.jobs import is_main_process
+    from videotuna_dpo.jobs import is_main_process
 
     return is_main_process()
 

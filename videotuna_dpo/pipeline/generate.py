@@ -2,7 +2,7 @@
 
 A video counts as done when both ``<id>_s<k>.mp4`` and its record ``<id>_s<k>.json`` exist; both
 are written atomically, the record last, so a rerun keeps every complete video and redoes the rest.
-On several processes (``launch``) each runs its share of the batches (see :mod:`videotuna_dpo.pipeline.jobs`);
+On several processes (``launch``) each runs its share of the batches (see :mod:`videotuna_dpo.jobs`);
 every file is one video's, so the directory is the same bytes for any number of processes.
 """
 
@@ -22,7 +22,7 @@ from videotuna_dpo.config import check_values, validate
 from videotuna_dpo.data.video_io import write_video
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_dir, remove_stale_temporaries, write_json_atomic
-from videotuna_dpo.pipeline.jobs import Launch, Progress, chunked, is_main_process, local_device, rank_share, run_job
+from videotuna_dpo.jobs import Launch, Progress, chunked, is_main_process, local_device, rank_share, run_job
 from videotuna_dpo.pipeline.prompts import load_prompt_file
 from videotuna_dpo.registry import call_with_optional
 from videotuna_dpo.sampling import GENERATE_RULES, GenerateSchema, sampler_kwargs

@@ -20,7 +20,7 @@ from videotuna_dpo.data.scores import ScoresFile, parse_records
 from videotuna_dpo.data.video_io import VideoReadError, read_video_and_fps
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import atomic_file, check_writable_file, is_temporary
-from videotuna_dpo.pipeline.jobs import Launch, Progress, chunked, is_main_process, local_device, rank_share, run_job
+from videotuna_dpo.jobs import Launch, Progress, chunked, is_main_process, local_device, rank_share, run_job
 from videotuna_dpo.pipeline.prompts import load_prompts
 from videotuna_dpo.scoring.build import build_scorers, call_scorer, describe_scorer, omniscore_config
 from videotuna_dpo.scoring.omniscore import DIMENSIONS, omniscore, omniscore_dimensions
