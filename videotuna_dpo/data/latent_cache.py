@@ -160,10 +160,11 @@ def _adopt_orphans(index: dict[str, Any], out: Path, digest: str) -> list[str]:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 held = set(handle.keys())
-            entries = json.loads(meta["entries"])
-        except (SafetensorError, OSError, KeyError, ValueError):
+            held_meta = json.loads(meta["cache"])
+            entries = held_meta["entries"]
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError):
             continue  # half a shard, or one of a build before shards named their entries: written again
-        if meta.get("settings") != digest or any(k + s not in held for k in entries["videos"].values()
+        if held_meta.get("settings") != digest or any(k + s not in held for k in entries["videos"].values()
                                                  for s in ("/mean", "/std")):
             continue
         _apply_group(index, path.name, entries)
@@ -303,7 +304,9 @@ def build_cache(model_cfg: Any, data_cfg: Any, backend: Any, data: str | Path, o
         shard = None
         if pending:
             shard = names[g]
-            _save_shard(out / shard, pending, {"entries": json.dumps(entries), "settings": digest})
+            # One metadata key: safetensors writes its metadata map in no fixed order, and a shard must be the
+            # same bytes whichever process wrote it.
+            _save_shard(out / shard, pending, {"cache": json.dumps({"entries": entries, "settings": digest})})
         results.append((g, shard, entries))
         if one_process:  # the index follows every shard (several processes: rank 0 indexes them at the end)
             _apply_group(index, shard, entries)
@@ -318,7 +321,7 @@ def build_cache(model_cfg: Any, data_cfg: Any, backend: Any, data: str | Path, o
         for path in out.glob("shard-*.safetensors"):
             if path.name in names:
                 with safe_open(str(path), framework="pt") as handle:
-                    entries = json.loads((handle.metadata() or {}).get("entries", "{}"))
+                    entries = json.loads((handle.metadata() or {}).get("cache", "{}")).get("entries", {})
                 done += len(entries.get("videos", {})) + len(entries.get("captions", {})) + len(entries.get("skipped", {}))
         return done
 
