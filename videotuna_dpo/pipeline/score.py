@@ -1,8 +1,9 @@
 """``videotuna score``: videos -> scores.jsonl, one record per video (raw scores and the OmniScore), resumable.
 
-Each line is appended whole and fsynced; a trailing partial line (a killed run) is dropped on the
-next start, videos already in the file are skipped, and unreadable or too-short videos are written
-as ``"status": "failed"`` lines with the reason, never scored.
+Each rank appends its lines whole and fsynced to ``<out>.parts/rank-<r>.jsonl``; when every rank is done, rank 0
+merges the parts into ``out`` (one atomic rewrite, the new lines in the videos' sorted order) and removes them. A
+trailing partial line (a killed run) is dropped, videos already in ``out`` or in a part are skipped, and
+unreadable or too-short videos are written as ``"status": "failed"`` lines with the reason, never scored.
 """
 
 from __future__ import annotations
