@@ -308,6 +308,9 @@ class _Part:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.file = ScoresFile(self.directory / f"rank-{rank}.jsonl")
         self.file.recover()  # a partial line of this rank's killed writer
+        if self.file.dropped_bytes:
+            print(f"{self.file.path}: dropped a partial last line ({self.file.dropped_bytes} bytes) left by an "
+                  f"interrupted run", file=sys.stderr)
 
     def append(self, record: dict) -> None:
         if record["path"] not in self.missing:  # the rest of a batch a killed run recorded part of
