@@ -134,18 +134,20 @@ def test_killed_run_resumes_without_rescoring(video_dir, plugin_site, tmp_path):
     cmd = score_cmd(video_dir, out, "--scorers", "temporal_flickering,slow", "--batch-size", "1")
     proc = subprocess.Popen(cmd, env=env_with(plugin_site, SLOW_SCORER_LOG=str(first_log)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    part = tmp_path / "scores.jsonl.parts" / "rank-0.jsonl"  # lines go here until the job ends and merges them
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= 1:
+        if part.exists() and part.read_bytes().count(b"\n") >= 1:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    written = lines_of(out)
+    assert not out.exists()
+    written = lines_of(part)
     assert 1 <= len(written) < 7
     # What a kill in the middle of a write would leave behind.
-    with open(out, "ab") as fh:
+    with open(part, "ab") as fh:
         fh.write(b'{"path": "/videos/clip9.mp4", "status": "o')
 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env_with(plugin_site, SLOW_SCORER_LOG=str(second_log)))

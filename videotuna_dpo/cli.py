@@ -103,6 +103,33 @@ def parse_weights(items: Iterable[str]) -> dict[str, float]:
     return weights
 
 
+def _add_launch_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
+    """--devices/--num-nodes/--accelerator (as in training) and --num-workers of a data job."""
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="processes on this machine, one per GPU (or CPU processes); N > 1 starts N-1 more of this "
+                   "command. Default: the launcher's processes per node under torchrun/srun, else 1")
+    p.add_argument("--num-nodes", type=int, default=None, metavar="M",
+                   help="machines of a torchrun/srun job (default: WORLD_SIZE / --devices, else 1)")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
+                   help="what each process runs on (default auto: a GPU when there is one)")
+    if workers:
+        p.add_argument("--num-workers", type=int, default=2, metavar="W",
+                       help="DataLoader worker processes per rank that decode videos (default 2; 0 decodes in the rank)")
+
+
+def _launch(args: argparse.Namespace):
+    from videotuna_dpo.jobs import Launch  # imports torch: only when a verb runs
+
+    return Launch(devices=args.devices, num_nodes=args.num_nodes, accelerator=args.accelerator,
+                  num_workers=getattr(args, "num_workers", 2))
+
+
+def _main_process() -> bool:
+    from videotuna_dpo.jobs import is_main_process
+
+    return is_main_process()
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     registry = Registry.load()
     rows = [
@@ -136,7 +163,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     registry = Registry.load(cfg.get("plugins"))
     summary = generate_videos(cfg, registry, args.prompts, args.out, num_samples=args.num_samples,
-                              seed=args.seed, weights=args.weights, source=str(args.config))
+                              seed=args.seed, weights=args.weights, source=str(args.config), launch=_launch(args),
+                              progress=not args.no_progress)
+    if not _main_process():  # the other ranks of a multi-process job say nothing
+        return 0
     print(f"generated {summary['generated']}, kept {summary['kept']} already complete, in {args.out}")
     return 0
 
@@ -156,7 +186,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed,
         progress=not args.no_progress,
         announce=True,
+        launch=_launch(args),
     )
+    if not _main_process():
+        return 0
     print(
         f"scored {summary['scored']}, failed {summary['failed']}, skipped {summary['skipped']} "
         f"(already in {summary['out']})"
@@ -205,7 +238,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     registry = Registry.load(cfg.get("plugins"))
-    s = cache_dataset(cfg, registry, args.data, args.out, shard_size=args.shard_size, source=str(args.config))
+    s = cache_dataset(cfg, registry, args.data, args.out, shard_size=args.shard_size, source=str(args.config),
+                      launch=_launch(args))
+    if not _main_process():
+        return 0
     print(f"encoded {s['encoded']}, kept {s['kept']}, skipped {s['skipped_total']} unreadable video(s); "
           f"{s['shards']} shard(s), {s['bytes'] / max(1, s['videos'] - s['skipped_total']):.0f} bytes per video; "
           f"train with data.cache={args.out}")
@@ -221,7 +257,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     scorers = [s.strip() for s in args.scorers.split(",") if s.strip()] if args.scorers else None
     summary = evaluate(cfg, registry, args.prompts, args.weights, args.num_samples, args.out, seed=args.seed,
                        scorers=scorers, scorer_options=parse_options(args.option) or None, source=str(args.config),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, launch=_launch(args))
+    if not _main_process():
+        return 0
     for label, table in summary["tables"].items():
         print(f"{label} vs base ({table['pairs']} paired videos)")
         print(format_table(table))
@@ -336,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="base seed; video k of prompt i uses seed + i*N + k")
     p.add_argument("--weights", default=None, help="tuned weights (a run's weights/last) to sample with")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_launch_args(p, workers=False)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_generate)
 
@@ -359,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OmniScore weight of a dimension, e.g. dynamic_degree=0.5 (repeatable; 0 leaves it out)")
     p.add_argument("--retry-failed", action="store_true", help="score again the videos recorded as failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_launch_args(p)
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser(
@@ -410,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset dir (with train_data.yaml) or the train_data.yaml")
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--shard-size", type=int, default=32, help="videos per shard")
+    _add_launch_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_cache)
 
@@ -433,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
                    help="a scorer option, as in `videotuna score` (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_launch_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_cmd_eval)
 

@@ -8,6 +8,9 @@ written atomically, one shard at a time, so an interrupted build resumes where i
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import sys
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
@@ -16,13 +19,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset
 
 from videotuna_dpo.data.frames import fit_stride, frame_indices, resize_center_crop, to_model_range
 from videotuna_dpo.data.order import generator, item_key
 from videotuna_dpo.data.preference import PairRecord, load_pairs
 from videotuna_dpo.fileio import atomic_file, write_json_atomic
+from videotuna_dpo.jobs import Launch, Progress, is_main_process, rank_share, run_job
 from videotuna_dpo.data.video_io import VideoReadError, read_video
 from videotuna_dpo.errors import UserError, first_line
 from videotuna_dpo.user_files import read_json
@@ -126,9 +129,9 @@ def check_settings(index: dict[str, Any], expected: dict[str, Any], where: Path)
                         f"build a new cache with `videotuna cache` or use the matching config")
 
 
-def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata)
 
 
 def _clip(path: str, data_cfg: Any) -> torch.Tensor:
@@ -140,9 +143,98 @@ def _clip(path: str, data_cfg: Any) -> torch.Tensor:
     return to_model_range(x).permute(1, 0, 2, 3)
 
 
+SHARD = re.compile(r"shard-(\d+)\.safetensors")
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _adopt_orphans(index: dict[str, Any], out: Path, digest: str) -> list[str]:
+    """Shards a killed job wrote but no index names yet: their entries join ``index`` (in memory); their names."""
+    adopted = []
+    for path in sorted(out.glob("shard-*.safetensors")):
+        if not SHARD.fullmatch(path.name) or path.name in index["shards"]:
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                held = set(handle.keys())
+            held_meta = json.loads(meta["cache"])
+            entries = held_meta["entries"]
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+            continue  # half a shard, or one of a build before shards named their entries: written again
+        if held_meta.get("settings") != digest or any(k + s not in held for k in entries["videos"].values()
+                                                 for s in ("/mean", "/std")):
+            continue
+        _apply_group(index, path.name, entries)
+        adopted.append(path.name)
+    return adopted
+
+
+def _apply_group(index: dict[str, Any], shard: str | None, entries: dict[str, dict[str, str]]) -> None:
+    """Record one group's shard (its videos and captions) and the videos it could not encode in ``index``."""
+    index["skipped"].update(entries.get("skipped", {}))
+    if shard is None:
+        return
+    for kind in ("videos", "captions"):
+        for key, tensor_key in entries[kind].items():
+            index[kind][key] = {"shard": shard, "key": tensor_key}
+    for key in entries["videos"]:
+        index["skipped"].pop(key, None)
+    index["shards"].append(shard)
+
+
+def _canonical(index: dict[str, Any], order: dict[str, int]) -> dict[str, Any]:
+    """``index`` in one order whatever order its shards were written in: shards by name, entries by shard and
+    tensor key, skipped videos in the dataset's order."""
+    shards = sorted(index["shards"], key=lambda name: (int(SHARD.fullmatch(name)[1]) if SHARD.fullmatch(name) else -1, name))
+    at = {name: i for i, name in enumerate(shards)}
+
+    def entry_order(item: tuple[str, dict[str, str]]) -> tuple[int, int]:
+        return at.get(item[1]["shard"], -1), int(item[1]["key"].split("/")[1])
+
+    return {**index, "shards": shards,
+            "videos": dict(sorted(index["videos"].items(), key=entry_order)),
+            "captions": dict(sorted(index["captions"].items(), key=entry_order)),
+            "skipped": dict(sorted(index["skipped"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))}
+
+
+class _Groups(Dataset):
+    """Group ``g`` of the build, its videos decoded (in a DataLoader worker): ``(g, captions, [(path, clip or
+    None, reason or None)])`` with clips ``[C, F, H, W]`` in [-1, 1]."""
+
+    def __init__(self, groups: list[tuple[int, list[str], list[str]]], data_cfg: Any):
+        self.groups, self.data_cfg = groups, data_cfg
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> tuple[int, list[str], list[tuple[str, Any, str | None]]]:
+        g, captions, videos = self.groups[i]
+        decoded = []
+        for path in videos:
+            try:
+                decoded.append((path, _clip(path, self.data_cfg), None))
+            except (VideoReadError, UserError) as exc:
+                decoded.append((path, None, exc.reason if isinstance(exc, VideoReadError) else str(exc)))
+        return g, captions, decoded
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
 def build_cache(model_cfg: Any, data_cfg: Any, backend: Any, data: str | Path, out: str | Path,
-                shard_size: int = 32, batch_size: int = 4) -> dict[str, Any]:
-    """Encode what the cache at ``out`` lacks; unreadable videos are skipped and recorded."""
+                shard_size: int = 32, batch_size: int = 4, launch: Any = None) -> dict[str, Any]:
+    """Encode what the cache at ``out`` lacks; unreadable videos are skipped and recorded.
+
+    The work is split in groups (one shard each: the captions and the first videos, then ``shard_size`` videos
+    rounded up to whole batches); on several processes (``launch``) group g is rank g mod world's, and rank 0
+    indexes the shards at the end: the cache is the same bytes for any number of processes, and a killed build
+    resumes on any number (a shard its index does not name yet is taken up by the next build).
+    """
+    launch = launch or Launch()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train_data = resolve_train_data(data)
@@ -153,71 +245,100 @@ def build_cache(model_cfg: Any, data_cfg: Any, backend: Any, data: str | Path, o
     check_settings(index, settings, out)
     _check_shard_names(index, out)
     for shard, why in _unreadable_shards(index, out).items():
-        print(f"{out / shard}: unreadable ({why}); encoding what it held again", file=sys.stderr)
+        if is_main_process():
+            print(f"{out / shard}: unreadable ({why}); encoding what it held again", file=sys.stderr)
         _forget_shard(index, shard)
+    digest = _digest(settings)
     videos = list(OrderedDict.fromkeys(p for pair in pairs for p in (pair.winner, pair.loser)))
+    order = {video_id(v): i for i, v in enumerate(videos)}
     captions = list(OrderedDict.fromkeys([NULL_CAPTION] + [pair.caption for pair in pairs]))
-    # Videos skipped before are tried again: the file may have been fixed (or replaced) since.
-    todo_videos = [v for v in videos if video_id(v) not in index["videos"]]
+    # Videos skipped by a finished build are tried again: the file may have been fixed (or replaced) since.
+    retried = set(index["skipped"])
+    adopted = _adopt_orphans(index, out, digest)
+    kept = sum(1 for v in videos if video_id(v) in index["videos"])
+    todo_videos = [v for v in videos if video_id(v) not in index["videos"]
+                   and (video_id(v) in retried or video_id(v) not in index["skipped"])]
     todo_captions = [c for c in captions if c not in index["captions"]]
-    summary = {"videos": len(videos), "encoded": 0, "skipped_now": 0, "kept": len(videos) - len(todo_videos)}
+    summary = {"videos": len(videos), "encoded": 0, "skipped_now": 0, "kept": kept}
 
-    pending: dict[str, torch.Tensor] = {}
-    entries: dict[str, dict[str, str]] = {"videos": {}, "captions": {}}
+    per_group = max(1, -(-int(shard_size) // batch_size)) * batch_size  # a shard is written after whole batches
+    chunks = [todo_videos[i : i + per_group] for i in range(0, len(todo_videos), per_group)] or ([[]] if todo_captions else [])
+    taken, names = set(index["shards"]) | set(p.name for p in out.glob("shard-*.safetensors") if p.name in adopted), []
+    count = len(index["shards"])
+    for _ in chunks:  # the names a one-process build gives its shards, in order
+        while f"shard-{count:05d}.safetensors" in taken:
+            count += 1
+        names.append(f"shard-{count:05d}.safetensors")
+        taken.add(names[-1])
+        count += 1
+    groups = [(g, todo_captions if g == 0 else [], chunk) for g, chunk in enumerate(chunks)]
+    results: list[tuple[int, str | None, dict[str, Any]]] = []  # this rank's groups
+    one_process = launch.resolved() == (1, 1)
 
-    def flush() -> None:
-        if not pending:
-            return
-        n = len(index["shards"])
-        while f"shard-{n:05d}.safetensors" in index["shards"]:  # after a forgotten shard, names are not dense
-            n += 1
-        name = f"shard-{n:05d}.safetensors"
-        _save_shard(out / name, pending)
-        for kind in ("videos", "captions"):
-            for key, tensor_key in entries[kind].items():
-                index[kind][key] = {"shard": name, "key": tensor_key}
-        for key in entries["videos"]:
-            index["skipped"].pop(key, None)
-        index["shards"].append(name)
-        write_json_atomic(out / INDEX, index)  # the shard exists before the index names it
-        pending.clear()
-        entries["videos"].clear()
-        entries["captions"].clear()
-
-    bar = tqdm(total=len(todo_videos) + len(todo_captions), desc="cache", unit="item")
-    for start in range(0, len(todo_captions), batch_size):
-        chunk = todo_captions[start : start + batch_size]
-        embeds = backend.encode_prompt(chunk).to(STORE_DTYPE).cpu()  # [B, L, D]
-        for caption, e in zip(chunk, embeds):
-            n = len(pending)
-            pending[f"c/{n}"] = e
-            entries["captions"][caption] = f"c/{n}"
-        bar.update(len(chunk))
-    for start in range(0, len(todo_videos), batch_size):
-        chunk, clips = [], []
-        for path in todo_videos[start : start + batch_size]:
-            try:
-                clips.append(_clip(path, data_cfg))
-                chunk.append(path)
-            except (VideoReadError, UserError) as exc:
-                reason = exc.reason if isinstance(exc, VideoReadError) else str(exc)
-                index["skipped"][video_id(path)] = reason
-                summary["skipped_now"] += 1
-                print(f"skipped {path}: {reason}", file=sys.stderr)
-                bar.update(1)
-        if clips:
-            mean, std = backend.latent_distribution(torch.stack(clips).to(_device(backend)))
-            for path, m, s in zip(chunk, mean.to(STORE_DTYPE).cpu(), std.to(STORE_DTYPE).cpu()):
+    def step(group: tuple[int, list[str], list[tuple[str, Any, str | None]]]) -> None:
+        g, group_captions, decoded = group
+        pending: dict[str, torch.Tensor] = {}
+        entries: dict[str, dict[str, str]] = {"videos": {}, "captions": {}, "skipped": {}}
+        for start in range(0, len(group_captions), batch_size):
+            chunk = group_captions[start : start + batch_size]
+            embeds = backend.encode_prompt(chunk).to(STORE_DTYPE).cpu()  # [B, L, D]
+            for caption, e in zip(chunk, embeds):
                 n = len(pending)
-                pending[f"v/{n}/mean"], pending[f"v/{n}/std"] = m, s
-                entries["videos"][video_id(path)] = f"v/{n}"
-                summary["encoded"] += 1
-                bar.update(1)
-        if len(entries["videos"]) >= shard_size:
-            flush()
-    flush()
-    bar.close()
-    write_json_atomic(out / INDEX, index)
+                pending[f"c/{n}"] = e
+                entries["captions"][caption] = f"c/{n}"
+        for start in range(0, len(decoded), batch_size):
+            paths, clips = [], []
+            for path, clip, reason in decoded[start : start + batch_size]:
+                if reason is not None:
+                    entries["skipped"][video_id(path)] = reason
+                    print(f"skipped {path}: {reason}", file=sys.stderr)
+                    continue
+                paths.append(path)
+                clips.append(clip)
+            if clips:
+                mean, std = backend.latent_distribution(torch.stack(clips).to(_device(backend)))
+                for path, m, s in zip(paths, mean.to(STORE_DTYPE).cpu(), std.to(STORE_DTYPE).cpu()):
+                    n = len(pending)
+                    pending[f"v/{n}/mean"], pending[f"v/{n}/std"] = m, s
+                    entries["videos"][video_id(path)] = f"v/{n}"
+        shard = None
+        if pending:
+            shard = names[g]
+            # One metadata key: safetensors writes its metadata map in no fixed order, and a shard must be the
+            # same bytes whichever process wrote it.
+            _save_shard(out / shard, pending, {"cache": json.dumps({"entries": entries, "settings": digest})})
+        results.append((g, shard, entries))
+        if one_process:  # the index follows every shard (several processes: rank 0 indexes them at the end)
+            _apply_group(index, shard, entries)
+            write_json_atomic(out / INDEX, _canonical(index, order))  # the shard exists before the index names it
+
+    def loader(rank: int, world: int) -> DataLoader:
+        return DataLoader(_Groups(rank_share(groups, rank, world), data_cfg), batch_size=None, collate_fn=_as_is,
+                          num_workers=launch.num_workers if todo_videos else 0)
+
+    def done_items() -> int:
+        done = 0
+        for path in out.glob("shard-*.safetensors"):
+            if path.name in names:
+                with safe_open(str(path), framework="pt") as handle:
+                    entries = json.loads((handle.metadata() or {}).get("cache", "{}")).get("entries", {})
+                done += len(entries.get("videos", {})) + len(entries.get("captions", {})) + len(entries.get("skipped", {}))
+        return done
+
+    total = len(todo_videos) + len(todo_captions)
+    if groups:
+        ranks = run_job(launch, step, loader, Progress(total, 0, done_items, desc="cache", unit="item"))
+        gathered = sorted(r for rank_results in ranks.gather(results) for r in rank_results)
+    else:
+        gathered = []
+    if not one_process:
+        for _, shard, entries in gathered:
+            _apply_group(index, shard, entries)
+    for _, _, entries in gathered:
+        summary["encoded"] += len(entries["videos"])
+        summary["skipped_now"] += len(entries["skipped"])
+    if is_main_process():
+        write_json_atomic(out / INDEX, _canonical(index, order))
     summary.update(skipped_total=len(index["skipped"]), shards=len(index["shards"]),
                    bytes=sum((out / s).stat().st_size for s in index["shards"]))
     return summary

@@ -13,11 +13,13 @@ from videotuna_dpo.data.latent_cache import build_cache
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.pipeline.generate import load_backend
+from videotuna_dpo.jobs import Launch
 
 
 def cache_dataset(cfg: Any, registry: Any, data: str | Path, out: str | Path, shard_size: int = 32,
-                  backend: Any = None, source: str = "<config>") -> dict[str, Any]:
-    """Encode ``data`` (a dataset dir or train_data.yaml) at the config's training settings into ``out``."""
+                  backend: Any = None, source: str = "<config>", launch: Launch | None = None) -> dict[str, Any]:
+    """Encode ``data`` (a dataset dir or train_data.yaml) at the config's training settings into ``out``
+    (on the processes of ``launch``)."""
     data_cfg = validate(OmegaConf.merge(cfg.get("data") or {}, {"train_data": str(data), "cache": None}),
                         PreferenceDataSchema, "data", source)
     check_writable_dir(out, f"--out {out}")  # before the model loads
@@ -27,4 +29,4 @@ def cache_dataset(cfg: Any, registry: Any, data: str | Path, out: str | Path, sh
                             f"cached; train it from the videos (no data.cache)")
         backend = load_backend(OmegaConf.merge(cfg, {"model": {"load_text_and_vae": True}}), registry, source=source)
     return build_cache(cfg.model, data_cfg, backend, data, out, shard_size=shard_size,
-                       batch_size=max(1, int(data_cfg.batch_size)))
+                       batch_size=max(1, int(data_cfg.batch_size)), launch=launch)

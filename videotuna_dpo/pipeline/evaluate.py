@@ -19,6 +19,7 @@ from videotuna_dpo.errors import UserError
 from videotuna_dpo.eval_callback import check_judges, eval_settings
 from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.pipeline.generate import generate_videos
+from videotuna_dpo.jobs import Launch, is_main_process
 from videotuna_dpo.pipeline.report import write_report
 from videotuna_dpo.pipeline.score import score_videos
 from videotuna_dpo.sampling import GenerateSchema
@@ -198,10 +199,13 @@ def evaluate(
     scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
     source: str = "<config>",
     progress: bool = True,
+    launch: Launch | None = None,
 ) -> dict:
     """Generate and score base and each weight set with the same prompts and seeds; write the report.
 
-    Returns ``{"tables": {label: table}, "counts", "settings", "report": {name: path}}``.
+    Returns ``{"tables": {label: table}, "counts", "settings", "report": {name: path}}``; on several processes
+    (``launch``) every rank generates and scores its share, and rank 0 alone compares and reports (the other
+    ranks return ``{}``).
     """
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
@@ -233,13 +237,17 @@ def evaluate(
         if samples.is_dir():
             _check_samples(samples, weights_dir, sampler)
         gen = generate_videos(cfg, registry, prompts_file, samples, num_samples=num_samples, seed=seed,
-                              weights=weights_dir, source=source)
+                              weights=weights_dir, source=source, launch=launch, progress=progress)
         scored = score_videos(samples, out / "scores" / f"{label}.jsonl", scorers=names + measured,
                               batch_size=settings.score_batch_size, options=options, weights=omni_weights,
-                              progress=progress, registry=registry)
+                              progress=progress, registry=registry, launch=launch)
+        if not is_main_process():
+            continue
         counts[label] = {"videos": gen["total"], "generated": gen["generated"], "kept": gen["kept"],
                          "scored": scored["scored"], "failed": scored["failed"], "skipped": scored["skipped"]}
         _check_measured_apart(out / "scores" / f"{label}.jsonl", measured)
+    if not is_main_process():
+        return {}
     tables = {label: compare_scores(out / "scores" / f"{BASE}.jsonl", out / "scores" / f"{label}.jsonl")
               for label in runs if label != BASE}
     for label, table in tables.items():

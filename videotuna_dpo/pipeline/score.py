@@ -1,28 +1,28 @@
 """``videotuna score``: videos -> scores.jsonl, one record per video (raw scores and the OmniScore), resumable.
 
-Each line is appended whole and fsynced; a trailing partial line (a killed run) is dropped on the
-next start, videos already in the file are skipped, and unreadable or too-short videos are written
-as ``"status": "failed"`` lines with the reason, never scored.
+Each rank appends its lines whole and fsynced to ``<out>.parts/rank-<r>.jsonl``; when every rank is done, rank 0
+merges the parts into ``out`` (one atomic rewrite, the new lines in the videos' sorted order) and removes them. A
+trailing partial line (a killed run) is dropped, videos already in ``out`` or in a part are skipped, and
+unreadable or too-short videos are written as ``"status": "failed"`` lines with the reason, never scored.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset
 
-from videotuna_dpo.data.scores import ScoresFile
+from videotuna_dpo.data.scores import ScoresFile, parse_records
 from videotuna_dpo.data.video_io import VideoReadError, read_video_and_fps
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.fileio import check_writable_file, is_temporary
+from videotuna_dpo.fileio import atomic_file, check_writable_file, is_temporary
+from videotuna_dpo.jobs import Launch, Progress, chunked, is_main_process, local_device, rank_share, run_job
 from videotuna_dpo.pipeline.prompts import load_prompts
-from videotuna_dpo.scoring.base import default_device
 from videotuna_dpo.scoring.build import build_scorers, call_scorer, describe_scorer, omniscore_config
 from videotuna_dpo.scoring.omniscore import DIMENSIONS, omniscore, omniscore_dimensions
 
@@ -104,19 +104,6 @@ def _check_resume(records: list[dict], scorers: Mapping[str, Any], out: Path) ->
             return
 
 
-def _prefetch(fn, items: Sequence, depth: int) -> Iterator[tuple[Any, Future]]:
-    """Yield (item, future of fn(item)) in order, keeping ``depth`` decodes ahead in a thread."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        queue: deque = deque()
-        it = iter(items)
-        for item in it:
-            queue.append((item, pool.submit(fn, item)))
-            if len(queue) > depth:
-                yield queue.popleft()
-        while queue:
-            yield queue.popleft()
-
-
 def score_videos(
     videos: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -130,6 +117,7 @@ def score_videos(
     progress: bool = True,
     registry=None,
     announce: bool = False,
+    launch: Launch | None = None,
 ) -> dict:
     """Score videos into ``out`` (JSONL); returns ``{"scored", "failed", "skipped", "recovered_bytes", "out"}``.
 
@@ -143,23 +131,25 @@ def score_videos(
     names = list(scorers or DEFAULT_SCORERS)
     if len(set(names)) != len(names):
         raise UserError(f"--scorers lists a scorer twice: {','.join(names)}")
-    device = device or default_device()
+    device = device or local_device()
     models = build_scorers(names, device, options or {}, registry)
     config = omniscore_config(models, weights)
     with_omniscore = bool(omniscore_dimensions(names, config))
-    if not with_omniscore:  # said once: every record then holds raw scores only
+    if not with_omniscore and is_main_process():  # said once: every record then holds raw scores only
         print(f"OmniScore left out: none of the scorers {', '.join(names)} is one of its dimensions "
               f"({', '.join(config.ranges)}) or declares a score_range; the records hold their raw scores "
               f"(`videotuna pairs --by NAME` pairs by one of them)", file=sys.stderr)
     described = {name: describe_scorer(s) for name, s in models.items()}
-    if announce:  # before a long run, say which model scores each dimension
+    if announce and is_main_process():  # before a long run, say which model scores each dimension
         print("\n".join(["scorers:", *backend_lines(described)]), file=sys.stderr)
     min_frames = max([int(getattr(s, "min_frames", 1)) for s in models.values()] + [1])
 
     store = ScoresFile(out)
-    records = store.recover()
-    _check_resume(records, models, store.path)
-    latest = {r["path"]: r for r in records}
+    records = store.recover()  # the merged file: only rank 0 writes it, at the end of the job
+    parts = score_parts(store.path)
+    pending = read_parts(parts)  # what ranks of a killed run scored and nobody merged yet
+    _check_resume(records + [r for _, r in pending], models, store.path)
+    latest = {r["path"]: r for r in records + [r for _, r in pending]}
     done = {p for p, r in latest.items() if r["status"] == "ok" or not retry_failed}
     todo = [p for p in paths if str(p.resolve()) not in done]
     summary = {"scored": 0, "failed": 0, "skipped": len(paths) - len(todo),
@@ -167,10 +157,11 @@ def score_videos(
     if store.dropped_bytes:
         print(f"{store.path}: dropped a partial last line ({store.dropped_bytes} bytes) left by an interrupted run",
               file=sys.stderr)
+    missing = {str(p.resolve()) for p in todo}
+    part = _Part(missing, parts_dir(store.path))  # this rank's part file, opened when the job knows its rank
 
     def fail(path: Path, reason: str) -> None:
-        store.append({"path": str(path.resolve()), "prompt": prompt_map[path][0], "status": "failed", "reason": reason})
-        summary["failed"] += 1
+        part.append({"path": str(path.resolve()), "prompt": prompt_map[path][0], "status": "failed", "reason": reason})
 
     def flush(batch: list[tuple[Path, Any, float | None]]) -> None:
         clip = torch.stack([frames for _, frames, _ in batch]).to(device).float().div_(255.0)  # [B, F, C, H, W]
@@ -189,48 +180,164 @@ def score_videos(
                 agg = omniscore(values, config)
                 record.update({key: agg[key] for key in ("normalized", "quality", "semantic", "omniscore",
                                                          "dimensions_used", "weights")})
-            store.append({
+            part.append({
                 **record, "scorers": described,
                 "frames": int(frames.shape[0]), "height": int(frames.shape[2]), "width": int(frames.shape[3]),
                 "fps": fps,
                 "meta": prompt_map[path][1],
             })
-            summary["scored"] += 1
-        bar.update(len(batch))
 
-    def decode(path: Path):
-        try:
-            return read_video_and_fps(path)
-        except VideoReadError as exc:
-            return exc
-
-    batch: list[tuple[Path, Any, float | None]] = []
-    with tqdm(total=len(todo), unit="video", desc="score", disable=not progress) as bar:
-        for path, future in _prefetch(decode, todo, depth=max(2, batch_size)):
-            decoded = future.result()
-            if isinstance(decoded, VideoReadError):
-                fail(path, decoded.reason)
-                bar.update(1)
+    def step(chunk: list[tuple[Path, Any, float | None, str | None]]) -> None:
+        """One chunk of decoded videos (a one-process run's batch): failures recorded, the rest scored."""
+        batch: list[tuple[Path, Any, float | None]] = []
+        for path, frames, fps, reason in chunk:
+            if reason is not None:
+                fail(path, reason)
                 continue
-            frames, fps = decoded
             if frames.shape[0] < min_frames:
                 problem = f"too short: {frames.shape[0]} frame(s); the scorers need at least {min_frames}"
             else:
                 problem = _unscorable(models, frames.shape)
             if problem:
                 fail(path, problem)
-                bar.update(1)
                 continue
             if batch and (batch[0][1].shape != frames.shape or batch[0][2] != fps):
                 flush(batch)
                 batch = []
             batch.append((path, frames, fps))
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
         if batch:
             flush(batch)
+
+    if todo:
+        # The batches of an uninterrupted one-process run, whole (a batch a killed run scored part of is scored
+        # again whole, its records kept): scores do not depend on the number of processes or on a kill.
+        chunks = [c for c in chunked(list(range(len(paths))), batch_size)
+                  if any(str(paths[i].resolve()) in missing for i in c)]
+        launch = launch or Launch()
+
+        def loader(rank: int, world: int) -> DataLoader:
+            part.open(rank)
+            return DataLoader(_Decoded(paths, rank_share(chunks, rank, world)), batch_size=None, collate_fn=_as_is,
+                              num_workers=launch.num_workers)
+
+        already = count_lines(parts_dir(store.path))
+        bar = Progress(len(paths), len(paths) - len(todo), lambda: count_lines(parts_dir(store.path)) - already, desc="score",
+                       unit="video", enabled=progress)
+        ranks = run_job(launch, step, loader, bar)
+        counts = ranks.gather(part.counts)
+        summary["scored"] = sum(c["ok"] for c in counts)
+        summary["failed"] = sum(c["failed"] for c in counts)
+    parts = score_parts(store.path)
+    if is_main_process() and parts:  # rank 0, once every rank's part is written
+        merge_parts(store.path, parts, [str(p.resolve()) for p in paths])
     return summary
+
+
+# ---------------------------------------------------------------- the ranks' part files
+
+
+def _as_is(items: list) -> list:
+    return items
+
+
+class _Decoded(Dataset):
+    """Chunk ``c`` of the videos decoded (in a DataLoader worker): per video ``(path, frames [F, C, H, W] uint8,
+    fps, None)``, or ``(path, None, None, reason)`` when it cannot be read."""
+
+    def __init__(self, paths: Sequence[Path], chunks: Sequence[Sequence[int]]):
+        self.paths, self.chunks = list(paths), list(chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, c: int) -> list[tuple[Path, Any, float | None, str | None]]:
+        decoded = []
+        for i in self.chunks[c]:
+            try:
+                frames, fps = read_video_and_fps(self.paths[i])
+            except VideoReadError as exc:
+                decoded.append((self.paths[i], None, None, exc.reason))
+                continue
+            decoded.append((self.paths[i], frames, fps, None))
+        return decoded
+
+
+PART = re.compile(r"rank-(\d+)\.jsonl")
+
+
+def parts_dir(out: Path) -> Path:
+    """Where the ranks of a job write their records until rank 0 merges them into ``out``."""
+    return out.parent / f"{out.name}.parts"
+
+
+def score_parts(out: Path) -> list[Path]:
+    directory = parts_dir(out)
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if PART.fullmatch(p.name)), key=lambda p: int(PART.fullmatch(p.name)[1]))
+
+
+def read_parts(parts: Sequence[Path]) -> list[tuple[bytes, dict]]:
+    """Every complete line of the part files with its record, part by part (a killed writer's partial line left out)."""
+    lines = []
+    for path in parts:
+        data = path.read_bytes()
+        data = data[: data.rfind(b"\n") + 1]
+        lines += list(zip([ln + b"\n" for ln in data.split(b"\n") if ln.strip()], parse_records(data, path)))
+    return lines
+
+
+def count_lines(directory: Path) -> int:
+    """Lines in the part files under ``directory`` (the progress of a job: one per video)."""
+    total = 0
+    for path in directory.glob("rank-*.jsonl"):
+        with open(path, "rb") as fh:
+            total += fh.read().count(b"\n")
+    return total
+
+
+class _Part:
+    """One rank's records: appended to ``rank-<r>.jsonl`` whole and fsynced (only those of videos still missing)."""
+
+    def __init__(self, missing: set[str], directory: Path):
+        self.missing, self.directory = missing, directory
+        self.file: ScoresFile | None = None
+        self.counts = {"ok": 0, "failed": 0}
+
+    def open(self, rank: int) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.file = ScoresFile(self.directory / f"rank-{rank}.jsonl")
+        self.file.recover()  # a partial line of this rank's killed writer
+        if self.file.dropped_bytes:
+            print(f"{self.file.path}: dropped a partial last line ({self.file.dropped_bytes} bytes) left by an "
+                  f"interrupted run", file=sys.stderr)
+
+    def append(self, record: dict) -> None:
+        if record["path"] not in self.missing:  # the rest of a batch a killed run recorded part of
+            return
+        self.file.append(record)
+        self.counts["ok" if record["status"] == "ok" else "failed"] += 1
+
+
+def merge_parts(out: Path, parts: Sequence[Path], order: Sequence[str]) -> None:
+    """Append the parts' records to ``out`` in ``order`` (the sorted videos), atomically; then remove the parts.
+
+    A line already in ``out`` (a merge killed before it removed its parts) is not appended twice.
+    """
+    present = set(out.read_bytes().split(b"\n")) if out.is_file() else set()
+    rank_of = {path: i for i, path in enumerate(order)}
+    lines = [(rank_of.get(r["path"], len(order)), n, line) for n, (line, r) in enumerate(read_parts(parts))
+             if line[:-1] not in present]
+    if lines:
+        data = out.read_bytes() if out.is_file() else b""
+        with atomic_file(out) as tmp:
+            Path(tmp).write_bytes(data + b"".join(line for _, _, line in sorted(lines)))
+    for path in parts:
+        path.unlink(missing_ok=True)
+    try:
+        parts_dir(out).rmdir()
+    except OSError:  # not empty: something else lives there
+        pass
 
 
 def backend_lines(described: Mapping[str, Mapping[str, Any]]) -> list[str]:
