@@ -296,11 +296,14 @@ class _ModeProbe(L.Callback):
         self.seen.append({name: m.training for name, m in pl_module.named_modules()})
 
 
-def test_callback_logs_the_omniscore_of_the_current_policy_and_keeps_train_mode(tiny_cogvideox, tiny_dataset, tmp_path):
+CALLBACK_GENERATE = {"num_frames": 9, "steps": 2, "guidance": 1.0}
+
+
+def _train_with(callback, tiny_cogvideox, tiny_dataset, tmp_path, max_steps, probes=()):
+    """Train the tiny CogVideoX ``max_steps`` DPO steps with ``callback`` (between ``probes``); -> backend, trainer,
+    the rows of metrics.csv."""
     from tests.conftest import make_backend
     from videotuna_dpo.data.datamodule import PreferenceDataModule
-    from videotuna_dpo.scoring.build import build_scorers
-    from videotuna_dpo.scoring.omniscore import omniscore
     from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 
     backend = make_backend(tiny_cogvideox)
@@ -308,18 +311,28 @@ def test_callback_logs_the_omniscore_of_the_current_policy_and_keeps_train_mode(
                        OmegaConf.structured(OptimizerSchema(lr=1e-3, weight_decay=0.0)))
     dm = PreferenceDataModule.from_config(OmegaConf.create(
         {"train_data": str(tiny_dataset), "video_length": 9, "resolution": [32, 32], "batch_size": 2}))
-    generate = {"num_frames": 9, "steps": 2, "guidance": 1.0}
-    callback = EvalCallback(2, ["a red square moving right"], seeds=[5], scorers=NO_WEIGHTS, generate_kwargs=generate)
-    before, after = [], []
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(str(tmp_path)),
-                        callbacks=[_ModeProbe(before), callback, _ModeProbe(after)], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    callbacks = [probes[0], callback, probes[1]] if probes else [callback]
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1,
+                        logger=L.pytorch.loggers.CSVLogger(str(tmp_path)), callbacks=callbacks,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=1)
     torch.manual_seed(0)
     trainer.fit(module, datamodule=dm)
+    return backend, trainer, list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+
+
+def test_callback_logs_the_omniscore_of_the_current_policy_and_keeps_train_mode(tiny_cogvideox, tiny_dataset, tmp_path):
+    from videotuna_dpo.scoring.build import build_scorers
+    from videotuna_dpo.scoring.omniscore import omniscore
+
+    generate = CALLBACK_GENERATE
+    callback = EvalCallback(2, ["a red square moving right"], seeds=[5], scorers=NO_WEIGHTS, generate_kwargs=generate)
+    before, after = [], []
+    backend, trainer, rows = _train_with(callback, tiny_cogvideox, tiny_dataset, tmp_path, 2,
+                                         (_ModeProbe(before), _ModeProbe(after)))
 
     assert [h["step"] for h in callback.history] == [0, 2]  # a baseline, then every 2 steps
     assert len(before) == 2 and before == after and before[0][""] is True  # eval() would turn it off
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     logged = {int(r["step"]): float(r["eval/omniscore"]) for r in rows if r.get("eval/omniscore")}
     assert logged == pytest.approx({h["step"]: h["omniscore"] for h in callback.history})
     assert {k for r in rows for k, v in r.items() if v and k.startswith("eval/")} == {
@@ -333,26 +346,14 @@ def test_callback_logs_the_omniscore_of_the_current_policy_and_keeps_train_mode(
 
 
 def test_callback_logs_judges_and_motion_apart_from_the_omniscore(tiny_cogvideox, tiny_dataset, tmp_path):
-    from tests.conftest import make_backend
-    from videotuna_dpo.data.datamodule import PreferenceDataModule
     from videotuna_dpo.scoring.build import build_scorers
     from videotuna_dpo.scoring.omniscore import omniscore
-    from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 
-    backend = make_backend(tiny_cogvideox)
-    module = DPOModule(backend, OmegaConf.structured(DPOSchema(beta=500.0)),
-                       OmegaConf.structured(OptimizerSchema(lr=1e-3, weight_decay=0.0)))
-    dm = PreferenceDataModule.from_config(OmegaConf.create(
-        {"train_data": str(tiny_dataset), "video_length": 9, "resolution": [32, 32], "batch_size": 2}))
-    generate = {"num_frames": 9, "steps": 2, "guidance": 1.0}
+    generate = CALLBACK_GENERATE
     callback = EvalCallback(1, ["a red square moving right"], seeds=[5], scorers=["motion_smoothness"],
                             generate_kwargs=generate, judges=["temporal_flickering"])
     assert callback.measured == ["dynamic_degree", "motion_magnitude", "temporal_flickering"]
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(str(tmp_path)),
-                        callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1)
-    trainer.fit(module, datamodule=dm)
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    backend, trainer, rows = _train_with(callback, tiny_cogvideox, tiny_dataset, tmp_path, 1)
     assert {k for r in rows for k, v in r.items() if v and k.startswith("eval/")} == {
         "eval/omniscore", "eval/quality", "eval/motion_smoothness", "eval/judge/temporal_flickering",
         "eval/raw/dynamic_degree", "eval/raw/motion_magnitude"}
