@@ -23,7 +23,8 @@ from videotuna_dpo.checkpoint_io import load_weights
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, read_safetensors, read_trainable_meta,
                                       seed_list)
-from videotuna_dpo.models.videocrafter import VideoCrafter2Backend, eval_mode
+from videotuna_dpo.models.finetune import eval_mode
+from videotuna_dpo.models.videocrafter import VideoCrafter2Backend
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Conv3d)
 TRAINABLE_FILE = "unet_lora.safetensors"

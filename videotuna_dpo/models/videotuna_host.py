@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from videotuna_dpo.checkpoint_io import load_weights
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.base import load_state_strict
 from videotuna_dpo.user_files import load_yaml_config
 
 VIDEOTUNA_REPO = "https://github.com/VideoVerses/VideoTuna"
@@ -153,11 +154,13 @@ def load_vc2_components(ckpt: str | Path, trust_switch: str, trusted: bool,
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict(strict=True)`` whose error names the checkpoint and the first bad keys."""
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(
-            f"{what}: does not match the flow config's architecture (missing {list(result.missing_keys)[:3]}, "
-            f"unexpected {list(result.unexpected_keys)[:3]}); check that the host config is the one "
-            f"this checkpoint was trained with"
-        )
+    """``load_state_dict(strict=True)`` whose error names the checkpoint, the first bad keys and the host config."""
+    load_state_strict(module, state, what, "check that the host config (the flow's architecture) is the one this "
+                                           "checkpoint was trained with")
+
+
+def adopt_host_lora(flow: Any) -> None:
+    """What the host's ``GenerationBase.instantiate_lora`` sets once adapters are in ``flow.denoiser``, so that its
+    ``set_trainable_components`` trains just those."""
+    flow.use_lora = True
+    flow.lora_params = {n for n, _ in flow.denoiser.named_parameters() if "lora_" in n}
