@@ -21,13 +21,12 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import seed_list
-from videotuna_dpo.models.finetune import (ATTENTION_PROJECTIONS, DenoiserFinetuning, LoraSchema, check_finetune,
-                                          dtype_setting, eval_mode, lora_field)
-from videotuna_dpo.models.videotuna_host import (adopt_host_lora, build_flow, flow_section, import_videotuna, load_into,
-                                                 load_vc2_components, set_host_checkpointing)
+from videotuna_dpo.models.finetune import (ATTENTION_PROJECTIONS, LoraSchema, check_finetune, dtype_setting, eval_mode,
+                                          lora_field)
+from videotuna_dpo.models.videotuna_host import (VideoTunaFlowBackend, build_flow, flow_section, import_videotuna,
+                                                 load_into, load_vc2_components, set_host_checkpointing)
 
 LEGACY_LORA_FILE = "denoiser_lora.safetensors"  # what this backend wrote before it shared DenoiserFinetuning
 VC2_CHECKPOINT_KEYS = (
@@ -38,26 +37,33 @@ VC2_CHECKPOINT_KEYS = (
 
 
 @dataclass
-class VideoCrafter2Schema:
-    name: str = "videocrafter2"
+class VC2HostSchema:
+    """The ``model:`` keys VC2 and T2V-Turbo share (both build VideoTuna's ``VideocrafterFlow``); each adds its own."""
+
+    name: str = "???"
     host_config: Optional[str] = None  # VideoTuna YAML whose `flow:` builds VC2 (path, or relative to the checkout)
     flow: Optional[dict[str, Any]] = None  # or the flow section inline (target + params)
-    ckpt: Optional[str] = None  # VC2 model.ckpt or a VideoTuna split folder; required unless weights come later
+    ckpt: Optional[str] = None  # VC2 model.ckpt or a VideoTuna split folder (inside VideoTuna: train.ckpt)
     denoiser_ckpt: Optional[str] = None  # a full denoiser checkpoint replacing ckpt's UNet (VideoTuna's --trained_ckpt)
-    trust_checkpoint: bool = False  # allow full unpickling of ckpt (runs code in the file)
+    trust_checkpoint: bool = False  # allow full unpickling of ckpt (and T2V-Turbo's lora_ckpt): runs code in the files
+    gradient_checkpointing: Optional[bool] = None  # every UNet block's checkpoint switch; null: as the host config (VC2: on)
+    trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
+    init_weights: Optional[str] = None  # an SFT weights folder merged into the base: the reference
+    load_text_and_vae: bool = True  # false when training on a latent cache: VAE/text weights are not loaded
+    fps: int = 28  # fps condition for generate (VideoTuna's VC2 inference setting)
+
+
+@dataclass
+class VideoCrafter2Schema(VC2HostSchema):
+    name: str = "videocrafter2"
     finetune: str = "full"  # full (the paper: frozen reference copy) | lora (reference = adapters off)
     lora: LoraSchema = lora_field(16, ATTENTION_PROJECTIONS)  # the UNet's attention projections, rank 16
     reference_on_cpu: bool = False  # full: keep the frozen copy on CPU, move it in per step
     reference_dtype: str = "fp32"  # full: dtype of the frozen copy (bf16 halves its memory; runs under autocast)
-    gradient_checkpointing: Optional[bool] = None  # every UNet block's checkpoint switch; null: as the host config (VC2: on)
-    trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
-    init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
-    load_text_and_vae: bool = True  # false when training on a latent cache: VAE/text weights are not loaded
-    fps: int = 28  # fps condition for generate (VideoTuna's VC2 inference setting)
     ddim_eta: float = 1.0  # generate: DDIM eta (the paper sampled with 1.0)
 
 
-class VideoCrafter2Backend(DenoiserFinetuning, nn.Module):
+class VideoCrafter2Backend(VideoTunaFlowBackend, nn.Module):
     """VC2 as a DPO backend: eps target, VC2 input scaling, full fine-tune (paper) or LoRA."""
 
     family = "videocrafter2"
@@ -78,9 +84,7 @@ class VideoCrafter2Backend(DenoiserFinetuning, nn.Module):
                 raise UserError("model: drop flow.params.lora_config from the host config; set model.finetune=lora "
                                 "and model.lora instead (the adapters are added after the base weights load)")
             flow = build_flow(section, self.family, self.checkpoint_keys)
-        if getattr(flow, "use_lora", False):
-            raise UserError("model: the VideoTuna flow already carries a lora_config; remove it and use "
-                            "model.finetune / model.lora (adapters are added after the base weights load)")
+        self.refuse_host_lora(flow)
         self.flow = flow
         if getattr(flow, "parameterization", "eps") not in ("eps", "v", "x0"):
             raise UserError(f"model: unsupported parameterization {flow.parameterization!r}")
@@ -92,15 +96,6 @@ class VideoCrafter2Backend(DenoiserFinetuning, nn.Module):
             self.load_trainable(cfg.trainable_weights)
 
     @classmethod
-    def from_config(cls, model_cfg: Any, source: str = "<config>", flow: Any = None) -> "VideoCrafter2Backend":
-        if flow is None:  # without VideoTuna, say so before asking for keys that point into it (host_config, ckpt)
-            import_videotuna("videotuna", cls.family, cls.checkpoint_keys)
-        cfg = validate(model_cfg, cls.schema, "model", source)
-        if flow is None and not cfg.ckpt:
-            raise UserError(f"{source}: missing required key model.ckpt; point {cls.checkpoint_keys}")
-        return cls(cfg, flow=flow)
-
-    @classmethod
     def check_flow_section(cls, section: Any, key: str) -> Any:
         """The VideoTuna flow section as given: VC2's weights load after the flow is built (``ckpt``)."""
         return section
@@ -109,14 +104,6 @@ class VideoCrafter2Backend(DenoiserFinetuning, nn.Module):
         """The settings' choices, before any weight loads."""
         check_finetune(self.cfg.finetune)
         self.reference_dtype = dtype_setting("model.reference_dtype", self.cfg.reference_dtype)
-
-    @property
-    def denoiser(self) -> nn.Module:
-        """The flow's UNet (LoRA adapters are injected into it in place: the host's wrapper calls the same module)."""
-        return self.flow.denoiser
-
-    def base_id(self) -> str:
-        return str(self.cfg.ckpt)
 
     # -- construction -----------------------------------------------------------------------------
     def load_pretrained(self, ckpt: str | Path, denoiser_ckpt: str | Path | None = None) -> None:
@@ -131,13 +118,7 @@ class VideoCrafter2Backend(DenoiserFinetuning, nn.Module):
 
     def setup_finetune(self) -> None:
         """The first stage and text encoder frozen; the UNet fine-tuned as ``model.finetune`` says (the mixin's)."""
-        flow = self.flow
-        for module in (flow.first_stage_model, flow.cond_stage_model):
-            module.requires_grad_(False).eval()
-        self.setup_finetuning(reference_dtype=self.reference_dtype)
-        if self.cfg.finetune == "lora":
-            adopt_host_lora(flow)
-        self.restore_trainable()
+        self.setup_host_finetuning(reference_dtype=self.reference_dtype)
 
     # -- the protocol -----------------------------------------------------------------------------
     @torch.no_grad()
