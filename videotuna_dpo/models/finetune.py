@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +30,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_MODEL_PREFIX = "base_model.model."  # what get_peft_model_state_dict puts before the keys of a PeftModel wrapper
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' (and VC2's) attention layer names
+_REFERENCE_COPY = ContextVar("videotuna_reference_copy", default=True)
 
 
 def dtype_setting(key: str, value: str) -> torch.dtype:
@@ -59,8 +60,6 @@ def lora_field(rank: int, target_modules: list[str], alpha: float | None = None)
     """A schema's ``lora:`` field with a family's defaults (alpha = rank unless given)."""
     return field(default_factory=lambda: LoraSchema(rank=rank, alpha=float(rank if alpha is None else alpha),
                                                     target_modules=list(target_modules)))
-
-_REFERENCE_COPY = ContextVar("videotuna_reference_copy", default=True)
 
 
 @contextmanager
@@ -131,15 +130,16 @@ def set_adapters_enabled(net: nn.Module, enabled: bool) -> None:
 
 @contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Each module in eval mode while inside, each restored to its own previous mode after."""
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
+    """The modules in eval mode while inside; after, every submodule back in its own previous mode (not the top
+    module's mode spread over all: a network whose base is in eval mode and its new adapters in train mode stays so)."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
     try:
         yield
     finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+        for m, mode in modes:
+            m.training = mode
 
 
 class DenoiserFinetuning:
