@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.videotuna_fixtures import dpo_module, make_vc2, pair_batch, train_steps, use_standin, vc2_files  # noqa: F401
 from videotuna_dpo.checkpoint_io import UntrustedCheckpointError
@@ -74,7 +75,7 @@ def test_full_finetune_trains_only_the_denoiser_and_the_reference_copy_stays_fro
     train_steps(module, pair_batch, 2, seed=1)
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable and len(changed) >= len(trainable) // 2
-    assert all(torch.equal(p, before["backend.ref_denoiser." + n]) and p.grad is None
+    assert all(torch.equal(p, before["backend.ref_denoisers.denoiser." + n]) and p.grad is None
                for n, p in backend.ref_denoiser.named_parameters())
 
 
@@ -114,8 +115,8 @@ def test_lora_reference_is_the_base_with_adapters_disabled(vc2_files, pair_batch
 
 def test_reference_on_cpu_moves_in_for_the_step_and_back(vc2_files, pair_batch):
     backend = make_vc2(vc2_files, reference_on_cpu=True)
-    assert backend.ref_denoiser is None and len(backend._ref_cpu) == 1
-    assert not any(p is q for p in backend.parameters() for q in backend._ref_cpu[0].parameters())
+    assert backend.ref_denoiser is None and list(backend._ref_cpu) == ["denoiser"]
+    assert not any(p is q for p in backend.parameters() for q in backend._ref_cpu["denoiser"].parameters())
     backend.flow.denoiser.eval()
     out, used = dpo_module(backend).dpo_step(pair_batch)
     assert torch.allclose(used["ref_err_w"], used["model_err_w"]) and out.reward_margin.abs().item() < 1e-6
@@ -166,6 +167,9 @@ def test_trainable_weights_round_trip(vc2_files, pair_batch, tmp_path):
     backend = make_vc2(vc2_files, finetune="lora", lora={"rank": 4, "alpha": 4})
     train_steps(dpo_module(backend), pair_batch, 1, seed=4)
     backend.save_trainable(tmp_path / "w")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["pytorch_lora_weights.safetensors", "trainable.json"]
+    keys = load_file(str(tmp_path / "w" / "pytorch_lora_weights.safetensors"))
+    assert len(keys) == 16 and all(k.startswith("denoiser.") and ".lora_" in k for k in keys)  # 8 layers, A and B
     again = make_vc2(vc2_files, finetune="lora", lora={"rank": 4, "alpha": 4}, trainable_weights=str(tmp_path / "w"))
     trained = dict(backend.flow.denoiser.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in again.flow.denoiser.named_parameters() if "lora_" in n)
@@ -258,3 +262,91 @@ def test_a_pickle_that_calls_os_system_is_refused_naming_the_trust_switch_and_ne
         make_vc2(vc2_files, ckpt=str(path))
     assert str(path) in str(err.value) and "model.trust_checkpoint=true" in str(err.value)
     assert not marker.exists()
+
+
+VC2_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def write_old_vc2_lora(vc2_files, directory, seed=5):
+    """A LoRA folder exactly as the VC2 backend wrote it up to edad179, built from peft as that code did: the UNet
+    wrapped by ``get_peft_model`` (rank 4), ``denoiser_lora.safetensors`` = ``get_peft_model_state_dict`` of the
+    wrapper (keys ``base_model.model.<layer>.lora_A.weight``), ``trainable.json`` without ``trained``.
+
+    Returns the wrapper, its adapters set to seeded random values (a trained LoRA's, not peft's zero init).
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(make_vc2(vc2_files).flow.denoiser)
+    wrapper = get_peft_model(unet, LoraConfig(r=4, lora_alpha=4.0, lora_dropout=0.0, target_modules=VC2_ATTENTION,
+                                              init_lora_weights=True))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapper.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    directory.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(wrapper).items()},
+              str(directory / "denoiser_lora.safetensors"))
+    meta = {"family": "videocrafter2", "finetune": "lora", "base": str(vc2_files["ckpt"]), "init_weights": None,
+            "lora": {"rank": 4, "alpha": 4.0, "target_modules": VC2_ATTENTION}}
+    (directory / "trainable.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return wrapper.eval()
+
+
+def test_a_lora_folder_written_by_the_old_vc2_backend_loads_to_identical_weights(vc2_files, pair_batch, tmp_path):
+    old = write_old_vc2_lora(vc2_files, tmp_path / "old")
+    old_keys = load_file(str(tmp_path / "old" / "denoiser_lora.safetensors"))
+    assert len(old_keys) == 16 and all(k.startswith("base_model.model.") for k in old_keys)
+    new = make_vc2(vc2_files, finetune="lora", lora={"rank": 4, "alpha": 4}, trainable_weights=str(tmp_path / "old"))
+    loaded = {n: p for n, p in new.flow.denoiser.named_parameters() if "lora_" in n}
+    want = {k.removeprefix("base_model.model.").replace(".weight", ".default.weight"): v for k, v in old_keys.items()}
+    assert sorted(loaded) == sorted(want)  # every adapter of the model came from the file, none left at init
+    assert all(torch.equal(loaded[n], want[n]) for n in want)
+    new.eval()
+    z = new.encode_video(pair_batch["winner"])
+    t, cond = torch.tensor([10, 900]), new.encode_prompt(list(pair_batch["caption"]))
+    noisy = new.add_noise(z, torch.randn_like(z), t)
+    host = make_vc2(vc2_files).eval().flow
+    host.model.diffusion_model = old  # the old backend's policy: the host calling the peft wrapper
+    with torch.no_grad():
+        assert torch.equal(new.predict(noisy, t, cond), host.apply_model(noisy, t, cond).float())
+    # As model.init_weights (an SFT LoRA of the old layout) it is merged into the base, which becomes the reference.
+    dpo = make_vc2(vc2_files, init_weights=str(tmp_path / "old")).eval()
+    with torch.no_grad(), dpo.reference() as reference:
+        assert torch.allclose(reference(noisy, t, cond), host.apply_model(noisy, t, cond).float(), atol=1e-5)
+
+
+def test_a_lora_folder_without_either_file_name_says_both(vc2_files, tmp_path):
+    write_old_vc2_lora(vc2_files, tmp_path / "w")
+    (tmp_path / "w" / "denoiser_lora.safetensors").unlink()
+    with pytest.raises(UserError) as err:
+        make_vc2(vc2_files, finetune="lora", lora={"rank": 4, "alpha": 4}, trainable_weights=str(tmp_path / "w"))
+    assert str(err.value) == (f"{tmp_path / 'w'}: no pytorch_lora_weights.safetensors or denoiser_lora.safetensors; "
+                              f"point at a run's weights/last or weights/step-N folder")
+
+
+def test_full_weights_are_the_unet_state_dict_in_denoiser_safetensors_as_before(vc2_files, tmp_path):
+    backend = make_vc2(vc2_files)
+    with torch.no_grad():
+        for p in backend.flow.denoiser.parameters():
+            p.add_(0.01)
+    backend.save_trainable(tmp_path / "new")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["denoiser.safetensors", "trainable.json"]
+    state = {k: v.detach().clone() for k, v in backend.flow.denoiser.state_dict().items()}
+    saved = load_file(str(tmp_path / "new" / "denoiser.safetensors"))
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    # The old backend's full folder: the same file, trainable.json without "trained".
+    (tmp_path / "old").mkdir()
+    save_file(state, str(tmp_path / "old" / "denoiser.safetensors"))
+    (tmp_path / "old" / "trainable.json").write_text(json.dumps(
+        {"base": str(vc2_files["ckpt"]), "family": "videocrafter2", "finetune": "full", "init_weights": None}))
+    for folder in ("new", "old"):
+        again = make_vc2(vc2_files, trainable_weights=str(tmp_path / folder))
+        assert all(torch.equal(v, state[k]) for k, v in again.flow.denoiser.state_dict().items())
+    del state["out.2.bias"]
+    save_file(state, str(tmp_path / "old" / "denoiser.safetensors"))
+    with pytest.raises(UserError, match=r"denoiser.safetensors: does not match UNetModel \(missing \['out.2.bias'\]"):
+        make_vc2(vc2_files, trainable_weights=str(tmp_path / "old"))

@@ -195,7 +195,7 @@ def test_videotuna_train_strategy_dpo_runs_the_vc2_backend(vc2_files, tiny_datas
                                   "enable_model_summary": False}, "checkpoint": {"every_n_train_steps": 2}},
     })
     out = DPOStrategy.run(cfg, Registry())
-    assert (out / "weights" / "last" / "denoiser_lora.safetensors").is_file()
+    assert (out / "weights" / "last" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
 

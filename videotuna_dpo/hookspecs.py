@@ -156,5 +156,7 @@ def videotuna_models() -> Mapping[str, Callable[..., Any] | str]:
     The VideoTuna entrance (:mod:`videotuna_dpo.videotuna_flow`) takes only the built-in backends
     built on a VideoTuna flow; those also define ``schema`` (their ``model:`` dataclass),
     ``checkpoint_keys`` and ``train_ckpt_hint`` (messages), ``check_flow_section``,
-    ``restore_trainable`` and ``__init__(cfg, flow=...)``.
+    ``restore_trainable`` and ``__init__(cfg, flow=...)``
+    (:class:`videotuna_dpo.models.videotuna_host.VideoTunaFlowBackend` gives ``from_config`` and
+    ``restore_trainable``).
     """

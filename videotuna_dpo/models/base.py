@@ -164,3 +164,12 @@ def read_safetensors(directory: str | Path, name: str) -> dict[str, torch.Tensor
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+                      fix: str = "give the weights of a run on the same base model") -> None:
+    """``load_state_dict(strict=True)`` whose error names ``what`` (the file), the first bad keys and ``fix``."""
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{what}: does not match {type(module).__name__} (missing {list(result.missing_keys)[:3]}, "
+                        f"unexpected {list(result.unexpected_keys)[:3]}); {fix}")

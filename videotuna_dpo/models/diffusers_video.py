@@ -7,9 +7,9 @@ A family is one file: its schema, its classes, its latent layout and how its tra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -17,18 +17,8 @@ from torch import nn
 from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import named_load_errors, seed_list
-from videotuna_dpo.models.finetune import DenoiserFinetuning
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-@dataclass
-class LoraSchema:
-    rank: int = 128
-    alpha: float = 128.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+from videotuna_dpo.models.finetune import (ATTENTION_PROJECTIONS, DenoiserFinetuning, LoraSchema, dtype_setting, eval_mode,
+                                          lora_field)
 
 
 @dataclass
@@ -38,7 +28,7 @@ class DiffusersModelSchema:
     name: str = "???"
     pretrained: str = "???"  # a local diffusers-layout directory (the family's subfolders)
     finetune: str = "lora"  # "lora" (reference = adapters disabled) or "full" (frozen copy)
-    lora: LoraSchema = field(default_factory=LoraSchema)
+    lora: LoraSchema = lora_field(128, ATTENTION_PROJECTIONS)
     reference_on_cpu: bool = False  # full fine-tune: keep the frozen copy on CPU, move it per step
     weight_dtype: str = "bf16"  # frozen weights (text encoders, LoRA base, reference copy): fp32|bf16|fp16
     gradient_checkpointing: bool = False
@@ -47,12 +37,6 @@ class DiffusersModelSchema:
     trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
     init_weights: Optional[str] = None  # an SFT weights folder (LoRA or full) merged into the base: the reference
     load_text_and_vae: bool = True  # false when training on a latent cache
-
-
-def weight_dtype_of(cfg: Any) -> torch.dtype:
-    if cfg.weight_dtype not in DTYPES:
-        raise UserError(f"model.weight_dtype must be one of {', '.join(DTYPES)}, got {cfg.weight_dtype!r}")
-    return DTYPES[cfg.weight_dtype]
 
 
 class DiffusersVideoBackend(DenoiserFinetuning, nn.Module):
@@ -81,7 +65,7 @@ class DiffusersVideoBackend(DenoiserFinetuning, nn.Module):
                 f"model.pretrained={root}: not a diffusers {self.family} directory; missing subfolder(s) "
                 f"{', '.join(missing)}. Expected {', '.join(self.subfolders)} (e.g. a local copy of {self.example})."
             )
-        self.weight_dtype = weight_dtype_of(cfg)
+        self.weight_dtype = dtype_setting("model.weight_dtype", cfg.weight_dtype)
         self.root = root
         return root
 
@@ -175,22 +159,6 @@ class DiffusersVideoBackend(DenoiserFinetuning, nn.Module):
 
     def sample_with(self, pipe: Callable[..., Any], **kwargs: Any) -> torch.Tensor:
         """Run ``pipe`` with the denoisers in eval mode -> float ``[B, F, C, H, W]`` in [0, 1]."""
-        with _eval_mode(self._live_nets().values()):
+        with eval_mode(*self._live_nets().values()):
             frames = pipe(output_type="pt", **kwargs).frames
         return frames.float().clamp(0, 1)
-
-
-class _eval_mode:
-    """Modules in eval mode for the block, each restored to its own mode after."""
-
-    def __init__(self, modules: Iterator[nn.Module] | Any):
-        self.modules = list(modules)
-
-    def __enter__(self) -> None:
-        self.modes = [m.training for m in self.modules]
-        for m in self.modules:
-            m.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, mode in zip(self.modules, self.modes):
-            m.train(mode)

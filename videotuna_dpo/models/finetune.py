@@ -1,10 +1,12 @@
-"""LoRA or full fine-tuning of a backend's denoiser, and the reference model each implies.
+"""LoRA or full fine-tuning of a backend's denoiser, and the reference model each implies: one place for every backend.
 
-LoRA (peft, through diffusers' ``add_adapter``): the reference is the same network with its
-adapters disabled, so no second copy of the weights exists. Full: the reference is a frozen copy,
-optionally kept on the CPU (outside the module, so ``.to(device)`` never moves it) and moved in per
-step. Trainable weights are saved as safetensors: ``pytorch_lora_weights.safetensors`` (diffusers'
-LoRA format, keys prefixed with the denoiser's name) or the denoiser's ``save_pretrained`` folder.
+LoRA (peft, through diffusers' ``add_adapter`` or peft's ``inject_adapter_in_model`` on a plain module): the
+reference is the same network with its adapters disabled, so no second copy of the weights exists. Full: the
+reference is a frozen copy, optionally kept on the CPU (outside the module, so ``.to(device)`` never moves it) and
+moved in per step. The reference always runs in eval mode (no dropout). Trainable weights are saved as safetensors:
+``pytorch_lora_weights.safetensors`` (diffusers' LoRA format, keys prefixed with the denoiser's name), and for a full
+fine-tune the denoiser's ``save_pretrained`` folder (a diffusers model) or ``<name>.safetensors`` (a plain module's
+state dict, e.g. VideoTuna's VC2 UNet).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,11 +23,43 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, named_load_errors, read_safetensors,
-                                      read_trainable_meta)
+from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, load_state_strict,
+                                      named_load_errors, read_safetensors, read_trainable_meta)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+PEFT_MODEL_PREFIX = "base_model.model."  # what get_peft_model_state_dict puts before the keys of a PeftModel wrapper
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' (and VC2's) attention layer names
 _REFERENCE_COPY = ContextVar("videotuna_reference_copy", default=True)
+
+
+def dtype_setting(key: str, value: str) -> torch.dtype:
+    """The torch dtype a config's ``fp32 | bf16 | fp16`` names; anything else is an error naming ``key``."""
+    if value not in DTYPES:
+        raise UserError(f"{key} must be one of {', '.join(DTYPES)}, got {value!r}")
+    return DTYPES[value]
+
+
+def check_finetune(value: str) -> None:
+    """``model.finetune`` is ``lora`` or ``full``; say so before any weights load."""
+    if value not in ("lora", "full"):
+        raise UserError(f"model.finetune must be 'lora' or 'full', got {value!r}")
+
+
+@dataclass
+class LoraSchema:
+    """``model.lora``: the adapters added to each trained denoiser (peft ``LoraConfig``)."""
+
+    rank: int = 128
+    alpha: float = 128.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+
+
+def lora_field(rank: int, target_modules: list[str], alpha: float | None = None) -> Any:
+    """A schema's ``lora:`` field with a family's defaults (alpha = rank unless given)."""
+    return field(default_factory=lambda: LoraSchema(rank=rank, alpha=float(rank if alpha is None else alpha),
+                                                    target_modules=list(target_modules)))
 
 
 @contextmanager
@@ -58,7 +93,7 @@ def merge_lora(net: nn.Module, state: dict[str, torch.Tensor], lora: dict[str, A
     config = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=0.0,
                         target_modules=list(lora["target_modules"]))
     model = get_peft_model(net, config, adapter_name="init")
-    prefix = "base_model.model."
+    prefix = PEFT_MODEL_PREFIX
     state = {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
     result = set_peft_model_state_dict(model, state, adapter_name="init")
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
@@ -93,16 +128,19 @@ def set_adapters_enabled(net: nn.Module, enabled: bool) -> None:
             module.enable_adapters(enabled)
 
 
-
 @contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` while inside, its previous mode restored after."""
-    was_training = module.training
-    module.eval()
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """The modules in eval mode while inside; after, every submodule back in its own previous mode (not the top
+    module's mode spread over all: a network whose base is in eval mode and its new adapters in train mode stays so)."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        for m, mode in modes:
+            m.training = mode
+
 
 class DenoiserFinetuning:
     """Mixin for an ``nn.Module`` backend whose trainable networks are ``getattr(self, attr)`` for each
@@ -111,11 +149,14 @@ class DenoiserFinetuning:
     The backend defines ``family``, ``cfg`` (with ``finetune``, ``lora``, ``reference_on_cpu``,
     ``pretrained``, or an own ``base_id``) and ``_predict_with(net, noisy, t, cond)``; a backend with several
     denoisers also overrides ``_predict_nets(nets, noisy, t, cond)``, which gets every denoiser by attribute name.
+    ``legacy_lora_files`` names LoRA files an older version of the backend wrote (file name, denoiser attribute;
+    peft-wrapper keys), read when a weights folder has no ``pytorch_lora_weights.safetensors``.
     """
 
     denoiser_attr = "denoiser"
     family = "?"
     trained_setting = "the model's trained denoisers"  # the config key that chooses trained_attrs
+    legacy_lora_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def denoiser(self) -> nn.Module:
@@ -136,8 +177,7 @@ class DenoiserFinetuning:
     def setup_finetuning(self, reference_dtype: torch.dtype = torch.float32) -> None:
         """Freeze the denoisers, then add LoRA adapters or make the frozen reference copies of the trained ones."""
         cfg = self.cfg
-        if cfg.finetune not in ("lora", "full"):
-            raise UserError(f"model.finetune must be 'lora' or 'full', got {cfg.finetune!r}")
+        check_finetune(cfg.finetune)
         for attr in self.denoiser_attrs:
             getattr(self, attr).requires_grad_(False)
         if getattr(cfg, "init_weights", None):
@@ -190,28 +230,60 @@ class DenoiserFinetuning:
         directory = Path(directory)
         meta = read_trainable_meta(directory, self.family)
         if meta.get("finetune") == "lora":
-            for attr, state in self._split_lora(directory, meta).items():
-                merge_lora(getattr(self, attr), state, meta["lora"], f"model.init_weights={directory}")
+            path, by_attr = self._split_lora(directory)
+            for attr, state in by_attr.items():
+                merge_lora(getattr(self, attr), state, meta["lora"], f"model.init_weights={path}")
             return
         for attr in meta.get("trained", [self.denoiser_attr]):
             self._load_full_denoiser(directory, "model.init_weights", attr)
 
-    def _split_lora(self, directory: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
-        """The LoRA file's tensors by denoiser (keys ``<attr>.<peft key>``), each attribute one of ours."""
-        state = read_safetensors(directory, LORA_FILE)
+    def _read_lora(self, directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+        """The LoRA file and its tensors keyed ``<attr>.<peft key>``: ``pytorch_lora_weights.safetensors``, else a
+        ``legacy_lora_files`` one, its keys put in that layout."""
+        if (directory / LORA_FILE).is_file() or not self.legacy_lora_files:
+            return directory / LORA_FILE, read_safetensors(directory, LORA_FILE)
+        for name, attr in self.legacy_lora_files:
+            if (directory / name).is_file():
+                state = read_safetensors(directory, name)
+                return directory / name, {f"{attr}.{k.removeprefix(PEFT_MODEL_PREFIX)}": v for k, v in state.items()}
+        names = " or ".join([LORA_FILE, *(name for name, _ in self.legacy_lora_files)])
+        raise UserError(f"{directory}: no {names}; point at a run's weights/last or weights/step-N folder")
+
+    def _split_lora(self, directory: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+        """The LoRA file and its tensors by denoiser (keys ``<attr>.<peft key>``), each attribute one of ours."""
+        path, state = self._read_lora(directory)
         by_attr: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in state.items():
             attr, _, rest = key.partition(".")
             if attr not in self.denoiser_attrs:
-                raise UserError(f"{directory / LORA_FILE}: key {key!r} names no denoiser of this model "
+                raise UserError(f"{path}: key {key!r} names no denoiser of this model "
                                 f"({', '.join(self.denoiser_attrs)}); give the weights of a run on the same base model")
             by_attr.setdefault(attr, {})[rest] = value
-        return by_attr
+        return path, by_attr
+
+    @staticmethod
+    def _full_file(attr: str) -> str:
+        """Where a plain module's (no ``save_pretrained``) full weights are written: its state dict as safetensors."""
+        return f"{attr}.safetensors"
+
+    def _write_full_denoiser(self, directory: Path, attr: str, net: nn.Module) -> None:
+        """A diffusers model's ``save_pretrained`` folder ``<attr>/``, else a plain module's ``<attr>.safetensors``."""
+        if hasattr(net, "save_pretrained"):
+            net.save_pretrained(directory / attr, safe_serialization=True)
+            return
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                  str(directory / self._full_file(attr)))
 
     def _load_full_denoiser(self, directory: Path, key: str, attr: str | None = None) -> None:
-        """A denoiser ``save_trainable`` wrote with ``save_pretrained``: safetensors only, as it is written."""
+        """A denoiser ``save_trainable`` wrote in full: safetensors only, as it is written."""
         attr = attr or self.denoiser_attr
         net = getattr(self, attr)
+        if not hasattr(net, "save_pretrained"):
+            name = self._full_file(attr)
+            load_state_strict(net, read_safetensors(directory, name), f"{key}={directory / name}")
+            return
         with named_load_errors(directory / attr, f"{key}={directory}", read_bin=False):
             loaded = type(net).from_pretrained(directory, subfolder=attr, local_files_only=True, use_safetensors=True)
         net.load_state_dict(loaded.state_dict(), strict=True)
@@ -227,12 +299,14 @@ class DenoiserFinetuning:
 
     @contextmanager
     def reference(self) -> Iterator[PredictFn]:
-        """Context yielding the frozen reference model's ``predict``."""
+        """Context yielding the frozen reference model's ``predict``, every denoiser it runs in eval mode (a reference
+        with dropout, e.g. VC2's temporal convolutions, would not be the fixed model the loss compares against)."""
         if self.cfg.finetune == "lora":
             for net in self._trained().values():
                 set_adapters_enabled(net, False)
             try:
-                yield self.predict
+                with eval_mode(*self._live_nets().values()):
+                    yield self.predict
             finally:
                 for net in self._trained().values():
                     set_adapters_enabled(net, True)
@@ -244,10 +318,23 @@ class DenoiserFinetuning:
         for attr, reference in self._ref_cpu.items():
             nets[attr] = reference.to(device)
         try:
-            yield partial(self._predict_nets, nets)
+            with eval_mode(*nets.values()):  # the Trainer's .train() on the backend reaches the on-device copies too
+                yield partial(self._predict_nets, nets)
         finally:
             for reference in self._ref_cpu.values():
                 reference.to("cpu")
+
+    def restore_trainable(self) -> None:
+        """Re-assert exactly which parameters train (LoRA: the adapters; full: the whole trained denoisers) and put
+        the trained denoisers in train mode: after a host (VideoTuna's ``set_trainable_components``) marked others."""
+        for net in self._trained().values():
+            if self.cfg.finetune == "lora":
+                net.requires_grad_(False)
+                for name, p in net.named_parameters():
+                    p.requires_grad_("lora_" in name)
+            else:
+                net.requires_grad_(True)
+            net.train()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for net in self._trained().values() for p in net.parameters() if p.requires_grad]
@@ -278,7 +365,7 @@ class DenoiserFinetuning:
 
         def write(tmp: Path) -> None:
             for attr, net in self._trained().items():
-                net.save_pretrained(tmp / attr, safe_serialization=True)
+                self._write_full_denoiser(tmp, attr, net)
 
         return atomic_directory(directory, write, meta)
 
@@ -293,11 +380,12 @@ class DenoiserFinetuning:
         if self.cfg.finetune == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            for attr, state in self._split_lora(directory, meta).items():
+            path, by_attr = self._split_lora(directory)
+            for attr, state in by_attr.items():
                 result = set_peft_model_state_dict(getattr(self, attr), state, adapter_name="default")
                 unexpected = list(getattr(result, "unexpected_keys", []) or [])
                 if unexpected:
-                    raise UserError(f"{directory / LORA_FILE}: keys not in this model's LoRA: {unexpected[:5]}")
+                    raise UserError(f"{path}: keys not in this model's LoRA: {unexpected[:5]}")
             return
         for attr in trained:
             self._load_full_denoiser(directory, "model.trainable_weights", attr)

@@ -15,7 +15,7 @@ and the strategy's winner/loser ``torch.cat`` need one tensor per caption, so th
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Optional
 
@@ -23,20 +23,17 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.diffusers_video import ATTENTION_PROJECTIONS, DTYPES, DiffusersModelSchema, DiffusersVideoBackend, LoraSchema
+from videotuna_dpo.models.diffusers_video import DiffusersModelSchema, DiffusersVideoBackend
+from videotuna_dpo.models.finetune import ATTENTION_PROJECTIONS, LoraSchema, dtype_setting, lora_field
 from videotuna_dpo.models.flow_matching import FlowMatchingSchedule, FlowMatchingTraining
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 
 
-def _hunyuan_lora() -> LoraSchema:
-    return LoraSchema(rank=32, alpha=32.0, target_modules=list(ATTENTION_PROJECTIONS))
-
-
 @dataclass
 class HunyuanVideoSchema(DiffusersModelSchema):
     name: str = "hunyuanvideo"
-    lora: LoraSchema = field(default_factory=_hunyuan_lora)
+    lora: LoraSchema = lora_field(32, ATTENTION_PROJECTIONS)
     vae_dtype: str = "fp16"  # HunyuanVideo's VAE precision (its reference code runs the VAE in fp16)
     vae_tiling: bool = True  # 720p x 129 frames does not decode in one piece
     max_sequence_length: int = 256  # Llama tokens after the template, as HunyuanVideoPipeline
@@ -87,13 +84,12 @@ class HunyuanVideoBackend(FlowMatchingTraining, DiffusersVideoBackend):
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
         self.open_pretrained(cfg)
-        if cfg.vae_dtype not in DTYPES:
-            raise UserError(f"model.vae_dtype must be one of {', '.join(DTYPES)}, got {cfg.vae_dtype!r}")
+        vae_dtype = dtype_setting("model.vae_dtype", cfg.vae_dtype)
         self.scheduler = self.load_part(FlowMatchEulerDiscreteScheduler, "scheduler")
         self.transformer = self.load_part(HunyuanVideoTransformer3DModel, "transformer", torch_dtype=self.denoiser_dtype)
         self.vae = self.tokenizer = self.text_encoder = self.tokenizer_2 = self.text_encoder_2 = None
         if cfg.load_text_and_vae:
-            self.vae = self.load_part(AutoencoderKLHunyuanVideo, "vae", torch_dtype=DTYPES[cfg.vae_dtype])
+            self.vae = self.load_part(AutoencoderKLHunyuanVideo, "vae", torch_dtype=vae_dtype)
             self.text_encoder = self.load_part(LlamaModel, "text_encoder", dtype=self.weight_dtype)
             self.tokenizer = self.load_part(AutoTokenizer, "tokenizer")
             # The transformer reads its text mask as a prefix of valid tokens (it counts them): pad on the right.

@@ -23,7 +23,8 @@ from videotuna_dpo.checkpoint_io import load_weights
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import (PredictFn, atomic_directory, init_weights_id, read_safetensors, read_trainable_meta,
                                       seed_list)
-from videotuna_dpo.models.videocrafter import VideoCrafter2Backend, eval_mode
+from videotuna_dpo.models.finetune import eval_mode
+from videotuna_dpo.models.videocrafter import VC2HostSchema, VideoCrafter2Backend
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Conv3d)
 TRAINABLE_FILE = "unet_lora.safetensors"
@@ -36,23 +37,15 @@ T2V_TURBO_CHECKPOINT_KEYS = (
 
 
 @dataclass
-class T2VTurboSchema:
+class T2VTurboSchema(VC2HostSchema):
     name: str = "t2v_turbo"
-    host_config: Optional[str] = None  # VideoTuna YAML whose `flow:` builds VC2 (path, or relative to the checkout)
-    flow: Optional[dict[str, Any]] = None  # or the flow section inline (target + params)
-    ckpt: Optional[str] = None  # VC2 model.ckpt or a VideoTuna split folder
-    denoiser_ckpt: Optional[str] = None  # a full denoiser checkpoint replacing ckpt's UNet (VideoTuna's --trained_ckpt)
     lora_ckpt: Optional[str] = None  # T2V-Turbo's unet_lora.pt (the starting policy and the reference)
-    trust_checkpoint: bool = False  # allow full unpickling of ckpt / lora_ckpt (runs code in the files)
     lora_rank: int = 64  # T2V-Turbo's rank
     lora_dropout: float = 0.0  # T2V-Turbo's layers default to 0.1; 0 keeps policy == reference at step 0
     time_cond_proj_dim: Optional[int] = 256  # T2V-Turbo's guidance-embedding projection (null: none)
     num_ddim_timesteps: int = 50  # training timesteps are drawn from this DDIM grid
     input_scaling: bool = False  # VC2's scale_arr; T2V-Turbo trained without it
-    gradient_checkpointing: Optional[bool] = None  # every UNet block's checkpoint switch; null: as the host config (VC2: on)
-    trainable_weights: Optional[str] = None  # a run's weights/<step> folder to start from / sample with
     init_weights: Optional[str] = None  # a T2V-Turbo weights folder replacing lora_ckpt for policy and reference
-    load_text_and_vae: bool = True
     fps: int = 16  # fps condition for generate (T2V-Turbo's default)
     lcm_origin_steps: int = 50  # the DDIM grid the LCM sampler skips along
 
@@ -137,9 +130,9 @@ class T2VTurboBackend(VideoCrafter2Backend):
 
     # -- construction -----------------------------------------------------------------------------
     def setup_finetune(self) -> None:
+        """T2V-Turbo's paired adapters on every Linear/Conv of the UNet, from ``lora_ckpt`` (not the mixin's LoRA)."""
         flow = self.flow
-        for module in (flow.first_stage_model, flow.cond_stage_model):
-            module.requires_grad_(False).eval()
+        self.freeze_text_and_vae()
         denoiser = flow.denoiser.requires_grad_(False)
         if self.cfg.time_cond_proj_dim:
             self._add_time_cond_proj(denoiser, int(self.cfg.time_cond_proj_dim))

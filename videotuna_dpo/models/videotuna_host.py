@@ -1,4 +1,5 @@
-"""The VideoTuna host: lazy import, building its flows from YAML, and loading VC2 checkpoints safely.
+"""The VideoTuna host: lazy import, building its flows from YAML, loading VC2 checkpoints safely, and what every
+backend over a VideoTuna flow shares (:class:`VideoTunaFlowBackend`).
 
 VideoTuna is a repository checkout (not a PyPI package); nothing here imports it until a
 VideoTuna-backed model is chosen.
@@ -13,9 +14,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from videotuna_dpo.checkpoint_io import load_weights
+from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
+from videotuna_dpo.models.base import load_state_strict
+from videotuna_dpo.models.finetune import DenoiserFinetuning
 from videotuna_dpo.user_files import load_yaml_config
 
 VIDEOTUNA_REPO = "https://github.com/VideoVerses/VideoTuna"
@@ -153,11 +158,61 @@ def load_vc2_components(ckpt: str | Path, trust_switch: str, trusted: bool,
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict(strict=True)`` whose error names the checkpoint and the first bad keys."""
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(
-            f"{what}: does not match the flow config's architecture (missing {list(result.missing_keys)[:3]}, "
-            f"unexpected {list(result.unexpected_keys)[:3]}); check that the host config is the one "
-            f"this checkpoint was trained with"
-        )
+    """``load_state_dict(strict=True)`` whose error names the checkpoint, the first bad keys and the host config."""
+    load_state_strict(module, state, what, "check that the host config (the flow's architecture) is the one this "
+                                           "checkpoint was trained with")
+
+
+def adopt_host_lora(flow: Any) -> None:
+    """What the host's ``GenerationBase.instantiate_lora`` sets once adapters are in ``flow.denoiser``, so that its
+    ``set_trainable_components`` trains just those."""
+    flow.use_lora = True
+    flow.lora_params = {n for n, _ in flow.denoiser.named_parameters() if "lora_" in n}
+
+
+class VideoTunaFlowBackend(DenoiserFinetuning):
+    """What the backends over a VideoTuna flow (``self.flow``) share: ``from_config``, the flow's ``denoiser``
+    fine-tuned by :class:`DenoiserFinetuning` with the host told which adapters train, and ``model.ckpt`` as the base
+    trained weights are recorded against. A subclass sets ``family``, ``schema``, ``checkpoint_keys`` and
+    ``train_ckpt_hint``.
+    """
+
+    schema: type = object
+    checkpoint_keys = ""
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, source: str = "<config>", flow: Any = None) -> "VideoTunaFlowBackend":
+        if flow is None:  # without VideoTuna, say so before asking for keys that point into it (host_config, ckpt)
+            import_videotuna("videotuna", cls.family, cls.checkpoint_keys)
+        cfg = validate(model_cfg, cls.schema, "model", source)
+        if flow is None and not cfg.ckpt:
+            raise UserError(f"{source}: missing required key model.ckpt; point {cls.checkpoint_keys}")
+        return cls(cfg, flow=flow)
+
+    @staticmethod
+    def refuse_host_lora(flow: Any) -> None:
+        """A flow built with its own ``lora_config`` is refused: the adapters are ours, added after the weights load."""
+        if getattr(flow, "use_lora", False):
+            raise UserError(f"model: the VideoTuna flow ({type(flow).__name__}) already carries a lora_config; "
+                            f"remove it and use model.finetune / model.lora (the adapters are added after the base "
+                            f"weights load)")
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The flow's denoiser (LoRA adapters are injected into it in place: the host calls the same module)."""
+        return self.flow.denoiser
+
+    def base_id(self) -> str:
+        return str(self.cfg.ckpt)
+
+    def freeze_text_and_vae(self) -> None:
+        for module in (self.flow.first_stage_model, self.flow.cond_stage_model):
+            module.requires_grad_(False).eval()
+
+    def setup_host_finetuning(self, reference_dtype: torch.dtype = torch.float32) -> None:
+        """Text encoder and VAE frozen, the denoiser set up for LoRA or full fine-tuning, the host's LoRA marks set."""
+        self.freeze_text_and_vae()
+        self.setup_finetuning(reference_dtype=reference_dtype)
+        if self.cfg.finetune == "lora":
+            adopt_host_lora(self.flow)
+        self.restore_trainable()

@@ -11,7 +11,7 @@ it, and ``model.train_experts`` chooses which of them train.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Optional
 
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.models.diffusers_video import ATTENTION_PROJECTIONS, DiffusersModelSchema, DiffusersVideoBackend, LoraSchema
+from videotuna_dpo.models.diffusers_video import DiffusersModelSchema, DiffusersVideoBackend
+from videotuna_dpo.models.finetune import ATTENTION_PROJECTIONS, LoraSchema, lora_field
 from videotuna_dpo.models.flow_matching import FlowMatchingSchedule, FlowMatchingTraining
 from videotuna_dpo.user_files import read_json
 
@@ -27,14 +28,10 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 EXPERTS = ("both", "high", "low")
 
 
-def _wan_lora() -> LoraSchema:
-    return LoraSchema(rank=32, alpha=32.0, target_modules=list(ATTENTION_PROJECTIONS))
-
-
 @dataclass
 class WanSchema(DiffusersModelSchema):
     name: str = "wan"
-    lora: LoraSchema = field(default_factory=_wan_lora)
+    lora: LoraSchema = lora_field(32, ATTENTION_PROJECTIONS)
     vae_tiling: bool = False
     max_sequence_length: int = 512  # UMT5 tokens, as WanPipeline
     flow_shift: Optional[float] = None  # training shift; default: the scheduler's flow_shift (3.0 at 480p, 5.0 at 720p)

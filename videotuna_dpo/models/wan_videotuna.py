@@ -11,19 +11,18 @@ Rectified flow as the host's ``WanT2V.training_step``: shift 5, ``x_t = (1 - s) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import seed_list
-from videotuna_dpo.models.finetune import DenoiserFinetuning, eval_mode
+from videotuna_dpo.models.finetune import LoraSchema, eval_mode, lora_field
 from videotuna_dpo.models.flow_matching import FlowMatchingSchedule, FlowMatchingTraining, shift_sigmas
-from videotuna_dpo.models.videotuna_host import build_flow, flow_section, import_videotuna
+from videotuna_dpo.models.videotuna_host import VideoTunaFlowBackend, build_flow, flow_section, import_videotuna
 
 FLOW_TARGET = "videotuna.flow.wanvideo.WanVideoModelFlow"
 WAN_CHECKPOINT_KEYS = (
@@ -36,15 +35,6 @@ HOST_TRAINING_SHIFT = 5.0  # WanT2V.training_step: FlowMatchScheduler(shift=5, s
 
 
 @dataclass
-class WanLoraSchema:
-    # VideoTuna's own Wan LoRA (configs/008_wanvideo/wan2_1_t2v_14B_lora.yaml)
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "ffn.0", "ffn.2"])
-
-
-@dataclass
 class WanVideoTunaSchema:
     name: str = "wan_videotuna"
     host_config: Optional[str] = None  # VideoTuna YAML whose `flow:` is a WanVideoModelFlow (path, or in the checkout)
@@ -52,7 +42,7 @@ class WanVideoTunaSchema:
     ckpt: Optional[str] = None  # the Wan2.1 checkpoint folder (the flow's ckpt_path; VideoTuna's train.ckpt)
     denoiser_ckpt: Optional[str] = None  # a trained denoiser state dict replacing the folder's (--trained_ckpt)
     finetune: str = "lora"  # lora (reference = adapters off) | full (reference = frozen copy)
-    lora: WanLoraSchema = field(default_factory=WanLoraSchema)
+    lora: LoraSchema = lora_field(16, ["q", "k", "v", "o", "ffn.0", "ffn.2"])  # VideoTuna's own Wan LoRA
     reference_on_cpu: bool = False  # full: keep the frozen copy on CPU, move it in per step
     training_shift: float = HOST_TRAINING_SHIFT  # the flow shift of the training noise levels
     activation_checkpointing: bool = True  # WanModel.forward's own defaults while training
@@ -64,7 +54,7 @@ class WanVideoTunaSchema:
     sample_solver: str = "unipc"  # generate: Wan's FlowUniPCMultistepScheduler
 
 
-class WanVideoTunaBackend(FlowMatchingTraining, DenoiserFinetuning, nn.Module):
+class WanVideoTunaBackend(FlowMatchingTraining, VideoTunaFlowBackend, nn.Module):
     """Wan2.1 T2V as a DPO backend: flow velocity target, LoRA by default (VideoTuna's targets), full optional."""
 
     family = "wan_videotuna"
@@ -88,34 +78,16 @@ class WanVideoTunaBackend(FlowMatchingTraining, DenoiserFinetuning, nn.Module):
                 f"train.ckpt={cfg.ckpt}, but the WanVideoModelFlow was built from ckpt_path={flow.ckpt_path} (its "
                 f"WanModel, T5 and VAE load from there); point both at the same folder (train.mapping: "
                 f"{{train.ckpt: flow.params.flow_config.params.ckpt_path}})")
-        if getattr(flow, "use_lora", False):
-            raise UserError("model: the WanVideoModelFlow already carries a lora_config; remove it and use "
-                            "model.finetune / model.lora (the adapters are added after the base weights load)")
+        self.refuse_host_lora(flow)
         self.flow = flow
         self.flow_schedule = FlowMatchingSchedule(num_train_timesteps=int(flow.wan_t2v.num_train_timesteps),
                                                   shift=float(cfg.training_shift))
         self.text_and_vae_loaded = False
         if cfg.ckpt:
             self.load_pretrained()
-        for module in (flow.first_stage_model, flow.cond_stage_model):
-            module.requires_grad_(False).eval()
-        self.setup_finetuning()
-        if cfg.finetune == "lora":
-            # What the host's GenerationBase.instantiate_lora sets, so its set_trainable_components agrees.
-            flow.use_lora = True
-            flow.lora_params = {n for n, _ in self.denoiser.named_parameters() if "lora_" in n}
-        self.restore_trainable()
+        self.setup_host_finetuning()
         if cfg.trainable_weights:
             self.load_trainable(cfg.trainable_weights)
-
-    @classmethod
-    def from_config(cls, model_cfg: Any, source: str = "<config>", flow: Any = None) -> "WanVideoTunaBackend":
-        if flow is None:  # without VideoTuna, say so before asking for keys that point into it
-            import_videotuna("videotuna", cls.family, cls.checkpoint_keys)
-        cfg = validate(model_cfg, cls.schema, "model", source)
-        if flow is None and not cfg.ckpt:
-            raise UserError(f"{source}: missing required key model.ckpt; point {cls.checkpoint_keys}")
-        return cls(cfg, flow=flow)
 
     @classmethod
     def check_flow_section(cls, section: Any, key: str, ckpt: str | None = None) -> Any:
@@ -169,25 +141,6 @@ class WanVideoTunaBackend(FlowMatchingTraining, DenoiserFinetuning, nn.Module):
             self.text_and_vae_loaded = True
         else:
             self.flow.load_denoiser(ckpt, denoiser_ckpt, True)
-
-    @property
-    def denoiser(self) -> nn.Module:
-        """The flow's ``WanModel`` (LoRA adapters are added to it in place: the host's ``wan_t2v.model`` too)."""
-        return self.flow.denoiser
-
-    def base_id(self) -> str:
-        return str(self.cfg.ckpt)
-
-    def restore_trainable(self) -> None:
-        """Re-assert exactly which parameters train (after the host's set_trainable_components)."""
-        net = self.denoiser
-        if self.cfg.finetune == "lora":
-            net.requires_grad_(False)
-            for name, p in net.named_parameters():
-                p.requires_grad_("lora_" in name)
-        else:
-            net.requires_grad_(True)
-        net.train()
 
     def _require_text_and_vae(self, what: str) -> None:
         if not self.text_and_vae_loaded:

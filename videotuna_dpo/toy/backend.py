@@ -7,7 +7,7 @@ with diffusers' DDIM scheduler; full fine-tune (frozen reference copy) by defaul
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +17,7 @@ from torch import nn
 from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.base import seed_list
-from videotuna_dpo.models.finetune import DenoiserFinetuning
+from videotuna_dpo.models.finetune import DenoiserFinetuning, LoraSchema, lora_field
 from videotuna_dpo.toy.model import ToyTextEncoder, ToyVideoUNet, tokenize
 
 BUILTIN = Path(__file__).with_name("base")  # the shipped base checkpoint (python -m videotuna_dpo.toy.train_base)
@@ -25,19 +25,11 @@ SUBFOLDERS = ("unet", "text_encoder", "scheduler")
 
 
 @dataclass
-class ToyLoraSchema:
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["film", "spatial", "temporal"])
-
-
-@dataclass
 class ToySchema:
     name: str = "toy"
     pretrained: str = "builtin"  # "builtin" = the checkpoint shipped in the package
     finetune: str = "full"
-    lora: ToyLoraSchema = field(default_factory=ToyLoraSchema)
+    lora: LoraSchema = lora_field(8, ["film", "spatial", "temporal"])
     reference_on_cpu: bool = False
     gradient_checkpointing: bool = False  # the UNet's blocks recompute their activations in the backward pass
     trainable_weights: Optional[str] = None
