@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # LoRA-DPO on the real CogVideoX-2B and Wan2.1-1.3B architectures (random weights, published configs) at native
 # resolution, on a GPU: peak GB, s/step, excess, and FSDP on 1 GPU vs 2 when there are 2. Writes
-# benchmarks/gpu_results.json and prints it. Needs a CUDA GPU (about 40 GB for Wan2.1-1.3B at 81x480x832).
-#   benchmarks/gpu.sh [gpu_bench.py options, e.g. --models wan2.1-1.3b --no-fsdp]
+# benchmarks/gpu_results.json and prints it. Needs a CUDA GPU; on one with less memory than the native-resolution
+# activations take, add --gradient-checkpointing.
+#   benchmarks/gpu.sh [gpu_bench.py options, e.g. --models wan2.1-1.3b --no-fsdp --gradient-checkpointing]
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"

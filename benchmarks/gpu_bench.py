@@ -75,7 +75,7 @@ def build_model(name: str, root: Path, tiny: bool, device: str) -> Path:
     return root
 
 
-def backend_of(name: str, root: Path, tiny: bool, device: str):
+def backend_of(name: str, root: Path, tiny: bool, device: str, checkpointing: bool = False):
     from omegaconf import OmegaConf
 
     from videotuna_dpo.models.cogvideox import CogVideoXBackend
@@ -84,7 +84,8 @@ def backend_of(name: str, root: Path, tiny: bool, device: str):
     spec = MODELS[name]
     cls = CogVideoXBackend if spec["family"] == "cogvideox" else WanBackend
     cfg = {"name": spec["family"], "pretrained": str(root), "finetune": "lora", "load_text_and_vae": False,
-           "weight_dtype": "fp32" if tiny else "bf16", "lora": {"rank": 32, "alpha": 32}}
+           "weight_dtype": "fp32" if tiny else "bf16", "lora": {"rank": 32, "alpha": 32},
+           "gradient_checkpointing": checkpointing}
     return cls.from_config(OmegaConf.create(cfg)).to(device)
 
 
@@ -124,14 +125,14 @@ class Memory:
         return peak_bytes() / 2**30
 
 
-def single(name: str, root: Path, tiny: bool, device: str, repeats: int) -> dict:
+def single(name: str, root: Path, tiny: bool, device: str, repeats: int, checkpointing: bool = False) -> dict:
     """s/step, excess and peak memory of LoRA-DPO (and SFT) on one device."""
     from omegaconf import OmegaConf
 
     from videotuna_dpo.losses import per_sample_mse
     from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 
-    backend = backend_of(name, root, tiny, device)
+    backend = backend_of(name, root, tiny, device, checkpointing)
     module = DPOModule(backend, OmegaConf.structured(DPOSchema(beta=5000.0)),
                        OmegaConf.structured(OptimizerSchema(lr=1e-6)), seed=0)
     optimizer = module.configure_optimizers()["optimizer"]
@@ -196,7 +197,7 @@ def fsdp_train(args: argparse.Namespace) -> None:
     from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 
     spec = MODELS[args.model]
-    backend = backend_of(args.model, args.root, False, "cpu")
+    backend = backend_of(args.model, args.root, False, "cpu", args.gradient_checkpointing)
     module = DPOModule(backend, OmegaConf.structured(DPOSchema(beta=5000.0)),
                        OmegaConf.structured(OptimizerSchema(lr=1e-6)), seed=0)
     module_name, _, class_name = spec["block"].partition(":")
@@ -227,11 +228,12 @@ def fsdp_train(args: argparse.Namespace) -> None:
     trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=1))
 
 
-def fsdp(name: str, root: Path, devices: int, steps: int, timeout: float, tmp: Path) -> dict:
+def fsdp(name: str, root: Path, devices: int, steps: int, timeout: float, tmp: Path, checkpointing: bool) -> dict:
     """One FSDP run of ``devices`` processes (Lightning starts the other ranks), in its own process group."""
     out = tmp / f"fsdp-{name}-{devices}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--fsdp-train", "--model", name, "--root", str(root),
-           "--devices", str(devices), "--steps", str(steps), "--out", str(out)]
+           "--devices", str(devices), "--steps", str(steps), "--out", str(out)] + \
+        (["--gradient-checkpointing"] if checkpointing else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH")]))}
     if devices > 1:
         from bench_scaling import free_port
@@ -261,6 +263,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="measured FSDP steps, after one warm-up step")
     parser.add_argument("--no-fsdp", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="model.gradient_checkpointing: recompute block activations (for a GPU with less memory)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per FSDP run")
     parser.add_argument("--fsdp-train", action="store_true", help="(internal) one FSDP run")
     parser.add_argument("--model")
@@ -291,14 +295,14 @@ def main() -> None:
             root = build_model(name, tmp / name, args.tiny, device)
             spec = MODELS[name]
             entry = {"video": spec["video"], "latents": list(spec["tiny_latents" if args.tiny else "latents"]),
-                     "lora": single(name, root, args.tiny, device, args.repeats)}
+                     "lora": single(name, root, args.tiny, device, args.repeats, args.gradient_checkpointing)}
             if device == "cuda":
                 torch.cuda.empty_cache()
             if args.tiny:
                 entry["fsdp"] = {n: {"devices": int(n), "skipped": "Lightning's FSDP strategy refuses the CPU accelerator"}
                                  for n in ("1", "2")}
             elif not args.no_fsdp:
-                entry["fsdp"] = {str(n): fsdp(name, root, n, args.steps, args.timeout, tmp) for n in (1, 2)[:gpus]}
+                entry["fsdp"] = {str(n): fsdp(name, root, n, args.steps, args.timeout, tmp, args.gradient_checkpointing) for n in (1, 2)[:gpus]}
                 if gpus == 1:
                     entry["fsdp"]["2"] = {"devices": 2, "skipped": "1 GPU on this machine"}
             results[name] = entry
@@ -309,6 +313,7 @@ def main() -> None:
         "gpus": gpus, "torch": torch.__version__,
         "weights": "random, from the published configs" if not args.tiny else "random, tiny configs of the same classes",
         "dtype": "bf16 base, fp32 LoRA rank 32" if not args.tiny else "fp32",
+        "gradient_checkpointing": args.gradient_checkpointing,
         "models": results,
     }, indent=2))
 
