@@ -14,7 +14,7 @@ backward, so the timed excess is given with and without it (the update is the sa
 but it evicts caches and, in a full fine-tune, is a large share of the step). The three steps run
 interleaved, round after round, so drift in the machine's load hits all three alike.
 
-Prints one JSON object. Run: .venv/bin/python benchmarks/bench_dpo_overhead.py [--repeats 7]
+Prints one JSON object. Run: .venv/bin/python benchmarks/bench_dpo_overhead.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def measure(root: Path, finetune: str, batch: dict, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--latent-side", type=int, default=16, help="latent height = width (pixels / 8)")
     parser.add_argument("--pairs", type=int, default=1, help="pairs per batch")
     args = parser.parse_args()

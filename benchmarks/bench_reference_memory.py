@@ -37,7 +37,8 @@ CONFIGS = {  # name: (finetune, objective, model keys, dpo keys)
     "full_dpo_precomputed_reference": ("full", "dpo", {}, {"precompute_reference": True}),
 }
 MEASURE = ("peak resident memory of the process (Linux VmHWM, reset by /proc/self/clear_refs after the model is "
-           "built and one warm-up step) minus its resident memory after the imports; one process per configuration")
+           "built and one warm-up step) minus its resident memory after the imports (those of the code that builds "
+           "the model included); one process per configuration")
 
 
 def rss_bytes() -> int:
@@ -67,6 +68,20 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def import_model_code() -> None:
+    """Import what building the backend imports (diffusers' and transformers' classes load lazily), so that a
+    baseline taken after this call leaves the code out of the figure."""
+    import diffusers
+    import transformers
+
+    for name in ("AutoencoderKLCogVideoX", "CogVideoXDDIMScheduler", "CogVideoXTransformer3DModel"):
+        getattr(diffusers, name)
+    for name in ("AutoTokenizer", "T5EncoderModel"):
+        getattr(transformers, name)
+    import bench_dpo_overhead  # noqa: F401
+    import videotuna_dpo.strategy  # noqa: F401
+
+
 def run_child(args: list[str]) -> dict:
     """Run this directory's ``args[0]`` in a new Python process; its last stdout line is a JSON object."""
     proc = subprocess.run([sys.executable, str(HERE / args[0]), *args[1:]], capture_output=True, text=True,
@@ -92,6 +107,7 @@ def measure(config: str, root: Path, latent_side: int, steps: int, threads: int)
     from videotuna_dpo.models.finetune import without_reference_copy
     from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 
+    import_model_code()
     baseline = rss_bytes()
     finetune, objective, model_keys, dpo_keys = CONFIGS[config]
     precompute = dpo_keys.get("precompute_reference", False)
