@@ -8,8 +8,8 @@ Latents and text embeddings enter as a latent-cache batch, so the VAE and T5 tak
 
 Next to the timed figures, two that do not depend on the machine: the denoiser and block forwards each
 step runs (counted by a forward hook on every CogVideoX transformer and block in the process) and the
-FLOP excess ``(flops_dpo - flops_sft) / flops_ref`` (torch's FlopCounterMode over one step, attention in
-its math form so its matmuls are counted). Each step's AdamW update is timed apart from its forward and
+FLOP excess ``(flops_dpo - flops_sft) / flops_ref`` (torch's FlopCounterMode over one step: matrix products
+and convolutions, attention in its math form so its products are counted; elementwise ops are not). Each step's AdamW update is timed apart from its forward and
 backward, so the timed excess is given with and without it (the update is the same work in both steps,
 but it evicts caches and, in a full fine-tune, is a large share of the step). The three steps run
 interleaved, round after round, so drift in the machine's load hits all three alike.
@@ -184,7 +184,8 @@ def main() -> None:
         "latents": [args.pairs, 3, 4, args.latent_side, args.latent_side],
         "threads": torch.get_num_threads(), "floor": 1.0, "target": 1.15, "repeats": args.repeats,
         "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode over one whole step (forward, backward, "
-                            "AdamW), attention in its math form; deterministic",
+                            "AdamW update), attention in its math form; it counts matrix products and "
+                            "convolutions, not elementwise ops; deterministic",
         **results,
     }, indent=2))
 
