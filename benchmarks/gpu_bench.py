@@ -4,8 +4,8 @@ Each transformer is built from its published config values (random weights, noth
 tiny pipeline of its family (the scheduler; no VAE or text encoder loads: batches are latent-cache batches of
 the native latent shape). Per model: peak memory of a DPO and of an SFT step (``torch.cuda.max_memory_allocated``),
 seconds per DPO step, and ``excess = (t_dpo - t_sft) / t_ref`` as ``bench_dpo_overhead`` defines it; then the
-same DPO step under Lightning's FSDP (full sharding, blocks and linear layers each a unit) on 1 GPU and, when
-there are 2, on 2 (one pair per GPU).
+same DPO step under Lightning's FSDP (full sharding, each transformer block a unit, fp32 weights computed in
+bf16-mixed) on 1 GPU and, when there are 2, on 2 (one pair per GPU).
 
 ``benchmarks/gpu.sh`` runs it. ``--tiny`` runs the single-device part on the CPU with the tiny configs of both
 families (memory then is the process's whole peak resident memory, imports included), so the script is known
@@ -75,7 +75,7 @@ def build_model(name: str, root: Path, tiny: bool, device: str) -> Path:
     return root
 
 
-def backend_of(name: str, root: Path, tiny: bool, device: str, checkpointing: bool = False):
+def backend_of(name: str, root: Path, tiny: bool, device: str, checkpointing: bool = False, dtype: str | None = None):
     from omegaconf import OmegaConf
 
     from videotuna_dpo.models.cogvideox import CogVideoXBackend
@@ -84,7 +84,7 @@ def backend_of(name: str, root: Path, tiny: bool, device: str, checkpointing: bo
     spec = MODELS[name]
     cls = CogVideoXBackend if spec["family"] == "cogvideox" else WanBackend
     cfg = {"name": spec["family"], "pretrained": str(root), "finetune": "lora", "load_text_and_vae": False,
-           "weight_dtype": "fp32" if tiny else "bf16", "lora": {"rank": 32, "alpha": 32},
+           "weight_dtype": dtype or ("fp32" if tiny else "bf16"), "lora": {"rank": 32, "alpha": 32},
            "gradient_checkpointing": checkpointing}
     return cls.from_config(OmegaConf.create(cfg)).to(device)
 
@@ -197,14 +197,14 @@ def fsdp_train(args: argparse.Namespace) -> None:
     from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
 
     spec = MODELS[args.model]
-    backend = backend_of(args.model, args.root, False, "cpu", args.gradient_checkpointing)
+    # fp32 weights throughout (FSDP flattens each unit's parameters into one tensor of one dtype; Wan keeps its
+    # norms and modulation in fp32 under a bf16 load), sharded, computed in bf16 (Lightning's bf16-mixed).
+    backend = backend_of(args.model, args.root, False, "cpu", args.gradient_checkpointing, dtype="fp32")
     module = DPOModule(backend, OmegaConf.structured(DPOSchema(beta=5000.0)),
                        OmegaConf.structured(OptimizerSchema(lr=1e-6)), seed=0)
     module_name, _, class_name = spec["block"].partition(":")
     block = getattr(importlib.import_module(module_name), class_name)
-    # Blocks and every linear layer (base weights in bf16, LoRA in fp32) each their own unit: one dtype per unit.
-    strategy = FSDPStrategy(auto_wrap_policy={block, torch.nn.Linear}, use_orig_params=True,
-                            sharding_strategy="FULL_SHARD")
+    strategy = FSDPStrategy(auto_wrap_policy={block}, use_orig_params=True, sharding_strategy="FULL_SHARD")
     steps, warmup = args.steps, 1
     items = [{k: v[0] for k, v in latent_batch(args.model, False, 1, "cpu", seed=i).items()}
              for i in range(args.devices * (steps + warmup))]
@@ -222,7 +222,7 @@ def fsdp_train(args: argparse.Namespace) -> None:
                     "devices": trainer.world_size, "s_per_step": round(seconds, 4), "peak_gb_rank0": round(memory.peak_gb(), 3),
                     "pairs_per_step": trainer.world_size, "memory_measure": memory.measure}))
 
-    trainer = L.Trainer(accelerator="gpu", devices=args.devices, strategy=strategy,
+    trainer = L.Trainer(accelerator="gpu", devices=args.devices, strategy=strategy, precision="bf16-mixed",
                         max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[StepTimer()])
     trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=1))
@@ -314,6 +314,7 @@ def main() -> None:
         "weights": "random, from the published configs" if not args.tiny else "random, tiny configs of the same classes",
         "dtype": "bf16 base, fp32 LoRA rank 32" if not args.tiny else "fp32",
         "gradient_checkpointing": args.gradient_checkpointing,
+        "fsdp": "Lightning FSDPStrategy, FULL_SHARD, one unit per transformer block, fp32 weights, precision bf16-mixed",
         "models": results,
     }, indent=2))
 
