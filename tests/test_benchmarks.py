@@ -14,8 +14,8 @@ from tests.conftest import ROOT
 @pytest.fixture(scope="module")
 def tiny_gpu_bench():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--tiny", "--repeats", "1",
-                           "--steps", "1", "--timeout", "240"], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--tiny", "--repeats", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
 
