@@ -1,3 +1,5 @@
+from contextlib import nullcontext
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -360,3 +362,46 @@ def test_fsdp_shards_the_denoiser_block_by_block_as_it_names_its_blocks(tiny_cog
     other = {"strategy": "ddp"}
     wrap_blocks(make_backend(tiny_cogvideox), other)
     assert other == {"strategy": "ddp"}
+
+
+@pytest.mark.parametrize("setup", ["lora", "full", "full_reference_on_cpu", "precomputed_full", "precomputed_lora"])
+def test_a_dpo_step_runs_the_denoiser_twice_with_a_live_reference_and_once_with_stored_errors(tiny_cogvideox, setup):
+    """DPO = SFT + one reference forward, no more: the policy pass and the reference pass each see winners and
+    losers together; with ``dpo.precompute_reference`` only the policy runs. Counted over every CogVideoX
+    transformer in the process (a full fine-tune's frozen copy is a second instance, on the device or on the CPU)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from videotuna_dpo.models.finetune import without_reference_copy
+
+    finetune = "lora" if setup.endswith("lora") else "full"
+    precomputed = setup.startswith("precomputed")
+    with without_reference_copy() if precomputed else nullcontext():
+        backend = make_backend(tiny_cogvideox, finetune=finetune, load_text_and_vae=False,
+                               reference_on_cpu=setup == "full_reference_on_cpu")
+    module = _module(backend, precompute_reference=precomputed)
+    g = torch.Generator().manual_seed(0)
+    batch = {"winner_latents": torch.randn(2, 3, 4, 8, 8, generator=g), "loser_latents": torch.randn(2, 3, 4, 8, 8, generator=g),
+             "prompt_embeds": torch.randn(2, 16, 32, generator=g), "caption": ["a", "b"]}
+    if precomputed:
+        batch.update(ref_err_w=torch.tensor([0.5, 0.25]), ref_err_l=torch.tensor([0.75, 1.0]))
+    calls = []
+
+    def count(mod, args, kwargs, output):
+        if isinstance(mod, CogVideoXTransformer3DModel):
+            calls.append((id(mod), kwargs["hidden_states"].shape[0]))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
+    try:
+        out, used = module.dpo_step(batch)
+        out.loss.backward()
+    finally:
+        handle.remove()
+    policy = id(backend.transformer)
+    if precomputed:
+        assert calls == [(policy, 4)]  # winners and losers in one policy pass, nothing else
+        assert used["ref_err_w"].tolist() == [0.5, 0.25] and used["ref_err_l"].tolist() == [0.75, 1.0]
+    elif finetune == "lora":
+        assert calls == [(policy, 4), (policy, 4)]  # the reference is the same network, adapters off
+    else:
+        reference = backend.ref_denoiser if setup == "full" else backend._ref_cpu["transformer"]
+        assert calls == [(policy, 4), (id(reference), 4)]
