@@ -12,7 +12,7 @@ import torch
 from videotuna_dpo.config import plain, validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.sampling import GenerateSchema, sampler_kwargs
-from videotuna_dpo.scoring.build import build_scorers, call_scorer, omniscore_config
+from videotuna_dpo.scoring.build import build_scorers, omniscore_config, score_batch
 from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS, omniscore, omniscore_dimensions
 
 
@@ -88,8 +88,7 @@ class EvalCallback(L.Callback):
                                            **self.generate_kwargs).float().cpu())  # [B, F, C, H, W] in [0, 1]
         clip = torch.cat(videos)
         texts = [p for p, _ in jobs]
-        raw = {n: call_scorer(s, clip.to(device), texts, None).double().cpu().reshape(len(jobs))
-               for n, s in self._scorers.items()}
+        raw = score_batch(self._scorers, clip.to(device), texts, None)
         dimensions = omniscore_dimensions(raw, self._config)
         totals: dict[str, list[float]] = {}
         for i in range(len(jobs)):

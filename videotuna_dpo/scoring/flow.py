@@ -166,6 +166,13 @@ class FlowEstimator:
             self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
 
     @property
+    def key(self) -> tuple:
+        """What the flow depends on besides the frames: estimators with equal keys give the same flow."""
+        if self.method == "raft":
+            return (self.method, str(self.weights), self.raft_iters, str(self.device))
+        return (self.method,)
+
+    @property
     def label(self) -> str:
         return {"dis": "opencv-dis-medium", "farneback": "opencv-farneback", "raft": "raft-large"}[self.method]
 
