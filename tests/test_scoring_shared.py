@@ -130,3 +130,29 @@ def test_flickering_through_opencv_equals_the_integer_sum():
     fast = flickering_score_uint8(levels)
     assert torch.equal(fast, flickering_score(levels))
     assert fast[0] == 0.0 and fast[2] == 1.0
+
+
+def test_flow_pairs_spread_over_threads_equal_the_serial_flow(monkeypatch):
+    import threading
+
+    from videotuna_dpo.scoring import flow as flow_module
+
+    levels, _ = toy_batch()
+    frames = levels[2].permute(0, 2, 3, 1).contiguous().numpy()  # the jittering take
+    pairs = [(i, i + 1) for i in range(FRAMES - 1)] + [(i + 1, i) for i in range(FRAMES - 1)]
+    estimator = FlowEstimator("dis")
+    monkeypatch.setattr(flow_module, "flow_threads", lambda: 1)
+    serial = estimator.pairs(frames, pairs)
+    threads = set()
+    thread_dis = flow_module._thread_dis
+
+    def recording():
+        threads.add(threading.current_thread().name)
+        return thread_dis()
+
+    monkeypatch.setattr(flow_module, "flow_threads", lambda: 2)
+    monkeypatch.setattr(flow_module, "_thread_dis", recording)
+    spread = estimator.pairs(frames, pairs)
+    assert all(name.startswith("flow") for name in threads) and threads  # measured on the pool's threads
+    assert np.array_equal(spread, serial)
+    assert np.abs(serial).max() > 1.0  # real motion, not an all-zero flow
