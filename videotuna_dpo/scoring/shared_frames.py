@@ -91,10 +91,13 @@ class SharedFrames:
         computed = {}
         if missing:
             flow = estimator.pairs(frames, missing, vbench_padded=vbench_padded)
+            flow.setflags(write=False)  # kept for other scorers: none may change it in place
             self.flow_pairs_computed += len(missing)
             for pair, f in zip(missing, flow):
                 computed[pair] = f
                 if self._flow_bytes + f.nbytes <= self.flow_cache_bytes:
                     self._flow[base + pair] = f
                     self._flow_bytes += f.nbytes
+        if missing == pairs:  # nothing came from the memo (or twice): the estimator's array as it is
+            return flow
         return np.stack([computed[p] if p in computed else self._flow[base + p] for p in pairs])
