@@ -72,8 +72,8 @@ class BaseScorer:
     def __call__(self, videos: torch.Tensor, prompts: Sequence[str], fps: float | None = None,
                  shared=None) -> torch.Tensor:
         """Check the contract and score; ``fps`` (the files' frame rate) reaches scorers with ``uses_fps``,
-        ``shared`` (a :class:`~videotuna_dpo.scoring.shared_frames.SharedFrames` of ``videos``, one made here
-        when None) scorers with ``uses_shared``."""
+        ``shared`` (a :class:`~videotuna_dpo.scoring.shared_frames.SharedFrames` of ``videos``, or None) scorers
+        with ``uses_shared``."""
         if videos.ndim != 5 or videos.shape[2] != 3:
             raise ValueError(f"{self.name}: videos must be [B, F, 3, H, W], got shape {tuple(videos.shape)}")
         if len(prompts) != videos.shape[0]:
@@ -83,9 +83,10 @@ class BaseScorer:
             raise ValueError(f"{self.name}: {problem}")
         extra = {"fps": fps} if self.uses_fps else {}
         if self.uses_shared:
-            from videotuna_dpo.scoring.shared_frames import SharedFrames  # it imports this module
-
-            extra["shared"] = SharedFrames.of(videos, shared)
+            if shared is not None and shared.videos is not videos:
+                raise ValueError(f"{self.name}: shared frames of another batch: SharedFrames(videos) must be given "
+                                 f"the very tensor the scorer is called with")
+            extra["shared"] = shared  # None: score() makes its own
         scores = self.score(videos.to(self.device, torch.float32), list(prompts), **extra)
         return scores.detach().double().cpu().reshape(videos.shape[0])
 

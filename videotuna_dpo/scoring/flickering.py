@@ -8,6 +8,7 @@ import cv2
 import torch
 
 from videotuna_dpo.scoring.base import BaseScorer
+from videotuna_dpo.scoring.shared_frames import SharedFrames
 
 
 def flickering_score(videos: torch.Tensor) -> torch.Tensor:
@@ -44,4 +45,4 @@ class TemporalFlickering(BaseScorer):
     uses_shared = True
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str], shared=None) -> torch.Tensor:
-        return flickering_score_uint8(shared.levels())
+        return flickering_score_uint8((SharedFrames(videos) if shared is None else shared).levels())

@@ -126,6 +126,7 @@ class DynamicDegree(BaseScorer):
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str], fps: float | None = None,
               shared: SharedFrames | None = None) -> torch.Tensor:
+        shared = SharedFrames(videos) if shared is None else shared
         out = []
         for b, video in enumerate(videos):
             mags, (h, w), n = self.pair_magnitudes(video, fps, shared, b)
@@ -216,6 +217,7 @@ class MotionSmoothness(BaseScorer):
     uses_shared = True
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str], shared: SharedFrames | None = None) -> torch.Tensor:
+        shared = SharedFrames(videos) if shared is None else shared
         out = []
         for b in range(videos.shape[0]):
             frames = shared.frames(b)

@@ -52,4 +52,5 @@ class MotionMagnitude(BaseScorer):
         return mean_flow_magnitude(flow) * full.shape[1] / small.shape[1]  # back to the file's pixels
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str], shared: SharedFrames | None = None) -> torch.Tensor:
+        shared = SharedFrames(videos) if shared is None else shared
         return torch.tensor([self.magnitude(v, shared, b) for b, v in enumerate(videos)], dtype=torch.float64)

@@ -6,8 +6,8 @@ and measured optical flow on its own. :class:`SharedFrames` holds, for one batch
 the frames resized to each short side a scorer asks for, and the flow of each (frame pair, size,
 flow method) asked for, so scorers that need the same thing get the same array, computed once.
 
-A scorer used alone builds its own (:meth:`SharedFrames.of`) and runs the same code, so its scores
-are the same alone and together.
+A scorer called without one builds its own and runs the same code, so its scores are the same
+alone and together.
 """
 
 from __future__ import annotations
@@ -44,16 +44,6 @@ class SharedFrames:
         self._flow_bytes = 0
         self.flow_cache_bytes = flow_cache_bytes
         self.flow_pairs_computed = 0  # pairs the flow estimators actually ran on (the rest came from the memo)
-
-    @classmethod
-    def of(cls, videos: torch.Tensor, shared: SharedFrames | None) -> SharedFrames:
-        """``shared`` when it holds ``videos`` (the same tensor), a new one when None; another batch's is an error."""
-        if shared is None:
-            return cls(videos)
-        if shared.videos is not videos:
-            raise ValueError("shared frames of another batch: SharedFrames(videos) must be given the very tensor "
-                             "the scorer is called with")
-        return shared
 
     def levels(self) -> torch.Tensor:
         """uint8 ``[B, F, C, H, W]`` on the CPU: the 8-bit frames."""
