@@ -92,7 +92,7 @@ def test_three_flow_dimensions_measure_each_pair_once(monkeypatch):
     together = {name: scorer(videos, prompts, shared=shared) for name, scorer in scorers.items()}
     # Together: the consecutive pairs at 256 px once for both; motion_smoothness's pairs are other pairs.
     assert sum(counts) == 4 * (8 + 8) == shared.flow_pairs_computed
-    assert counts == [8] * 4 + [4, 4] * 4  # dynamic_degree's calls per video, motion_smoothness's; motion_magnitude none
+    assert counts == [8] * 4 + [8] * 4  # dynamic_degree's call per video, then motion_smoothness's; motion_magnitude none
     # With no room to keep flow, each pair is measured again and the scores do not change.
     counts.clear()
     uncached = SharedFrames(videos, levels, flow_cache_bytes=0)

@@ -225,9 +225,9 @@ class MotionSmoothness(BaseScorer):
                 mids = self.midframes(frames)
             else:  # the flow between even frames, at full size, measured once for every scorer of the batch
                 keys = list(range(0, frames.shape[0], 2))
-                f01 = shared.flow(b, self.flow, list(zip(keys[:-1], keys[1:])))
-                f10 = shared.flow(b, self.flow, list(zip(keys[1:], keys[:-1])))
-                mids = midframes_from_flow(frames[0::2], f01, f10)
+                n = len(keys) - 1  # forward and back in one call: the pairs spread evenly over the flow threads
+                flow = shared.flow(b, self.flow, list(zip(keys[:-1], keys[1:])) + list(zip(keys[1:], keys[:-1])))
+                mids = midframes_from_flow(frames[0::2], flow[:n], flow[n:])
             odd = frames[1::2][: mids.shape[0]]
             mae = np.abs(mids.astype(np.int16) - odd.astype(np.int16)).sum(dtype=np.int64) / mids.size
             out.append((255.0 - mae) / 255.0)
