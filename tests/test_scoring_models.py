@@ -251,3 +251,24 @@ def test_a_torchscript_clip_file_is_read_without_running_its_code(weights_dir, t
         assert not written.exists()
     torch.jit.load(str(archive))  # the payload is live: loading the archive as TorchScript writes the file
     assert written.is_file()
+
+
+def test_aesthetic_quality_in_half_precision_agrees_with_fp32(weights_dir, monkeypatch):
+    """precision=fp16 is OpenAI CLIP's half precision (VBench's on a GPU): fp16 weights, fp32 layer norms.
+
+    Stated tolerance (the two-layer test CLIP; measured 2.5e-4 and 3e-6): unit CLIP features within 1e-3 of
+    fp32's (max abs), scores within 1e-4.
+    """
+    monkeypatch.setenv(WEIGHTS_ENV, str(weights_dir))
+    full = AestheticQuality(device="cpu", model_name=TINY_CLIP)
+    half = AestheticQuality(device="cpu", model_name=TINY_CLIP, precision="fp16")
+    assert half.model.visual.conv1.weight.dtype == torch.float16 and half.model.visual.ln_pre.weight.dtype == torch.float32
+    assert half.version == full.version + "/fp16"  # a scores file refuses to mix the two
+    videos = video_batch(2)
+    frames = videos.reshape(10, 3, 40, 48)
+    f32, f16 = full.image_features(frames), half.image_features(frames)
+    assert f16.dtype == torch.float32 and not torch.equal(f16, f32)  # really computed in half precision
+    assert (f16 - f32).abs().max().item() < 1e-3
+    assert torch.allclose(half(videos, ["a", "b"]), full(videos, ["a", "b"]), atol=1e-4, rtol=0)
+    with pytest.raises(UserError, match="aesthetic_quality: unknown precision 'bf16'; choose one of fp32, fp16"):
+        AestheticQuality(device="cpu", model_name=TINY_CLIP, precision="bf16")

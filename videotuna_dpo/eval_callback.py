@@ -12,7 +12,7 @@ import torch
 from videotuna_dpo.config import plain, validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.sampling import GenerateSchema, sampler_kwargs
-from videotuna_dpo.scoring.build import build_scorers, call_scorer, omniscore_config
+from videotuna_dpo.scoring.build import build_scorers, omniscore_config, score_batch
 from videotuna_dpo.scoring.omniscore import MOTION_SCORERS, NO_WEIGHTS_DIMENSIONS, omniscore, omniscore_dimensions
 
 # A run whose implicit accuracy reached this while a judge fell below its step-0 value is pointed out.
@@ -112,11 +112,10 @@ class EvalCallback(L.Callback):
                                            **self.generate_kwargs).float().cpu())  # [B, F, C, H, W] in [0, 1]
         clip = torch.cat(videos)
         texts = [p for p, _ in jobs]
-        def run(scorers: dict) -> dict[str, torch.Tensor]:
-            return {n: call_scorer(s, clip.to(device), texts, None).double().cpu().reshape(len(jobs))
-                    for n, s in scorers.items()}
-
-        raw, apart = run(self._scorers), run(self._unskipped(clip.shape))
+        # One shared decode and optical flow for the training scorers and the ones reported apart.
+        scored = score_batch({**self._scorers, **self._unskipped(clip.shape)}, clip.to(device), texts, None)
+        raw = {n: scored[n] for n in self._scorers}
+        apart = {n: v for n, v in scored.items() if n not in self._scorers}
         dimensions = omniscore_dimensions(raw, self._config)
         totals: dict[str, list[float]] = {}
         for i in range(len(jobs)):

@@ -23,7 +23,7 @@ from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import atomic_file, check_writable_file, is_temporary
 from videotuna_dpo.jobs import Launch, Progress, chunked, is_main_process, local_device, rank_share, run_job
 from videotuna_dpo.pipeline.prompts import load_prompts
-from videotuna_dpo.scoring.build import build_scorers, call_scorer, describe_scorer, omniscore_config
+from videotuna_dpo.scoring.build import build_scorers, describe_scorer, omniscore_config, score_batch
 from videotuna_dpo.scoring.omniscore import DIMENSIONS, omniscore, omniscore_dimensions
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"}
@@ -164,11 +164,11 @@ def score_videos(
         part.append({"path": str(path.resolve()), "prompt": prompt_map[path][0], "status": "failed", "reason": reason})
 
     def flush(batch: list[tuple[Path, Any, float | None]]) -> None:
-        clip = torch.stack([frames for _, frames, _ in batch]).to(device).float().div_(255.0)  # [B, F, C, H, W]
+        levels = torch.stack([frames for _, frames, _ in batch])  # uint8 [B, F, C, H, W], as decoded
+        clip = levels.to(device).float().div_(255.0)
         texts = [prompt_map[p][0] for p, _, _ in batch]
         fps = batch[0][2]  # one rate per batch
-        raw = {name: call_scorer(scorer, clip, texts, fps).detach().double().cpu().reshape(len(batch))
-               for name, scorer in models.items()}
+        raw = score_batch(models, clip, texts, fps, levels)  # one set of 8-bit frames and flow for all scorers
         for i, (path, frames, _) in enumerate(batch):
             values = {name: float(raw[name][i]) for name in names}
             bad = [n for n, v in values.items() if v != v or v in (float("inf"), float("-inf"))]

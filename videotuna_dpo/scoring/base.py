@@ -55,6 +55,7 @@ class BaseScorer:
     min_side = 0  # frames with a shorter side are unscorable
     min_side_why = ""  # said after the size in the reason
     uses_fps = False  # True: score() takes fps=, the frame rate of the batch's files (None if unknown)
+    uses_shared = False  # True: score() takes shared=, the batch's SharedFrames (8-bit frames, resized frames, flow)
 
     def __init__(self, device: str | None = None):
         self.device = torch.device(device or default_device())
@@ -72,8 +73,11 @@ class BaseScorer:
         raise NotImplementedError(f"{type(self).__name__} must implement score(videos, prompts)")
 
     @torch.no_grad()
-    def __call__(self, videos: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> torch.Tensor:
-        """Check the contract and score; ``fps`` (the files' frame rate) reaches scorers with ``uses_fps``."""
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[str], fps: float | None = None,
+                 shared=None) -> torch.Tensor:
+        """Check the contract and score; ``fps`` (the files' frame rate) reaches scorers with ``uses_fps``,
+        ``shared`` (a :class:`~videotuna_dpo.scoring.shared_frames.SharedFrames` of ``videos``, or None) scorers
+        with ``uses_shared``."""
         if videos.ndim != 5 or videos.shape[2] != 3:
             raise ValueError(f"{self.name}: videos must be [B, F, 3, H, W], got shape {tuple(videos.shape)}")
         if len(prompts) != videos.shape[0]:
@@ -82,6 +86,11 @@ class BaseScorer:
         if problem:
             raise ValueError(f"{self.name}: {problem}")
         extra = {"fps": fps} if self.uses_fps else {}
+        if self.uses_shared:
+            if shared is not None and shared.videos is not videos:
+                raise ValueError(f"{self.name}: shared frames of another batch: SharedFrames(videos) must be given "
+                                 f"the very tensor the scorer is called with")
+            extra["shared"] = shared  # None: score() makes its own
         scores = self.score(videos.to(self.device, torch.float32), list(prompts), **extra)
         return scores.detach().double().cpu().reshape(videos.shape[0])
 

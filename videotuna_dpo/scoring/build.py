@@ -64,8 +64,27 @@ def describe_scorer(scorer: Any) -> dict:
     return {"version": str(scorer.version), "weights": scorer.weights_hint or None}
 
 
-def call_scorer(scorer: Any, clip: Any, texts: list[str], fps: float | None) -> Any:
-    """Score a batch; scorers that declare ``uses_fps`` also get the files' frame rate."""
+def call_scorer(scorer: Any, clip: Any, texts: list[str], fps: float | None, shared: Any = None) -> Any:
+    """Score a batch; scorers that declare ``uses_fps`` also get the files' frame rate, those that declare
+    ``uses_shared`` the batch's :class:`~videotuna_dpo.scoring.shared_frames.SharedFrames` (when given)."""
+    extra = {}
     if getattr(scorer, "uses_fps", False):
-        return scorer(clip, texts, fps=fps)
-    return scorer(clip, texts)
+        extra["fps"] = fps
+    if shared is not None and getattr(scorer, "uses_shared", False):
+        extra["shared"] = shared
+    return scorer(clip, texts, **extra)
+
+
+def score_batch(models: Mapping[str, Any], clip: Any, texts: list[str], fps: float | None,
+                levels: Any = None) -> dict:
+    """Every scorer on one batch ``clip`` (float ``[B, F, C, H, W]`` in [0, 1]) -> ``{name: float64 [B]}`` on the CPU.
+
+    The scorers share one :class:`~videotuna_dpo.scoring.shared_frames.SharedFrames`: the 8-bit frames
+    (``levels``, uint8 ``[B, F, C, H, W]``, when the caller has them from the decoder), resized frames
+    and optical flow are computed once for all of them.
+    """
+    from videotuna_dpo.scoring.shared_frames import SharedFrames  # torch and OpenCV: only when scoring
+
+    shared = SharedFrames(clip, levels)
+    return {name: call_scorer(scorer, clip, texts, fps, shared).detach().double().cpu().reshape(clip.shape[0])
+            for name, scorer in models.items()}

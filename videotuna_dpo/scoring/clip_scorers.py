@@ -35,13 +35,23 @@ CLIP_WHAT = "the CLIP ViT-L/14 checkpoint (OpenAI's ViT-L-14.pt, or an open_clip
 _LOADED: dict[tuple[str, str, str], torch.nn.Module] = {}
 
 
-def load_clip(model_name: str, path: Path, device: torch.device, scorer: str = "clip") -> torch.nn.Module:
-    """An open_clip model built from ``model_name`` with the weights at ``path``; loaded once per process."""
+PRECISIONS = ("fp32", "fp16")
+
+
+def load_clip(model_name: str, path: Path, device: torch.device, scorer: str = "clip",
+              precision: str = "fp32") -> torch.nn.Module:
+    """An open_clip model built from ``model_name`` with the weights at ``path``; loaded once per process.
+
+    ``precision="fp16"`` is OpenAI CLIP's half precision, as ``clip.load`` runs it on a GPU (and so VBench):
+    convolution, linear and attention weights and the projections in fp16, layer norms computed in fp32.
+    """
     import open_clip
 
-    key = (model_name, str(path), str(device))
+    if precision not in PRECISIONS:
+        raise UserError(f"{scorer}: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    key = (model_name, str(path), str(device), precision)
     if key not in _LOADED:
-        model = open_clip.create_model(model_name, pretrained=None)
+        model = open_clip.create_model(model_name, pretrained=None, precision=precision)
         try:
             if is_torchscript_archive(path):  # OpenAI's ViT-L-14.pt: its tensors are read, its code never runs
                 state = load_torchscript_tensors(path)
@@ -107,10 +117,12 @@ def middle_frame_indices(num_samples: int, num_frames: int, pad: bool = False) -
 class _ClipScorer(BaseScorer):
     needs_weights = True
 
-    def __init__(self, device: str | None, clip_weights: str | None, model_name: str, frame_chunk: int):
+    def __init__(self, device: str | None, clip_weights: str | None, model_name: str, frame_chunk: int,
+                 precision: str = "fp32"):
         super().__init__(device)
         path = find_weights(self.name, clip_weights, CLIP_FILE, CLIP_WHAT, "clip_weights")
-        self.model = load_clip(model_name, path, self.device, self.name)
+        self.model = load_clip(model_name, path, self.device, self.name, precision)
+        self.dtype = self.model.visual.conv1.weight.dtype  # frames enter in it, as OpenAI's encode_image casts them
         self.image_size = self.model.visual.image_size
         self.image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
         self.model_name = model_name
@@ -119,7 +131,7 @@ class _ClipScorer(BaseScorer):
 
     def image_features(self, frames: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` in [0, 1] -> L2-normalised CLIP image features ``[N, D]``."""
-        feats = [self.model.encode_image(clip_preprocess(c, self.image_size)).float()
+        feats = [self.model.encode_image(clip_preprocess(c, self.image_size).to(self.dtype)).float()
                  for c in frames.split(self.frame_chunk)]
         return F.normalize(torch.cat(feats), dim=-1)
 
@@ -132,19 +144,21 @@ class AestheticQuality(_ClipScorer):
     weights_hint = f"clip_weights / head_weights or ${WEIGHTS_ENV}/{CLIP_FILE} and ${WEIGHTS_ENV}/{AESTHETIC_FILE}"
 
     def __init__(self, device: str | None = None, clip_weights: str | None = None, head_weights: str | None = None,
-                 model_name: str = "ViT-L-14-quickgelu", frame_chunk: int = 32):
+                 model_name: str = "ViT-L-14-quickgelu", frame_chunk: int = 32, precision: str = "fp32"):
         head_path = find_weights(
             self.name, head_weights, AESTHETIC_FILE,
             "the LAION aesthetic predictor head sa_0_4_vit_l_14_linear.pth (LAION-AI/aesthetic-predictor)",
             "head_weights",
         )
-        super().__init__(device, clip_weights, model_name, frame_chunk)
+        super().__init__(device, clip_weights, model_name, frame_chunk, precision)
         state = load_state_dict(head_path)
         self.head = torch.nn.Linear(state["weight"].shape[1], 1)
         self.head.load_state_dict(state)
         self.head.eval().to(self.device)
         self.weights_used["aesthetic_head"] = str(head_path)
         self.version = f"vbench-aesthetic_quality-2/{model_name}+laion-linear"  # 2: VBench's resize
+        if precision != "fp32":  # scores of another precision do not mix with fp32 ones
+            self.version += f"/{precision}"
 
     def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         b, f = videos.shape[:2]

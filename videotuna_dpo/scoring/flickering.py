@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import cv2
 import torch
 
-from videotuna_dpo.scoring.base import BaseScorer, to_uint8_levels
+from videotuna_dpo.scoring.base import BaseScorer
+from videotuna_dpo.scoring.shared_frames import SharedFrames
 
 
 def flickering_score(videos: torch.Tensor) -> torch.Tensor:
@@ -20,6 +22,19 @@ def flickering_score(videos: torch.Tensor) -> torch.Tensor:
     return (255.0 - mae) / 255.0
 
 
+def flickering_score_uint8(levels: torch.Tensor) -> torch.Tensor:
+    """:func:`flickering_score` of uint8 ``[B, F, C, H, W]`` on the CPU, through OpenCV's L1 norm (~100x faster).
+
+    OpenCV sums uint8 differences in integers and adds the blocks in float64, exact below 2**53, so
+    the value is the same to the last bit.
+    """
+    frames = levels.reshape(levels.shape[0], levels.shape[1], -1).numpy()  # [B, F, C*H*W]
+    total = torch.tensor([sum(cv2.norm(video[i], video[i + 1], cv2.NORM_L1) for i in range(video.shape[0] - 1))
+                          for video in frames], dtype=torch.float64)
+    mae = total / frames[0, 1:].size
+    return (255.0 - mae) / 255.0
+
+
 class TemporalFlickering(BaseScorer):
     """Exact VBench temporal flickering on 8-bit levels; needs no weights."""
 
@@ -27,6 +42,7 @@ class TemporalFlickering(BaseScorer):
     kind = "quality"
     version = "vbench-temporal_flickering-1"
     min_frames = 2
+    uses_shared = True
 
-    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return flickering_score(to_uint8_levels(videos))
+    def score(self, videos: torch.Tensor, prompts: Sequence[str], shared=None) -> torch.Tensor:
+        return flickering_score_uint8((SharedFrames(videos) if shared is None else shared).levels())

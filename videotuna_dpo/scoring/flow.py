@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -148,6 +150,34 @@ def raft_padding(h: int, w: int) -> tuple[tuple[int, int, int, int], tuple[int, 
     return vb, run
 
 
+_local = threading.local()
+_pools: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_pools.clear)  # a forked child has none of the parent's pool threads
+
+
+def flow_threads() -> int:
+    """Threads that measure OpenCV flow pairs at once: the smaller of OpenCV's and torch's thread counts
+    (``cv2.setNumThreads``, ``torch.set_num_threads`` or ``OMP_NUM_THREADS``), at least 1.
+
+    DIS on a pair of frames of a few hundred pixels keeps about one core busy whatever OpenCV's
+    setting, so pairs are spread over threads; each pair's flow is the same as measured alone.
+    """
+    return max(1, min(cv2.getNumThreads(), torch.get_num_threads()))
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flow")
+    return _pools[workers]
+
+
+def _thread_dis():
+    """This thread's DIS estimator (one object must not run two pairs at once)."""
+    if not hasattr(_local, "dis"):
+        _local.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    return _local.dis
+
+
 class FlowEstimator:
     """Flow for many frame pairs at once; ``method`` is one of :data:`FLOW_METHODS`."""
 
@@ -162,8 +192,13 @@ class FlowEstimator:
         if method == "raft":
             self.weights = find_raft_weights(scorer, raft_weights)
             self._raft = load_raft(self.weights).to(self.device)
-        elif method == "dis":
-            self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+
+    @property
+    def key(self) -> tuple:
+        """What the flow depends on besides the frames: estimators with equal keys give the same flow."""
+        if self.method == "raft":
+            return (self.method, str(self.weights), self.raft_iters, str(self.device))
+        return (self.method,)
 
     @property
     def label(self) -> str:
@@ -186,11 +221,20 @@ class FlowEstimator:
         used = sorted({k for pair in pairs for k in pair})
         gray = {k: cv2.cvtColor(frames[k], cv2.COLOR_RGB2GRAY) for k in used}  # once per frame
         out = np.empty((len(pairs),) + frames.shape[1:3] + (2,), dtype=np.float32)
-        for p, (i, j) in enumerate(pairs):
+
+        def measure(p: int) -> None:
+            i, j = pairs[p]
             if self.method == "dis":
-                out[p] = self._dis.calc(gray[i], gray[j], None)
+                out[p] = _thread_dis().calc(gray[i], gray[j], None)
             else:
                 out[p] = cv2.calcOpticalFlowFarneback(gray[i], gray[j], None, 0.5, 3, 15, 3, 5, 1.2, 0)
+
+        workers = flow_threads()
+        if workers > 1 and len(pairs) > 1:  # OpenCV releases the GIL: pairs run on every core
+            list(_pool(workers).map(measure, range(len(pairs))))
+        else:
+            for p in range(len(pairs)):
+                measure(p)
         return out
 
     @torch.no_grad()

@@ -25,7 +25,8 @@ from videotuna_dpo.scoring.base import (
     reject_unused,
     to_uint8_levels,
 )
-from videotuna_dpo.scoring.flow import FlowEstimator, resize_for_flow, warp
+from videotuna_dpo.scoring.flow import FlowEstimator, warp
+from videotuna_dpo.scoring.shared_frames import SharedFrames
 
 
 def to_frames_uint8(video: torch.Tensor) -> np.ndarray:
@@ -107,25 +108,33 @@ class DynamicDegree(BaseScorer):
         self.version = f"vbench-dynamic_degree-2/{self.flow.label}"
 
     uses_fps = True
+    uses_shared = True
 
     def frame_rate(self, fps: float | None) -> float:
         """The rate that sets the frame sampling: the ``fps`` option, else the file's, else 8."""
         return self.fps or fps or 8.0
 
-    def pair_magnitudes(self, video: torch.Tensor, fps: float | None = None) -> tuple[np.ndarray, tuple[int, int], int]:
-        """Float ``[F, C, H, W]`` -> (top-5% magnitude per consecutive pair ``[F'-1]``, flow (H, W), F')."""
-        frames = to_frames_uint8(video)
-        frames = frames[:: max(1, round(self.frame_rate(fps) / 8.0))]  # VBench keeps every round(fps / 8)-th frame
-        # The threshold scales with min(H, W), so measuring flow on a downscaled clip keeps the rule.
-        frames = resize_for_flow(frames, self.flow_short_side)
-        pairs = [(i, i + 1) for i in range(frames.shape[0] - 1)]
-        flow = self.flow.pairs(frames, pairs, vbench_padded=self.flow.method == "raft")
-        return top_magnitude(flow), frames.shape[1:3], frames.shape[0]
+    def pair_magnitudes(self, video: torch.Tensor, fps: float | None = None, shared: SharedFrames | None = None,
+                        index: int = 0) -> tuple[np.ndarray, tuple[int, int], int]:
+        """Float ``[F, C, H, W]`` -> (top-5% magnitude per consecutive pair ``[F'-1]``, flow (H, W), F').
 
-    def score(self, videos: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> torch.Tensor:
+        ``shared`` (with ``video`` its batch's ``index``-th) supplies the 8-bit frames, the resized frames
+        and flow other scorers already measured.
+        """
+        shared = SharedFrames(video[None]) if shared is None else shared
+        kept = list(range(0, video.shape[0], max(1, round(self.frame_rate(fps) / 8.0))))  # VBench: every round(fps / 8)-th
+        # The threshold scales with min(H, W), so measuring flow on a downscaled clip keeps the rule.
+        size = shared.resized(index, self.flow_short_side).shape[1:3]
+        flow = shared.flow(index, self.flow, list(zip(kept[:-1], kept[1:])), self.flow_short_side,
+                           vbench_padded=self.flow.method == "raft")
+        return top_magnitude(flow), size, len(kept)
+
+    def score(self, videos: torch.Tensor, prompts: Sequence[str], fps: float | None = None,
+              shared: SharedFrames | None = None) -> torch.Tensor:
+        shared = SharedFrames(videos) if shared is None else shared
         out = []
-        for video in videos:
-            mags, (h, w), n = self.pair_magnitudes(video, fps)
+        for b, video in enumerate(videos):
+            mags, (h, w), n = self.pair_magnitudes(video, fps, shared, b)
             out.append(1.0 if is_dynamic(mags.tolist(), h, w, n) else 0.0)
         return torch.tensor(out, dtype=torch.float64)
 
@@ -139,6 +148,11 @@ def interpolate_midframes(frames: np.ndarray, flow: FlowEstimator) -> np.ndarray
     k = frames.shape[0]
     f01 = flow.pairs(frames, [(j, j + 1) for j in range(k - 1)])
     f10 = flow.pairs(frames, [(j + 1, j) for j in range(k - 1)])
+    return midframes_from_flow(frames, f01, f10)
+
+
+def midframes_from_flow(frames: np.ndarray, f01: np.ndarray, f10: np.ndarray) -> np.ndarray:
+    """:func:`interpolate_midframes` given the flow forward ``f01`` and back ``f10`` between neighbouring key frames."""
     out = np.empty((frames.shape[0] - 1,) + frames.shape[1:], dtype=np.uint8)
     for j in range(out.shape[0]):
         ft0 = 0.25 * (f10[j] - f01[j])  # middle -> start
@@ -205,11 +219,20 @@ class MotionSmoothness(BaseScorer):
         too_small = frame_size_problem(height, width) if self.amt is not None else None
         return super().unscorable(num_frames, height, width) or too_small
 
-    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    uses_shared = True
+
+    def score(self, videos: torch.Tensor, prompts: Sequence[str], shared: SharedFrames | None = None) -> torch.Tensor:
+        shared = SharedFrames(videos) if shared is None else shared
         out = []
-        for video in videos:
-            frames = to_frames_uint8(video)
-            mids = self.midframes(frames)
+        for b in range(videos.shape[0]):
+            frames = shared.frames(b)
+            if self.amt is not None:
+                mids = self.midframes(frames)
+            else:  # the flow between even frames, at full size, measured once for every scorer of the batch
+                keys = list(range(0, frames.shape[0], 2))
+                n = len(keys) - 1  # forward and back in one call: the pairs spread evenly over the flow threads
+                flow = shared.flow(b, self.flow, list(zip(keys[:-1], keys[1:])) + list(zip(keys[1:], keys[:-1])))
+                mids = midframes_from_flow(frames[0::2], flow[:n], flow[n:])
             odd = frames[1::2][: mids.shape[0]]
             mae = np.abs(mids.astype(np.int16) - odd.astype(np.int16)).sum(dtype=np.int64) / mids.size
             out.append((255.0 - mae) / 255.0)

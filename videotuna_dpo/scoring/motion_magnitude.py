@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from videotuna_dpo.scoring.base import BaseScorer
-from videotuna_dpo.scoring.flow import resize_for_flow
-from videotuna_dpo.scoring.motion import attach_flow, to_frames_uint8
+from videotuna_dpo.scoring.motion import attach_flow
+from videotuna_dpo.scoring.shared_frames import SharedFrames
 
 FLOW_SHORT_SIDE = 256  # flow is measured at most at this short side, then scaled back to the file's pixels
 
@@ -39,12 +39,18 @@ class MotionMagnitude(BaseScorer):
         self.flow_short_side = flow_short_side
         self.version = f"motion_magnitude-1/{self.flow.label}"
 
-    def magnitude(self, video: torch.Tensor) -> float:
-        """Float ``[F, C, H, W]`` in [0, 1] -> mean flow magnitude in pixels of ``video`` per frame."""
-        frames = to_frames_uint8(video)
-        small = resize_for_flow(frames, self.flow_short_side)
-        flow = self.flow.pairs(small, [(i, i + 1) for i in range(small.shape[0] - 1)])
-        return mean_flow_magnitude(flow) * frames.shape[1] / small.shape[1]  # back to the file's pixels
+    uses_shared = True
 
-    def score(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([self.magnitude(v) for v in videos], dtype=torch.float64)
+    def magnitude(self, video: torch.Tensor, shared: SharedFrames | None = None, index: int = 0) -> float:
+        """Float ``[F, C, H, W]`` in [0, 1] -> mean flow magnitude in pixels of ``video`` per frame.
+
+        ``shared`` (with ``video`` its batch's ``index``-th) supplies frames and flow other scorers measured.
+        """
+        shared = SharedFrames(video[None]) if shared is None else shared
+        full, small = shared.frames(index), shared.resized(index, self.flow_short_side)
+        flow = shared.flow(index, self.flow, [(i, i + 1) for i in range(full.shape[0] - 1)], self.flow_short_side)
+        return mean_flow_magnitude(flow) * full.shape[1] / small.shape[1]  # back to the file's pixels
+
+    def score(self, videos: torch.Tensor, prompts: Sequence[str], shared: SharedFrames | None = None) -> torch.Tensor:
+        shared = SharedFrames(videos) if shared is None else shared
+        return torch.tensor([self.magnitude(v, shared, b) for b, v in enumerate(videos)], dtype=torch.float64)
