@@ -144,14 +144,14 @@ def test_flow_pairs_spread_over_threads_equal_the_serial_flow(monkeypatch):
     monkeypatch.setattr(flow_module, "flow_threads", lambda: 1)
     serial = estimator.pairs(frames, pairs)
     threads = set()
-    thread_dis = flow_module._thread_dis
+    new_dis = flow_module._new_dis
 
     def recording():
         threads.add(threading.current_thread().name)
-        return thread_dis()
+        return new_dis()
 
     monkeypatch.setattr(flow_module, "flow_threads", lambda: 2)
-    monkeypatch.setattr(flow_module, "_thread_dis", recording)
+    monkeypatch.setattr(flow_module, "_new_dis", recording)
     spread = estimator.pairs(frames, pairs)
     assert all(name.startswith("flow") for name in threads) and threads  # measured on the pool's threads
     assert np.array_equal(spread, serial)

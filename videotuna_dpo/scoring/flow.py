@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -150,7 +149,6 @@ def raft_padding(h: int, w: int) -> tuple[tuple[int, int, int, int], tuple[int, 
     return vb, run
 
 
-_local = threading.local()
 _pools: dict[int, ThreadPoolExecutor] = {}
 os.register_at_fork(after_in_child=_pools.clear)  # a forked child has none of the parent's pool threads
 
@@ -171,11 +169,10 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _pools[workers]
 
 
-def _thread_dis():
-    """This thread's DIS estimator (one object must not run two pairs at once)."""
-    if not hasattr(_local, "dis"):
-        _local.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    return _local.dis
+def _new_dis():
+    """A fresh DIS estimator, one per pair: an object reused across calls was seen to give another flow for the
+    same pair after earlier calls (the test suite caught it), so a pair's flow would depend on what ran before."""
+    return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
 
 
 class FlowEstimator:
@@ -225,7 +222,7 @@ class FlowEstimator:
         def measure(p: int) -> None:
             i, j = pairs[p]
             if self.method == "dis":
-                out[p] = _thread_dis().calc(gray[i], gray[j], None)
+                out[p] = _new_dis().calc(gray[i], gray[j], None)
             else:
                 out[p] = cv2.calcOpticalFlowFarneback(gray[i], gray[j], None, 0.5, 3, 15, 3, 5, 1.2, 0)
 
