@@ -77,6 +77,12 @@ def test_a_videotuna_yaml_with_flow_and_data_targets_trains_dpo(vc2_files, tiny_
     assert (weights / "trainable.json").is_file()
     again = flow.backend_class(OmegaConf.merge(flow.backend.cfg, {"flow": vc2_files["section"], "trainable_weights": str(weights)}))
     assert all(torch.equal(a, b.cpu()) for a, b in zip(again.trainable_parameters(), trainable))
+    # ... and they trained: the start (VC2: peft's zero lora_B; T2V-Turbo: unet_lora.pt) is not what came back.
+    start = flow.backend_class(OmegaConf.merge(flow.backend.cfg, {"flow": vc2_files["section"]}))
+    pairs = list(zip(start.trainable_parameters(), again.trainable_parameters()))
+    if backend == "videocrafter2":  # peft draws lora_A at random: compare the lora_B tensors, which start at zero
+        pairs = [(a, b) for a, b in pairs if not a.any()]
+    assert pairs and any(not torch.equal(a, b) for a, b in pairs)
 
 
 def test_lightning_checkpoint_of_the_flow_keeps_only_trainable_tensors(vc2_files, tiny_dataset, tmp_path):

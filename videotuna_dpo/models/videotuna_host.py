@@ -170,6 +170,15 @@ def adopt_host_lora(flow: Any) -> None:
     flow.lora_params = {n for n, _ in flow.denoiser.named_parameters() if "lora_" in n}
 
 
+def keep_group_norms_fp32(net: nn.Module) -> None:
+    """A reduced-precision reference copy keeps its GroupNorms in fp32: the host's lvdm ``GroupNormSpecific``
+    normalises ``x.float()``, which CUDA autocast pairs with fp32 weights but CPU autocast does not (a bf16 weight
+    there is an error: "mixed dtype (CPU)"). Same numbers on CUDA, a few KiB of memory."""
+    for module in net.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.float()
+
+
 class VideoTunaFlowBackend(DenoiserFinetuning):
     """What the backends over a VideoTuna flow (``self.flow``) share: ``from_config``, the flow's ``denoiser``
     fine-tuned by :class:`DenoiserFinetuning` with the host told which adapters train, and ``model.ckpt`` as the base
@@ -213,6 +222,8 @@ class VideoTunaFlowBackend(DenoiserFinetuning):
         """Text encoder and VAE frozen, the denoiser set up for LoRA or full fine-tuning, the host's LoRA marks set."""
         self.freeze_text_and_vae()
         self.setup_finetuning(reference_dtype=reference_dtype)
+        for reference in (*self.ref_denoisers.values(), *self._ref_cpu.values()):
+            keep_group_norms_fp32(reference)
         if self.cfg.finetune == "lora":
             adopt_host_lora(self.flow)
         self.restore_trainable()

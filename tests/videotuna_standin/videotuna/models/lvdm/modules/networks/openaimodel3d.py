@@ -18,6 +18,13 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class GroupNormSpecific(nn.GroupNorm):
+    """The host's ``normalization`` layer (lvdm ``GroupNormSpecific``): normalises ``x.float()``, returns ``x``'s dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
 class CrossAttention(nn.Module):
     """Stands in for the host's BasicTransformerBlock, whose switch is ``checkpoint``."""
 
@@ -48,11 +55,11 @@ class Block(nn.Module):
     def __init__(self, ch, emb_dim, context_dim, use_checkpoint=False):
         super().__init__()
         self.use_checkpoint = use_checkpoint  # the host's ResBlock switch
-        self.in_layers = nn.Sequential(nn.GroupNorm(4, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNormSpecific(4, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, ch))
         self.attn = CrossAttention(ch, context_dim, checkpoint=use_checkpoint)
         # VC2's temporal conv block has a fixed dropout of 0.1 before its convolutions.
-        self.temporal = nn.Sequential(nn.GroupNorm(4, ch), nn.SiLU(), nn.Dropout(0.1),
+        self.temporal = nn.Sequential(GroupNormSpecific(4, ch), nn.SiLU(), nn.Dropout(0.1),
                                       nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0)))
 
     def forward(self, h, emb, context, b):
@@ -84,7 +91,7 @@ class UNetModel(nn.Module):
         self.input_blocks = nn.ModuleList([nn.Conv2d(in_channels, model_channels, 3, padding=1)])
         self.middle_block = nn.ModuleList([Block(model_channels, emb_dim, context_dim, use_checkpoint)
                                            for _ in range(len(channel_mult))])
-        self.out = nn.Sequential(nn.GroupNorm(4, model_channels), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNormSpecific(4, model_channels), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
 
     def forward(self, x, timesteps, context=None, features_adapter=None, fps=16, **kwargs):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
