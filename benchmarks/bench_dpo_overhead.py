@@ -167,6 +167,18 @@ def measure(root: Path, finetune: str, batch: dict, repeats: int) -> dict:
     }
 
 
+def store_reference_errors(module, backend, batch: dict) -> None:
+    """Put into ``batch`` what the ``dpo.precompute_reference`` pre-pass stores: the policy before its first step
+    (= the reference) on a seeded draw, as ``ref_err_w`` / ``ref_err_l``."""
+    from videotuna_dpo.losses import per_sample_mse
+
+    batch.update(draw_seed=torch.tensor([7]), draw_t=torch.tensor([[500, 500]]))
+    with torch.no_grad():
+        x0, noise, t, cond2 = module.step_inputs(batch)
+        ref_err = per_sample_mse(backend.predict(backend.add_noise(x0, noise, t), t, cond2), backend.target(x0, noise, t))
+    batch["ref_err_w"], batch["ref_err_l"] = ref_err.chunk(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)

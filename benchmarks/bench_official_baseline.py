@@ -34,8 +34,7 @@ def build(config: str, root: Path, latent_side: int):
 
     from omegaconf import OmegaConf
 
-    from bench_dpo_overhead import latent_batch, model_config
-    from videotuna_dpo.losses import per_sample_mse
+    from bench_dpo_overhead import latent_batch, model_config, store_reference_errors
     from videotuna_dpo.models.cogvideox import CogVideoXBackend
     from videotuna_dpo.models.finetune import without_reference_copy
     from videotuna_dpo.strategy import DPOModule, DPOSchema, OptimizerSchema
@@ -60,12 +59,8 @@ def build(config: str, root: Path, latent_side: int):
                                f"{tuple(latents['winner_latents'].shape)}")
     else:
         batch = latents
-    if precompute:  # what the pre-pass stores: the policy before its first step (= the reference) on a seeded draw
-        batch.update(draw_seed=torch.tensor([7]), draw_t=torch.tensor([[500, 500]]))
-        with torch.no_grad():
-            x0, noise, t, cond2 = module.step_inputs(batch)
-            ref_err = per_sample_mse(backend.predict(backend.add_noise(x0, noise, t), t, cond2), backend.target(x0, noise, t))
-        batch["ref_err_w"], batch["ref_err_l"] = ref_err.chunk(2)
+    if precompute:  # what the pre-pass stores, in the batch
+        store_reference_errors(module, backend, batch)
 
     def step() -> float:
         start = time.perf_counter()

@@ -101,7 +101,7 @@ def measure(config: str, root: Path, latent_side: int, steps: int, threads: int)
 
     from omegaconf import OmegaConf
 
-    from bench_dpo_overhead import latent_batch, model_config
+    from bench_dpo_overhead import latent_batch, model_config, store_reference_errors
     from videotuna_dpo.losses import per_sample_mse
     from videotuna_dpo.models.cogvideox import CogVideoXBackend
     from videotuna_dpo.models.finetune import without_reference_copy
@@ -118,13 +118,8 @@ def measure(config: str, root: Path, latent_side: int, steps: int, threads: int)
                        OmegaConf.structured(OptimizerSchema(lr=1e-6)), seed=0)
     optimizer = module.configure_optimizers()["optimizer"]
     batch = latent_batch(1, latent_side)
-    if precompute:  # what the pre-pass stores: the policy before its first step (= the reference) on a seeded draw
-        batch.update(draw_seed=torch.tensor([7]), draw_t=torch.tensor([[500, 500]]))
-        with torch.no_grad():
-            x0, noise, t, cond2 = module.step_inputs(batch)
-            ref_err = per_sample_mse(backend.predict(backend.add_noise(x0, noise, t), t, cond2), backend.target(x0, noise, t))
-        batch["ref_err_w"], batch["ref_err_l"] = ref_err.chunk(2)
-        del x0, noise, t, cond2, ref_err
+    if precompute:  # what the pre-pass stores, in the batch
+        store_reference_errors(module, backend, batch)
 
     def loss() -> torch.Tensor:
         if objective == "dpo":

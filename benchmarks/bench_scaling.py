@@ -18,29 +18,12 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    """A free TCP port below the ephemeral range: Lightning's own choice (an ephemeral port) can be handed to a
-    rank's outgoing connection as its source under load (a self-connect), failing rank 0 with EADDRINUSE."""
-    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    low = int(ranges.read_text().split()[0]) if ranges.is_file() else 32768
-    start = 20000 + (os.getpid() * 11) % max(1, low - 20000 - 1000)
-    for port in range(start, start + 1000):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {start}..{start + 999}")
 
 
 def train(args: argparse.Namespace) -> None:
@@ -101,7 +84,10 @@ def run(devices: int, threads: int, model: Path, out: Path, args: argparse.Names
            "--threads-per-process", str(threads), "--model", str(model), "--out", str(out),
            "--latent-side", str(args.latent_side), "--global-batch", str(args.global_batch),
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": str(threads),
+    from videotuna_dpo.jobs import free_port_below_ephemeral
+
+    port = free_port_below_ephemeral(salt=4)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)

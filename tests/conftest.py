@@ -23,26 +23,10 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
 def ddp_env(**extra: str) -> dict[str, str]:
     """The environment of a 2-process DDP subprocess: this one's, plus ``MASTER_PORT``, a free port below the
-    ephemeral range.
+    ephemeral range (see ``jobs.free_port_below_ephemeral``)."""
+    from videotuna_dpo.jobs import free_port_below_ephemeral
 
-    Lightning picks a free *ephemeral* port itself; under load a rank's connection attempts to it can be given
-    that very port as their source (a TCP self-connect), and rank 0 then fails with EADDRINUSE. Ports below
-    the range are never handed out as source ports; the worker id and pid spread concurrent runs apart.
-    """
-    import socket
-
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
-        if Path("/proc/sys/net/ipv4/ip_local_port_range").is_file() else 32768
-    start = 20000 + (os.getpid() * 7) % max(1, low - 20000 - 1000)
-    for port in range(start, start + 1000):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **extra}
-    raise RuntimeError(f"no free port in {start}..{start + 999}")
-
+    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port_below_ephemeral()), **extra}
 
 def run_ddp(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a command that starts 2 DDP ranks; every rank's output lands in ``cwd/ddp.stdout|stderr``.

@@ -58,6 +58,29 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
+def free_port_below_ephemeral(salt: int = 0) -> int:
+    """A free local TCP port below the ephemeral range, for ``MASTER_PORT`` of processes started on one machine.
+
+    Lightning picks a free *ephemeral* port itself; under load a rank's connection attempts to it can be given
+    that very port as their source (a TCP self-connect), and rank 0 then fails with EADDRINUSE. Ports below the
+    range are never handed out as source ports; the pid (and ``salt``) spread concurrent callers apart.
+    """
+    import socket
+    from pathlib import Path
+
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.is_file() else 32768
+    start = 20000 + (os.getpid() * 7 + salt) % max(1, low - 20000 - 1000)
+    for port in range(start, start + 1000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{start + 999}")
+
+
 def local_device() -> str:
     """This process's device before the job starts: ``cuda:<local rank>`` when there is a GPU, else ``cpu``."""
     if not torch.cuda.is_available():
