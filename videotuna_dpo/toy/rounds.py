@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("rounds"))
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1: about 7 minutes on 2 cores)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1: about 5 minutes on 2 idle cores)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hack", action="store_true",
                         help="train on temporal flickering + motion smoothness only (no motion, no caption term)")
