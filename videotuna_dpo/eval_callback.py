@@ -12,7 +12,7 @@ import torch
 from videotuna_dpo.config import plain, validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.sampling import GenerateSchema, sampler_kwargs
-from videotuna_dpo.scoring.build import build_scorers, omniscore_config, score_batch
+from videotuna_dpo.scoring.build import build_scorers, omniscore_config, score_batch, unscorable_reason
 from videotuna_dpo.scoring.omniscore import MOTION_SCORERS, NO_WEIGHTS_DIMENSIONS, omniscore, omniscore_dimensions
 
 # A run whose implicit accuracy reached this while a judge fell below its step-0 value is pointed out.
@@ -40,6 +40,13 @@ def check_judges(training: Sequence[str], judges: Sequence[str], where: str = "e
                         f"a judge must be a scorer the training never used")
     if len(set(judges)) != len(judges):
         raise UserError(f"{where}: lists a judge twice: {', '.join(judges)}")
+
+
+def measured_apart(training: Sequence[str], judges: Sequence[str], where: str = "eval.judges") -> list[str]:
+    """Check ``judges`` against the training scorers; -> the scorers evaluation also runs but keeps out of the
+    OmniScore: the motion measures and the judges, less any that are training scorers."""
+    check_judges(training, judges, where)
+    return [n for n in dict.fromkeys([*MOTION_SCORERS, *judges]) if n not in training]
 
 
 def eval_settings(cfg: Any, source: str = "<config>") -> Any:
@@ -71,6 +78,7 @@ class EvalCallback(L.Callback):
         at_start: bool = True,
         registry: Any = None,
         judges: Sequence[str] = (),
+        source: str | None = None,
     ):
         if every_n_steps < 1:
             raise UserError(f"eval_every_n_steps must be at least 1, got {every_n_steps}")
@@ -81,9 +89,9 @@ class EvalCallback(L.Callback):
         self.seeds = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
         self.scorer_names = list(scorers or NO_WEIGHTS_DIMENSIONS)
         self.judges = [str(j) for j in judges]
-        check_judges(self.scorer_names, self.judges, "eval.judges")
         # Scored with the rest, reported apart: the judges and the motion measures not among the scorers.
-        self.measured = [n for n in dict.fromkeys([*MOTION_SCORERS, *self.judges]) if n not in self.scorer_names]
+        self.measured = measured_apart(self.scorer_names, self.judges,
+                                       f"{source}: eval.judges" if source else "eval.judges")
         self.generate_kwargs = dict(generate_kwargs or {})
         self.batch_size = int(self.generate_kwargs.pop("batch_size", 4))
         self.scorer_options = {k: dict(v) for k, v in (scorer_options or {}).items()}
@@ -136,8 +144,7 @@ class EvalCallback(L.Callback):
         (said once); a judge that cannot fails in the scorer, naming why."""
         kept = {}
         for name, scorer in self._measured.items():
-            check = getattr(scorer, "unscorable", None)
-            problem = check(shape[1], shape[-2], shape[-1]) if check and name not in self.judges else None
+            problem = None if name in self.judges else unscorable_reason(scorer, shape[1], shape[-2], shape[-1])
             if problem is None:
                 kept[name] = scorer
             elif name not in self._said:
@@ -201,7 +208,6 @@ def eval_callback(cfg: Any, source: str = "<config>", registry: Any = None) -> E
         raise UserError(f"{source}: eval_every_n_steps is {every} but eval.prompts is empty; list a few prompts")
     gen = validate(cfg.get("generate"), GenerateSchema, "generate", source)
     kwargs = {**sampler_kwargs(gen), "batch_size": gen.batch_size}
-    check_judges(list(settings.scorers or NO_WEIGHTS_DIMENSIONS), list(settings.judges), f"{source}: eval.judges")
     return EvalCallback(every, list(settings.prompts), list(settings.seeds), settings.scorers, kwargs,
                         scorer_options=plain(settings.options), omniscore_weights=plain(settings.weights),
-                        registry=registry, judges=list(settings.judges))
+                        registry=registry, judges=list(settings.judges), source=source)

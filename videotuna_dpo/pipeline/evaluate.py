@@ -16,14 +16,14 @@ from typing import Any, Mapping, Sequence
 from videotuna_dpo.config import plain, validate
 from videotuna_dpo.data.scores import read_scores, record_values
 from videotuna_dpo.errors import UserError
-from videotuna_dpo.eval_callback import check_judges, eval_settings
+from videotuna_dpo.eval_callback import eval_settings, measured_apart
 from videotuna_dpo.fileio import check_writable_dir
 from videotuna_dpo.pipeline.generate import generate_videos
 from videotuna_dpo.jobs import Launch, is_main_process
 from videotuna_dpo.pipeline.report import write_report
 from videotuna_dpo.pipeline.score import score_videos
 from videotuna_dpo.sampling import GenerateSchema
-from videotuna_dpo.pipeline.guards import MOTION_SCORERS, check_table
+from videotuna_dpo.pipeline.guards import check_table
 from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
 from videotuna_dpo.user_files import read_json
 
@@ -216,9 +216,8 @@ def evaluate(
     settings = eval_settings(cfg, source)
     names = list(scorers or settings.scorers or NO_WEIGHTS_DIMENSIONS)
     judges = [str(j) for j in settings.judges]
-    check_judges(names, judges, f"{source}: eval.judges")
     # Judges and the motion measures are scored with the rest but never join the OmniScore (weight 0).
-    measured = [n for n in dict.fromkeys([*MOTION_SCORERS, *judges]) if n not in names]
+    measured = measured_apart(names, judges, f"{source}: eval.judges")
     options = {k: dict(v) for k, v in (scorer_options or plain(settings.options) or {}).items()}
     omni_weights = {k: float(v) for k, v in settings.weights.items()}
     omni_weights.update({n: 0.0 for n in measured if _is_dimension(n, registry)})

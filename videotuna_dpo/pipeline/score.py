@@ -23,7 +23,7 @@ from videotuna_dpo.errors import UserError
 from videotuna_dpo.fileio import atomic_file, check_writable_file, is_temporary
 from videotuna_dpo.jobs import Launch, Progress, chunked, is_main_process, local_device, rank_share, run_job
 from videotuna_dpo.pipeline.prompts import load_prompts
-from videotuna_dpo.scoring.build import build_scorers, describe_scorer, omniscore_config, score_batch
+from videotuna_dpo.scoring.build import build_scorers, describe_scorer, omniscore_config, score_batch, unscorable_reason
 from videotuna_dpo.scoring.omniscore import DIMENSIONS, omniscore, omniscore_dimensions
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"}
@@ -84,8 +84,7 @@ def _unscorable(models: Mapping[str, Any], shape: Sequence[int]) -> str | None:
     """
     reasons = []
     for name, scorer in models.items():
-        check = getattr(scorer, "unscorable", None)
-        why = check(int(shape[0]), int(shape[2]), int(shape[3])) if callable(check) else None
+        why = unscorable_reason(scorer, shape[0], shape[2], shape[3])
         if why:
             reasons.append(f"{name}: {why}")
     return "; ".join(reasons) or None

@@ -64,6 +64,13 @@ def describe_scorer(scorer: Any) -> dict:
     return {"version": str(scorer.version), "weights": scorer.weights_hint or None}
 
 
+def unscorable_reason(scorer: Any, num_frames: int, height: int, width: int) -> str | None:
+    """Why ``scorer`` cannot score a video of this size, when it declares ``unscorable`` (BaseScorer does;
+    plugin scorers may only declare ``min_frames``, which callers check), else None."""
+    check = getattr(scorer, "unscorable", None)
+    return check(int(num_frames), int(height), int(width)) if callable(check) else None
+
+
 def call_scorer(scorer: Any, clip: Any, texts: list[str], fps: float | None, shared: Any = None) -> Any:
     """Score a batch; scorers that declare ``uses_fps`` also get the files' frame rate, those that declare
     ``uses_shared`` the batch's :class:`~videotuna_dpo.scoring.shared_frames.SharedFrames` (when given)."""
