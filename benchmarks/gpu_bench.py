@@ -178,7 +178,7 @@ def single(name: str, root: Path, tiny: bool, device: str, repeats: int, checkpo
     memory.reset()
     dpo()
     peak_dpo = memory.peak_gb()
-    return {"s_per_step": round(t_dpo, 4), "t_sft_s": round(t_sft, 4), "t_ref_s": round(t_ref, 4),
+    return {"s_per_step": round(t_dpo, 6), "t_sft_s": round(t_sft, 6), "t_ref_s": round(t_ref, 6),
             "excess": round((t_dpo - t_sft) / t_ref, 3), "peak_gb": round(peak_dpo, 3), "peak_gb_sft": round(peak_sft, 3),
             "memory_dpo_over_sft": round(peak_dpo / peak_sft, 3), "memory_measure": memory.measure,
             "parameters": sum(p.numel() for p in backend.transformer.parameters()),
