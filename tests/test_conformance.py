@@ -174,6 +174,42 @@ def test_every_registered_backend_has_a_conformance_recipe():
     assert registered <= covered, f"backends without a conformance recipe: {sorted(registered - covered)}"
 
 
+# The blocks FSDP wraps one by one (strategy.wrap_blocks): the classes the network names in _no_split_modules, or
+# the backend's fsdp_blocks for VideoTuna's lvdm UNet, which names none; the toys wrap whole.
+FSDP_BLOCKS = {
+    "toy": None, "toy_flow": None,
+    "cogvideox": {"CogVideoXBlock", "CogVideoXPatchEmbed"}, "cogvideox_rope": {"CogVideoXBlock", "CogVideoXPatchEmbed"},
+    "videocrafter2": {"TimestepEmbedSequential"}, "t2v_turbo": {"TimestepEmbedSequential"},
+    "wan": {"WanTransformerBlock"}, "wan_a14b": {"WanTransformerBlock"},
+    "hunyuanvideo": {"HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock", "HunyuanVideoTokenRefiner",
+                     "HunyuanVideoPatchEmbed"},
+    "wan_videotuna": {"WanAttentionBlock"},
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_fsdp_wraps_each_backend_block_by_block(recipe, tmp_path, capsys):
+    from videotuna_dpo.registry import Registry
+    from videotuna_dpo.strategy import wrap_blocks
+
+    backend_name, model, *_ = RECIPES[recipe]
+    backend = Registry.load().get("model", backend_name).from_config(OmegaConf.create(model(tmp_path)))
+    capsys.readouterr()
+    kwargs = {"strategy": "fsdp", "devices": 2}
+    wrap_blocks(backend, kwargs)
+    printed = capsys.readouterr().out
+    expected = FSDP_BLOCKS[recipe]
+    if expected is None:
+        assert kwargs["strategy"] == "fsdp" and "FSDP wraps the whole model as one unit" in printed
+        return
+    classes = kwargs["strategy"].kwargs["auto_wrap_policy"]._module_classes
+    assert {c.__name__ for c in classes} == expected
+    denoisers = [getattr(backend, attr) for attr in backend.denoiser_attrs]
+    for cls in classes:  # each class is one the network has, not only a name on its list
+        assert any(isinstance(m, cls) for net in denoisers for m in net.modules()), cls.__name__
+    assert printed == f"lightning.trainer.strategy=fsdp: FSDP shards each of {', '.join(sorted(expected))}\n"
+
+
 def test_generate_writes_every_sample_with_its_own_seed(loop):
     name, root, _ = loop
     records = [json.loads((root / "samples" / f"p{i:05d}_s{k}.json").read_text()) for i in range(2) for k in range(2)]

@@ -463,7 +463,8 @@ def wrap_blocks(backend: Any, trainer_kwargs: dict[str, Any]) -> None:
 
     Wrapped only at the root, FSDP gathers the whole model for every forward and saves nothing at the peak. The
     blocks are the classes the network names in ``_no_split_modules`` (diffusers' and Wan's own list of the layers
-    that must stay whole, which accelerate shards by too), found among the modules of every denoiser, so the
+    that must stay whole, which accelerate shards by too) or, for a network without that list, the backend in
+    ``fsdp_blocks`` (VideoCrafter2's UNet blocks), found among the modules of every denoiser, so the
     frozen reference copy of a full fine-tune is sharded block by block with the policy. A network without such a
     list keeps the root wrap, said once.
     """
@@ -472,7 +473,9 @@ def wrap_blocks(backend: Any, trainer_kwargs: dict[str, Any]) -> None:
         return
     nets = [getattr(backend, attr) for attr in getattr(backend, "denoiser_attrs", ())]
     nets += list(getattr(backend, "ref_denoisers", {}).values())
-    names = {name for net in nets for name in getattr(net, "_no_split_modules", None) or ()}
+    # A network without the list (VideoTuna's lvdm UNet) may have its blocks named by the backend (fsdp_blocks).
+    names = {name for net in nets
+             for name in getattr(net, "_no_split_modules", None) or getattr(backend, "fsdp_blocks", ())}
     blocks = {type(m) for net in nets for m in net.modules() if type(m).__name__ in names}
     if not blocks:
         print(f"lightning.trainer.strategy={strategy}: {type(backend).__name__}'s denoiser names no blocks to shard "

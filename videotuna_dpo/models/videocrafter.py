@@ -73,6 +73,9 @@ class VideoCrafter2Backend(VideoTunaFlowBackend, nn.Module):
                        "(checkpoints/videocrafter/t2v_v2_512_split)")
 
     schema: type = VideoCrafter2Schema
+    # lvdm's UNetModel names no _no_split_modules; each of its input, middle and output blocks (a ResBlock with
+    # its spatial and temporal transformers) is a TimestepEmbedSequential: FSDP's unit (strategy.wrap_blocks).
+    fsdp_blocks = ("TimestepEmbedSequential",)
 
     def __init__(self, cfg: VideoCrafter2Schema | Any, flow: Any = None):
         super().__init__()

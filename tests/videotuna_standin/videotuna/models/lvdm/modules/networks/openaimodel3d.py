@@ -75,6 +75,16 @@ class Block(nn.Module):
         return video.permute(0, 2, 1, 3, 4).reshape(bt, c, hh, ww)
 
 
+class TimestepEmbedSequential(nn.Sequential):
+    """The host's container of each input, middle and output block (what FSDP wraps one by one): the time
+    embedding and context go to the layers that take them."""
+
+    def forward(self, h, emb, context, b):
+        for layer in self:
+            h = layer(h, emb, context, b) if isinstance(layer, Block) else layer(h)
+        return h
+
+
 class UNetModel(nn.Module):
     def __init__(self, in_channels, model_channels, out_channels, num_res_blocks=1, attention_resolutions=(),
                  channel_mult=(1,), context_dim=None, temporal_length=16, fps_cond=False, use_fp16=False,
@@ -88,8 +98,8 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if fps_cond:
             self.fps_embedding = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.input_blocks = nn.ModuleList([nn.Conv2d(in_channels, model_channels, 3, padding=1)])
-        self.middle_block = nn.ModuleList([Block(model_channels, emb_dim, context_dim, use_checkpoint)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.middle_block = nn.ModuleList([TimestepEmbedSequential(Block(model_channels, emb_dim, context_dim, use_checkpoint))
                                            for _ in range(len(channel_mult))])
         self.out = nn.Sequential(GroupNormSpecific(4, model_channels), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
 
@@ -103,7 +113,7 @@ class UNetModel(nn.Module):
         context = context.repeat_interleave(repeats=t, dim=0)
         emb = emb.repeat_interleave(repeats=t, dim=0)
         h = x.permute(0, 2, 1, 3, 4).reshape(b * t, *x.shape[1:2], *x.shape[3:]).type(self.dtype)
-        h = self.input_blocks[0](h)
+        h = self.input_blocks[0](h, emb, context, b)
         for block in self.middle_block:
             h = block(h, emb, context, b)
         y = self.out(h).type(x.dtype)
