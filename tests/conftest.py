@@ -21,6 +21,19 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves os.environ as it found it. Lightning writes its launch variables into the process that ran
+    DDP (LOCAL_RANK, NODE_RANK, MASTER_PORT stay after the run, even on one device, as the VideoTuna host's default
+    strategy does): left in a pytest worker, they reach every later test's subprocesses, and a 2-process run started
+    there waited for a rank 1 that Lightning never started (issue #13)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def ddp_env(**extra: str) -> dict[str, str]:
     """The environment of a 2-process DDP subprocess: this one's, plus ``MASTER_PORT``, a free port below the
     ephemeral range (see ``jobs.free_port_below_ephemeral``)."""

@@ -1,3 +1,4 @@
+import os
 from contextlib import nullcontext
 
 import pytest
@@ -331,6 +332,70 @@ def test_an_engine_the_machine_cannot_run_is_refused_before_the_model_loads(tmp_
         "model": {"pretrained": str(tmp_path / "not-loaded")}, "data": {"train_data": str(tmp_path / "not-read.yaml")}})
     with pytest.raises(UserError, match=expected):
         DPOStrategy.run(cfg, Registry.load(["dpo"]), source="c.yaml")
+    assert not (tmp_path / "run").exists()
+
+
+# Rank 0 of a 2-task srun job on one node.
+SRUN = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost"}
+
+
+@pytest.mark.parametrize("env,trainer,refused", [
+    ({"LOCAL_RANK": "0"}, {"devices": 2}, True),  # what Lightning leaves behind after a DDP run in this process
+    ({"LOCAL_RANK": "0"}, {"devices": 1, "num_nodes": 2}, True),
+    ({"LOCAL_RANK": "0"}, {"devices": 1}, False),  # one process: Lightning starts no other rank
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, {"devices": 2}, False),  # a rank that torchrun or Lightning started
+    ({"LOCAL_RANK": "0", **SRUN}, {"devices": 2}, False),  # under srun Lightning reads SLURM's variables
+    ({}, {"devices": 2}, False),
+])
+def test_a_multi_process_run_from_a_stale_local_rank_is_refused_not_left_waiting(env, trainer, refused, monkeypatch):
+    from videotuna_dpo.errors import UserError
+    from videotuna_dpo.jobs import Launch
+    from videotuna_dpo.strategy import check_engine
+
+    for name in [n for n in os.environ if n in ("LOCAL_RANK", "WORLD_SIZE") or n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    model, dpo = OmegaConf.create({"finetune": "lora"}), OmegaConf.create({})
+    checks = [lambda: check_engine({"strategy": "ddp", "accelerator": "cpu", **trainer}, model, dpo, "c.yaml"),
+              lambda: Launch(devices=trainer["devices"], num_nodes=trainer.get("num_nodes", 1)).resolved()]
+    processes = trainer["devices"] * trainer.get("num_nodes", 1)
+    settings = f"strategy=ddp, accelerator=cpu, devices={trainer['devices']}" + (
+        f", num_nodes={trainer['num_nodes']}" if "num_nodes" in trainer else "")
+    for check, what in zip(checks, [f"c.yaml: lightning.trainer ({settings})",
+                                    f"--devices {trainer['devices']} --num-nodes {trainer.get('num_nodes', 1)}"]):
+        if not refused:
+            check()
+            continue
+        with pytest.raises(UserError) as err:
+            check()
+        assert str(err.value).startswith(
+            f"{what}: {processes} processes, but this process's environment has LOCAL_RANK=0 without WORLD_SIZE: "
+            f"Lightning would take it for one rank of a job a launcher started and wait for the other ranks")
+        assert str(err.value).endswith("Unset LOCAL_RANK (and NODE_RANK, MASTER_PORT) for this command, or start it "
+                                       "with torchrun")
+
+
+def test_a_ddp_run_started_after_an_in_process_ddp_run_says_why_instead_of_hanging(tiny_cogvideox, tiny_dataset,
+                                                                                   tmp_path):
+    """The user's case: a script trains through the VideoTuna host (DDP, one device) in its own process, whose
+    Lightning leaves LOCAL_RANK=0 and NODE_RANK=0 in os.environ, then starts `videotuna train` on 2 processes.
+    Lightning would take that command for rank 0 of an outside launch and wait 30 minutes for a rank 1."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "LOCAL_RANK": "0", "NODE_RANK": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "videotuna_dpo", "train", "--strategy", "dpo", "--config",
+         str(ROOT / "configs" / "dpo" / "cogvideox_tiny.yaml"), f"model.pretrained={tiny_cogvideox}",
+         f"data.train_data={tiny_dataset}", f"output_dir={tmp_path / 'run'}", "lightning.trainer.devices=2",
+         "lightning.trainer.strategy=ddp"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "2 processes, but this process's environment has LOCAL_RANK=0 without WORLD_SIZE" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 

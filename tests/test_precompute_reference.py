@@ -234,9 +234,6 @@ def test_precompute_reference_needs_a_latent_cache_and_a_reference_it_can_comput
         _build(OmegaConf.merge(cfg, {"model": {"trainable_weights": str(tmp_path / "w")}}))
 
 
-@pytest.mark.skip(reason="hangs intermittently (1 in 3 fresh-clone make test runs, 2026-12-01): rank 1, which "
-                         "Lightning starts for trainer.predict, prints nothing and never reaches seed_everything, and "
-                         "rank 0 waits in init_process_group; issue #13 (the run_ddp output of the hang is in its note)")
 def test_the_pre_pass_shards_pairs_across_two_ddp_ranks(tiny_cogvideox, tiny_dataset, latent_cache, tmp_path):
     cache = _own_cache(latent_cache, tmp_path)
     env = ddp_env(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

@@ -47,7 +47,28 @@ class Launch:
             raise UserError(f"--devices and --num-nodes must be at least 1, got {devices} and {nodes}")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        check_launch_environment(devices * nodes, f"--devices {devices} --num-nodes {nodes}")
         return devices, nodes
+
+
+def check_launch_environment(processes: int, what: str) -> None:
+    """A run of ``processes`` > 1 is refused where Lightning would take this process for one rank of a job that a
+    launcher started, and wait for the other ranks, which nothing starts.
+
+    Lightning takes ``LOCAL_RANK`` in the environment as the sign of an outside launcher. Every launcher (torchrun,
+    Lightning's own for the processes it starts) sets ``WORLD_SIZE`` with it; after a DDP run Lightning removes
+    ``WORLD_SIZE`` from its own process but leaves ``LOCAL_RANK``, so a script or notebook that trained under DDP
+    (the VideoTuna host's default strategy, even on one device) hands ``LOCAL_RANK`` alone to the commands it starts.
+    Under SLURM Lightning reads SLURM's variables instead.
+    """
+    if processes > 1 and "LOCAL_RANK" in os.environ and "WORLD_SIZE" not in os.environ \
+            and "SLURM_NTASKS" not in os.environ:
+        raise UserError(
+            f"{what}: {processes} processes, but this process's environment has LOCAL_RANK={os.environ['LOCAL_RANK']} "
+            f"without WORLD_SIZE: Lightning would take it for one rank of a job a launcher started and wait for the "
+            f"other ranks, which nothing starts. torchrun and Lightning's own launcher set both; LOCAL_RANK alone is "
+            f"left over, e.g. from a DDP run earlier in the Python process that started this one. Unset LOCAL_RANK "
+            f"(and NODE_RANK, MASTER_PORT) for this command, or start it with torchrun")
 
 
 def _env_int(*names: str) -> int | None:

@@ -17,6 +17,7 @@ from videotuna_dpo.data.order import generator, seeded
 from videotuna_dpo.errors import UserError, first_line
 from videotuna_dpo.eval_callback import eval_callback
 from videotuna_dpo.fileio import check_writable_dir, write_json_atomic, write_text_atomic
+from videotuna_dpo.jobs import check_launch_environment
 from videotuna_dpo.losses import LOSS_TYPES, per_sample_mse, preference_loss
 from videotuna_dpo.models.finetune import without_reference_copy
 from videotuna_dpo.models.flow_matching import TIMESTEP_SAMPLING
@@ -448,14 +449,15 @@ def check_engine(trainer_kwargs: dict[str, Any], model_cfg: Any, dpo: Any, sourc
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    settings = ", ".join(f"{k}={v}" for k, v in probe.items()) or "the defaults"
     try:
-        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  **probe)
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, **probe)
     except Exception as exc:  # Lightning's refusals are ValueError, MisconfigurationException, ImportError...
-        settings = ", ".join(f"{k}={v}" for k, v in probe.items()) or "the defaults"
         raise UserError(f"{source}: lightning.trainer ({settings}) cannot run here: {first_line(exc, 400)}") from None
     finally:
         quiet.setLevel(level)
+    check_launch_environment(trainer.num_devices * trainer.num_nodes, f"{source}: lightning.trainer ({settings})")
 
 
 def wrap_blocks(backend: Any, trainer_kwargs: dict[str, Any]) -> None:
