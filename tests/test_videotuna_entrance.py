@@ -35,9 +35,9 @@ def _videotuna_yaml(files, train_data, workdir, backend="videocrafter2"):
     })
 
 
-def _run_like_train_new(config):
+def _run_like_train_new(config, callbacks=(), ckpt_path=None):
     """scripts/train_new.py's sequence (prepare_train_args' train.mapping, then the flow) with the host's
-    instantiate_from_config."""
+    instantiate_from_config; ``callbacks`` join the host's, ``ckpt_path`` is ``--resume_ckpt``."""
     from videotuna.utils.common_utils import instantiate_from_config
 
     for source, target in (OmegaConf.select(config, "train.mapping") or {}).items():
@@ -46,7 +46,8 @@ def _run_like_train_new(config):
     train = config.train
     flow.from_pretrained(train.ckpt, train.trained_ckpt, train.lorackpt)
     flow.init_trainer(train)
-    flow.trainer.fit(flow, flow.data)
+    flow.trainer.callbacks.extend(callbacks)
+    flow.trainer.fit(flow, flow.data, ckpt_path=ckpt_path)
     return flow
 
 
@@ -256,6 +257,36 @@ def test_dpo_flow_sets_logdir_so_the_image_logger_samples_and_exports_each_step_
     assert len(images) == 4  # every second batch of 8 micro-batches (2 pairs, batch 1: batch_idx 1 of each epoch)
     logged = torch.load(images[0], weights_only=True)
     assert logged["samples"].shape == (1, 3, 4, 32, 32) and logged["samples"].std() > 0
+
+
+def test_the_entrance_resumed_mid_epoch_trains_the_pairs_of_the_uninterrupted_run(vc2_files, tiny_dataset, tmp_path):
+    """--resume_ckpt from a step inside an epoch: the data module continues that epoch where it stopped (it needs
+    the host's Trainer for that), so the resumed run draws the same pairs and ends with the same weights."""
+    import pytorch_lightning as pl
+
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append((trainer.current_epoch, list(batch["pair_id"]), [int(s) for s in batch["frame_start"]]))
+
+    def run(workdir, ckpt_path=None):
+        config = _videotuna_yaml(vc2_files, tiny_dataset, workdir)
+        config.train.data.params.update(batch_size=1, frame_start="random")
+        config.train.lightning.trainer.enable_checkpointing = True
+        seen = Seen()
+        every_step = pl.callbacks.ModelCheckpoint(dirpath=workdir / "ckpt", filename="{step}", every_n_train_steps=1,
+                                                  save_top_k=-1)
+        torch.manual_seed(0)  # train_new.py's seed_everything
+        return _run_like_train_new(config, [seen, every_step], ckpt_path), seen.batches
+
+    whole, seen_whole = run(tmp_path / "whole")  # 3 steps; 2 pairs, batch 1: epoch 0 = steps 1-2, epoch 1 = step 3
+    resumed, seen_resumed = run(tmp_path / "resumed", str(tmp_path / "whole" / "ckpt" / "step=1.ckpt"))  # in epoch 0
+    assert resumed.trainer.global_step == 3 and len(seen_whole) == 3
+    assert seen_resumed == seen_whole[1:], (seen_whole, seen_resumed)
+    trained = [(a, b) for a, b in zip(whole.backend.trainable_parameters(), resumed.backend.trainable_parameters())]
+    assert trained and all(torch.equal(a, b) for a, b in trained)
 
 
 @pytest.mark.parametrize("name", ["vc2_dpo", "t2v_turbo_dpo"])
