@@ -230,7 +230,7 @@ def test_under_several_processes_each_rank_shards_itself_with_a_sampler_lightnin
                                                                        "video_length": 4}))
         module.seed = 3
         progress = SimpleNamespace(current=SimpleNamespace(ready=done))
-        module.trainer = SimpleNamespace(global_rank=rank, world_size=world,
+        module.trainer = SimpleNamespace(global_rank=rank, world_size=world, strategy=SimpleNamespace(broadcast=lambda x: x),
                                          fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
         loader = module.train_dataloader()
         return loader, [int(i) for i, _ in loader.sampler]

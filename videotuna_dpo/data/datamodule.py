@@ -197,6 +197,8 @@ class PreferenceDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         seed = self.seed if self.seed is not None else torch.initial_seed()
+        if world > 1:  # the ranks shard one order: rank 0's seed (a process seeded otherwise would overlap shares)
+            seed = int(trainer.strategy.broadcast(seed))
         self.dataset.seed = seed
         order = EpochOrder(len(self.dataset), seed, self.cfg.shuffle, rank, world)
         order.skip = self._batches_done(-(-len(order) // self.cfg.batch_size)) * self.cfg.batch_size
