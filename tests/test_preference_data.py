@@ -228,9 +228,9 @@ def test_under_several_processes_each_rank_shards_itself_with_a_sampler_lightnin
     def share(rank, world, done=0):
         module = PreferenceDataModule.from_config(OmegaConf.create({"train_data": str(dataset), "batch_size": 1,
                                                                        "video_length": 4}))
-        module.seed = 3
+        module.seed = 3 + rank  # each rank seeded otherwise; the strategy broadcasts rank 0's seed
         progress = SimpleNamespace(current=SimpleNamespace(ready=done))
-        module.trainer = SimpleNamespace(global_rank=rank, world_size=world, strategy=SimpleNamespace(broadcast=lambda x: x),
+        module.trainer = SimpleNamespace(global_rank=rank, world_size=world, strategy=SimpleNamespace(broadcast=lambda x: 3),
                                          fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
         loader = module.train_dataloader()
         return loader, [int(i) for i, _ in loader.sampler]
