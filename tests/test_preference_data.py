@@ -215,6 +215,37 @@ def test_epoch_order_is_seeded_by_epoch_shared_across_ranks_and_resumes_mid_epoc
     assert EpochOrder(5, seed=7, shuffle=False).indices() == [0, 1, 2, 3, 4]
 
 
+def test_under_several_processes_each_rank_shards_itself_with_a_sampler_lightning_keeps(tmp_path):
+    """Under a DDP strategy Lightning wraps any sampler but a DistributedSampler in its own (VideoTuna's Trainer keeps
+    use_distributed_sampler on, and its DDP even on one device), which reshards the whole order and cannot resume a
+    rank mid-epoch."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    dataset = write_official_dataset(tmp_path / "ds", [f"caption {i}" for i in range(5)])
+
+    def share(rank, world, done=0):
+        module = PreferenceDataModule.from_config(OmegaConf.create({"train_data": str(dataset), "batch_size": 1,
+                                                                       "video_length": 4}))
+        module.seed = 3 + rank  # each rank seeded otherwise; the strategy broadcasts rank 0's seed
+        progress = SimpleNamespace(current=SimpleNamespace(ready=done))
+        module.trainer = SimpleNamespace(global_rank=rank, world_size=world, strategy=SimpleNamespace(broadcast=lambda x: 3),
+                                         fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+        loader = module.train_dataloader()
+        return loader, [int(i) for i, _ in loader.sampler]
+
+    (loader0, first), (loader1, second) = share(0, 2), share(1, 2)
+    assert isinstance(loader0.sampler, DistributedSampler) and isinstance(loader1.sampler, DistributedSampler)
+    assert (loader0.sampler.rank, loader0.sampler.num_replicas, loader1.sampler.rank) == (0, 2, 1)
+    assert len(first) == len(second) == len(loader0) == 3  # 5 pairs padded to 2 x 3, as DistributedSampler pads
+    assert sorted(set(first) | set(second)) == [0, 1, 2, 3, 4]
+    whole = share(0, 1)[1]
+    assert first == whole[0::2] and second == (whole + whole[:1])[1::2]
+    # A run resumed after 2 batches of the epoch: each rank continues its own share where it stopped.
+    assert share(0, 2, done=2)[1] == first[2:] and share(1, 2, done=2)[1] == second[2:]
+
+
 def _official_scripts_dataset(root, scores):
     """A dataset as the official VideoDPO scripts write it: winvideos/ and losevideos/ under the video root,
     metadata.json with absolute clip paths and the constant duration 1.6, pair.json rows {video1, video2,

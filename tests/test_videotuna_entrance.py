@@ -2,14 +2,17 @@
 
 import json
 import math
+import os
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.videotuna_fixtures import use_standin, vc2_files, wan_files  # noqa: F401
+from tests.conftest import ddp_env, run_ddp
+from tests.videotuna_fixtures import STANDIN, use_standin, vc2_files, wan_files  # noqa: F401
 from videotuna_dpo.config import validate
 from videotuna_dpo.errors import UserError
 from videotuna_dpo.models.videotuna_host import VideoTunaMissingError
@@ -35,9 +38,9 @@ def _videotuna_yaml(files, train_data, workdir, backend="videocrafter2"):
     })
 
 
-def _run_like_train_new(config):
+def _run_like_train_new(config, callbacks=(), ckpt_path=None):
     """scripts/train_new.py's sequence (prepare_train_args' train.mapping, then the flow) with the host's
-    instantiate_from_config."""
+    instantiate_from_config; ``callbacks`` join the host's, ``ckpt_path`` is ``--resume_ckpt``."""
     from videotuna.utils.common_utils import instantiate_from_config
 
     for source, target in (OmegaConf.select(config, "train.mapping") or {}).items():
@@ -46,7 +49,8 @@ def _run_like_train_new(config):
     train = config.train
     flow.from_pretrained(train.ckpt, train.trained_ckpt, train.lorackpt)
     flow.init_trainer(train)
-    flow.trainer.fit(flow, flow.data)
+    flow.trainer.callbacks.extend(callbacks)
+    flow.trainer.fit(flow, flow.data, ckpt_path=ckpt_path)
     return flow
 
 
@@ -256,6 +260,112 @@ def test_dpo_flow_sets_logdir_so_the_image_logger_samples_and_exports_each_step_
     assert len(images) == 4  # every second batch of 8 micro-batches (2 pairs, batch 1: batch_idx 1 of each epoch)
     logged = torch.load(images[0], weights_only=True)
     assert logged["samples"].shape == (1, 3, 4, 32, 32) and logged["samples"].std() > 0
+
+
+def test_the_entrance_resumed_mid_epoch_trains_the_pairs_of_the_uninterrupted_run(vc2_files, tiny_dataset, tmp_path):
+    """--resume_ckpt from a step inside an epoch: the data module continues that epoch where it stopped (it needs
+    the host's Trainer for that), so the resumed run draws the same pairs and ends with the same weights."""
+    import pytorch_lightning as pl
+
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append((trainer.current_epoch, list(batch["pair_id"]), [int(s) for s in batch["frame_start"]]))
+
+    def run(workdir, ckpt_path=None):
+        config = _videotuna_yaml(vc2_files, tiny_dataset, workdir)
+        config.train.data.params.update(batch_size=1, frame_start="random")
+        config.train.lightning.trainer.enable_checkpointing = True
+        seen = Seen()
+        every_step = pl.callbacks.ModelCheckpoint(dirpath=workdir / "ckpt", filename="{step}", every_n_train_steps=1,
+                                                  save_top_k=-1)
+        torch.manual_seed(0)  # train_new.py's seed_everything
+        return _run_like_train_new(config, [seen, every_step], ckpt_path), seen.batches
+
+    whole, seen_whole = run(tmp_path / "whole")  # 3 steps; 2 pairs, batch 1: epoch 0 = steps 1-2, epoch 1 = step 3
+    resumed, seen_resumed = run(tmp_path / "resumed", str(tmp_path / "whole" / "ckpt" / "step=1.ckpt"))  # in epoch 0
+    assert resumed.trainer.global_step == 3 and len(seen_whole) == 3
+    assert seen_resumed == seen_whole[1:], (seen_whole, seen_resumed)
+    trained = [(a, b) for a, b in zip(whole.backend.trainable_parameters(), resumed.backend.trainable_parameters())]
+    assert trained and all(torch.equal(a, b) for a, b in trained)
+
+
+ENTRANCE_DDP_DRIVER = textwrap.dedent('''
+    """scripts/train_new.py's sequence on the stand-in host (Lightning reruns this file as rank 1), each rank seeded
+    differently (train_new.py seeds both alike; a script may not). Each rank writes ranks/rank<r>.json: its batches'
+    pair ids and losses, its trainable tensors' bytes (hex) at the end, and the exported-weights folders it wrote."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import pytorch_lightning as pl
+    import torch
+    from omegaconf import OmegaConf
+    from videotuna.utils.common_utils import instantiate_from_config
+    from videotuna_dpo.models.videocrafter import VideoCrafter2Backend
+
+    torch.manual_seed(int(os.environ.get("LOCAL_RANK", "0")))  # Lightning sets LOCAL_RANK in the process it starts
+    config = OmegaConf.load(sys.argv[1])
+    record = {"batches": [], "exported": []}
+    original = VideoCrafter2Backend.save_trainable
+    VideoCrafter2Backend.save_trainable = lambda self, d: record["exported"].append(Path(d).name) or original(self, d)
+
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            record["batches"].append({"step": trainer.global_step, "pairs": list(batch["pair_id"])})
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            record["batches"][-1]["loss"] = float(outputs["loss"]) * trainer.accumulate_grad_batches
+
+        def on_fit_end(self, trainer, pl_module):
+            record["sampler"] = type(trainer.train_dataloader.sampler).__name__
+            record["weights"] = [p.detach().cpu().float().numpy().tobytes().hex()
+                                 for p in pl_module.backend.trainable_parameters()]
+            out = Path(sys.argv[2]) / f"rank{trainer.global_rank}.json"
+            out.write_text(json.dumps(record))
+
+
+    flow = instantiate_from_config(config.flow, resolve=True)
+    flow.from_pretrained(config.train.ckpt, None, None)
+    flow.init_trainer(config.train)
+    flow.trainer.callbacks.append(Record())
+    flow.trainer.fit(flow, flow.data)
+''')
+
+
+def test_the_entrance_under_the_hosts_ddp_on_two_processes(vc2_files, tmp_path):
+    """Issue #13: VideoTuna's default DDP (gloo on CPU) with 2 processes: each rank trains its own half of the pairs
+    (even when the ranks were seeded differently), both start at log 2 and end with identical weights, and only
+    rank 0 exports weights."""
+    from tests.datasets import write_official_dataset
+
+    dataset = write_official_dataset(tmp_path / "ds", [f"a square number {i}" for i in range(4)])
+    config = _videotuna_yaml(vc2_files, dataset, tmp_path / "run")
+    config.flow.params.export_every_n_steps = 1
+    config.train.data.params.batch_size = 1
+    config.train.lightning.trainer.update(devices=2, max_steps=2)  # 4 pairs / 2 ranks: one epoch of 2 steps
+    OmegaConf.save(config, tmp_path / "config.yaml")
+    (tmp_path / "ranks").mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(ENTRANCE_DDP_DRIVER)
+    env = ddp_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(STANDIN), os.environ.get("PYTHONPATH", "")]))
+    proc = run_ddp([sys.executable, str(driver), str(tmp_path / "config.yaml"), str(tmp_path / "ranks")], env=env,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    shares = [[p for b in r["batches"] for p in b["pairs"]] for r in ranks]
+    assert len(shares[0]) == len(shares[1]) == 2 and sorted(shares[0] + shares[1]) == sorted(
+        f"{dataset.parent / 'part0'}#{i}" for i in range(4))  # each pair once, on one rank
+    assert all(r["sampler"] == "EpochOrder" for r in ranks)  # ours, not Lightning's wrapper around it
+    assert [r["batches"][0]["loss"] for r in ranks] == [pytest.approx(math.log(2), abs=1e-6)] * 2
+    assert ranks[0]["weights"] and ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["exported"] == ["step-1", "step-2", "last"] and ranks[1]["exported"] == []
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "dpo_weights").iterdir()) == [
+        "last", "step-1", "step-2"]
 
 
 @pytest.mark.parametrize("name", ["vc2_dpo", "t2v_turbo_dpo"])

@@ -640,7 +640,8 @@ class DPOStrategy:
         routed_ddp(module.backend, trainer_kwargs)
         wrap_blocks(module.backend, trainer_kwargs)
         if hasattr(datamodule, "shard_by_rank"):
-            # Our sampler shards by rank itself and resumes mid-epoch; Lightning's DistributedSampler would not.
+            # A plugin's datamodule that shards by rank itself (ours does so unasked: its sampler is a
+            # DistributedSampler, which Lightning keeps).
             datamodule.shard_by_rank = True
             trainer_kwargs["use_distributed_sampler"] = False
         trainer_kwargs.setdefault("log_every_n_steps", 1)

@@ -155,4 +155,7 @@ class PreferenceData(pl.LightningDataModule):
         self.datasets = {"train": self.inner.dataset}
 
     def train_dataloader(self):
+        # The host attaches its Trainer to this module; the inner one needs it for the rank's share and the
+        # mid-epoch resume offset.
+        self.inner.trainer = self.trainer
         return self.inner.train_dataloader()

@@ -144,7 +144,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.pairs: list[PairRecord] | None = None
         self.dataset: Dataset | None = None
         self.seed: int | None = None  # the run's seed (default: torch.initial_seed(), set by seed_everything)
-        self.shard_by_rank = False  # True when the Trainer leaves sharding to us (use_distributed_sampler=False)
 
     @classmethod
     def from_config(cls, data_cfg: Any, source: str = "<config>") -> "PreferenceDataModule":
@@ -189,11 +188,17 @@ class PreferenceDataModule(L.LightningDataModule):
         self.pairs = self.dataset.pairs
 
     def train_dataloader(self) -> DataLoader:
-        """Pairs in an order seeded by (seed, epoch), this rank's share, continuing mid-epoch after a resume."""
+        """Pairs in an order seeded by (seed, epoch), this rank's share, continuing mid-epoch after a resume.
+
+        The sampler shards by ``trainer.global_rank`` itself and is a ``DistributedSampler``, which Lightning keeps
+        (whatever the Trainer's ``use_distributed_sampler``).
+        """
         self.setup("fit")
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and self.shard_by_rank else (0, 1)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         seed = self.seed if self.seed is not None else torch.initial_seed()
+        if world > 1:  # the ranks shard one order: rank 0's seed (a process seeded otherwise would overlap shares)
+            seed = int(trainer.strategy.broadcast(seed))
         self.dataset.seed = seed
         order = EpochOrder(len(self.dataset), seed, self.cfg.shuffle, rank, world)
         order.skip = self._batches_done(-(-len(order) // self.cfg.batch_size)) * self.cfg.batch_size

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
 def derived_seed(*parts: Any) -> int:
@@ -41,15 +41,18 @@ def item_key(key: int | tuple[int, int]) -> tuple[int, int]:
     return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
 
 
-class EpochOrder(Sampler):
+class EpochOrder(DistributedSampler):
     """Keys ``(index, epoch)`` of one epoch: a permutation seeded by (seed, epoch), or the dataset order.
 
     ``set_epoch`` (called by Lightning at each epoch start) picks the epoch; ``rank``/``world_size``
     take this process's share as DistributedSampler does (padded to equal shares); ``skip`` drops the
     first items of the next iteration, where a resumed run continues mid-epoch.
+    A ``DistributedSampler`` so that Lightning keeps it: under a DDP strategy (VideoTuna's default, even on one
+    device) it wraps any other sampler in its own, which shards the whole order again and cannot skip.
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
