@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from videotuna_dpo.data.latent_cache import video_id
 from videotuna_dpo.data.order import derived_seed
@@ -233,6 +233,21 @@ class DrawWriter:
         self.ready.clear()
 
 
+class RankShare(DistributedSampler):
+    """Keys already sharded for this rank, in order. A ``DistributedSampler`` so that Lightning, under a DDP
+    strategy with ``use_distributed_sampler`` on, keeps it instead of sharding the share again."""
+
+    def __init__(self, keys: list[Any]):
+        super().__init__(range(max(1, len(keys))), num_replicas=1, rank=0, shuffle=False)
+        self.keys = list(keys)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 class ReferencePassData(L.LightningDataModule):
     """The pre-pass's items: every draw of this rank's share of the pending pairs (equal shares on every rank)."""
 
@@ -250,7 +265,8 @@ class ReferencePassData(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         keys = [(i, k) for i in self.share(rank, world) for k in range(self.draws)]
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=keys, num_workers=0, shuffle=False)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=RankShare(keys), num_workers=0,
+                          shuffle=False)
 
 
 class ReferencePass(L.Callback):
