@@ -495,3 +495,29 @@ def test_the_entrance_refuses_precompute_reference_by_name(vc2_files):
     with pytest.raises(UserError, match=r"flow.params.dpo.precompute_reference: the reference pre-pass runs in "
                                         r"`videotuna train` \(on a latent cache\)"):
         DPOFlow(vc2_files["section"], dpo={"precompute_reference": True})
+
+
+def test_the_hosts_flow_checkpoint_folder_is_made_before_its_ranks_race_to_make_it(tmp_path):
+    """VideoTuna's VideoTunaModelCheckpoint saves the whole flow on every rank into ``<dirpath>/flow``, making the
+    folder when it finds it missing (exists-then-makedirs): two ranks raced there and one died with
+    FileExistsError in 2 of 17 two-process runs of the real host. DPOFlow makes the folder at train start."""
+    from types import SimpleNamespace
+
+    from videotuna_dpo.videotuna_flow import make_host_checkpoint_dirs
+
+    class VideoTunaModelCheckpoint:  # the host's names: save_flow, dirpath, _save_flow_checkpoint
+        def __init__(self, dirpath, save_flow):
+            self.dirpath, self.save_flow = str(dirpath), save_flow
+
+        def _save_flow_checkpoint(self, trainer, pl_module, filepath):
+            folder = os.path.join(os.path.dirname(filepath), "flow")
+            if not os.path.exists(folder):
+                os.makedirs(folder)
+
+    flows = VideoTunaModelCheckpoint(tmp_path / "a" / "checkpoints", save_flow=True)
+    trained_only = VideoTunaModelCheckpoint(tmp_path / "b" / "checkpoints", save_flow=False)
+    trainer = SimpleNamespace(callbacks=[flows, trained_only, SimpleNamespace(dirpath=str(tmp_path / "c"))])
+    make_host_checkpoint_dirs(trainer)
+    make_host_checkpoint_dirs(trainer)  # every rank makes it: no error when it is there
+    assert (tmp_path / "a" / "checkpoints" / "flow").is_dir()
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -9,6 +9,7 @@ Both classes subclass ``pytorch_lightning`` classes, as the host's Trainer requi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +39,17 @@ def _backend_class(name: str) -> Any:
 
 class _ExportWeights(ExportCadence, pl.Callback):
     """``ExportCadence`` on the host's ``pytorch_lightning`` Trainer."""
+
+
+def make_host_checkpoint_dirs(trainer: Any) -> None:
+    """The ``<dirpath>/flow`` folder of each VideoTuna checkpoint callback that saves the whole flow, made now on
+    every rank. The host's ``VideoTunaModelCheckpoint`` saves the flow on every rank and makes that folder when it
+    finds it missing, so under DDP two ranks race to make it and one dies with FileExistsError (2 of 17 two-process
+    runs of the real host on CPU). Made here, before the first save, it is already there for both."""
+    for callback in getattr(trainer, "callbacks", None) or ():
+        dirpath = getattr(callback, "dirpath", None)
+        if getattr(callback, "save_flow", False) and dirpath and hasattr(callback, "_save_flow_checkpoint"):
+            os.makedirs(os.path.join(dirpath, "flow"), exist_ok=True)
 
 
 class DPOFlow(pl.LightningModule):
@@ -112,6 +124,7 @@ class DPOFlow(pl.LightningModule):
         return self._dpo.configure_optimizers()
 
     def on_train_start(self) -> None:
+        make_host_checkpoint_dirs(self.trainer)
         log_run_summary(self.trainer, self.dpo_cfg, self.optim_cfg)
 
     def configure_callbacks(self) -> list[pl.Callback]:
