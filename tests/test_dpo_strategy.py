@@ -340,15 +340,20 @@ SRUN = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", 
         "SLURM_LOCALID": "0", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost"}
 
 
-@pytest.mark.parametrize("env,trainer,refused", [
-    ({"LOCAL_RANK": "0"}, {"devices": 2}, True),  # what Lightning leaves behind after a DDP run in this process
-    ({"LOCAL_RANK": "0"}, {"devices": 1, "num_nodes": 2}, True),
-    ({"LOCAL_RANK": "0"}, {"devices": 1}, False),  # one process: Lightning starts no other rank
-    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, {"devices": 2}, False),  # a rank that torchrun or Lightning started
-    ({"LOCAL_RANK": "0", **SRUN}, {"devices": 2}, False),  # under srun Lightning reads SLURM's variables
-    ({}, {"devices": 2}, False),
+@pytest.mark.parametrize("env,started_with,trainer,refused", [
+    # started with what Lightning leaves in a process after a DDP run: inherited from the script that started it
+    ({"LOCAL_RANK": "0"}, "same", {"devices": 2}, True),
+    ({"LOCAL_RANK": "0"}, "same", {"devices": 1, "num_nodes": 2}, True),
+    ({"LOCAL_RANK": "0"}, "same", {"devices": 1}, False),  # one process: Lightning starts no other rank
+    # set in this process by Lightning's launcher: the second training of a script, its ranks running it again
+    ({"LOCAL_RANK": "0"}, {}, {"devices": 2}, False),
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, "same", {"devices": 2}, False),  # a rank torchrun or Lightning started
+    ({"LOCAL_RANK": "0", **SRUN}, "same", {"devices": 2}, False),  # under srun Lightning reads SLURM's variables
+    ({}, "same", {"devices": 2}, False),
 ])
-def test_a_multi_process_run_from_a_stale_local_rank_is_refused_not_left_waiting(env, trainer, refused, monkeypatch):
+def test_a_multi_process_run_from_a_stale_local_rank_is_refused_not_left_waiting(env, started_with, trainer, refused,
+                                                                                 monkeypatch):
+    from videotuna_dpo import jobs
     from videotuna_dpo.errors import UserError
     from videotuna_dpo.jobs import Launch
     from videotuna_dpo.strategy import check_engine
@@ -357,6 +362,8 @@ def test_a_multi_process_run_from_a_stale_local_rank_is_refused_not_left_waiting
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    started_with = env if started_with == "same" else started_with
+    monkeypatch.setattr(jobs, "_STARTED_WITH", {n: started_with.get(n) for n in ("LOCAL_RANK", "WORLD_SIZE")})
     model, dpo = OmegaConf.create({"finetune": "lora"}), OmegaConf.create({})
     checks = [lambda: check_engine({"strategy": "ddp", "accelerator": "cpu", **trainer}, model, dpo, "c.yaml"),
               lambda: Launch(devices=trainer["devices"], num_nodes=trainer.get("num_nodes", 1)).resolved()]

@@ -26,6 +26,10 @@ from tqdm.auto import tqdm
 
 from videotuna_dpo.errors import UserError
 
+# The launch variables this process started with (read when jobs is first imported, before any Trainer runs
+# here). Lightning writes LOCAL_RANK into the process that launches ranks; set after start, it is that process's own.
+_STARTED_WITH = {name: os.environ.get(name) for name in ("LOCAL_RANK", "WORLD_SIZE")}
+
 # Seconds a rank waits for the others (in joining the job and at its barriers) before it gives up with an error.
 TIMEOUT_ENV = "VIDEOTUNA_DIST_TIMEOUT"
 
@@ -59,9 +63,12 @@ def check_launch_environment(processes: int, what: str) -> None:
     Lightning's own for the processes it starts) sets ``WORLD_SIZE`` with it; after a DDP run Lightning removes
     ``WORLD_SIZE`` from its own process but leaves ``LOCAL_RANK``, so a script or notebook that trained under DDP
     (the VideoTuna host's default strategy, even on one device) hands ``LOCAL_RANK`` alone to the commands it starts.
-    Under SLURM Lightning reads SLURM's variables instead.
+    Under SLURM Lightning reads SLURM's variables instead. Only a process that *started* with ``LOCAL_RANK`` and
+    no ``WORLD_SIZE`` is refused: in a script that trains twice on several processes, Lightning's processes run
+    the whole script again and the second run finds the variables Lightning set in the first, which is its design.
     """
-    if processes > 1 and "LOCAL_RANK" in os.environ and "WORLD_SIZE" not in os.environ \
+    inherited = _STARTED_WITH["LOCAL_RANK"] is not None and _STARTED_WITH["WORLD_SIZE"] is None
+    if processes > 1 and inherited and "LOCAL_RANK" in os.environ and "WORLD_SIZE" not in os.environ \
             and "SLURM_NTASKS" not in os.environ:
         raise UserError(
             f"{what}: {processes} processes, but this process's environment has LOCAL_RANK={os.environ['LOCAL_RANK']} "
