@@ -336,3 +336,35 @@ def test_a_finished_rounds_files_may_be_cleaned_up_but_not_the_weights_the_next_
                                         r"records round 1's weights step as finished"):
         _loop(tmp_path, run=lambda argv: pytest.fail("no verb runs"), rounds=2,
               extra=["lightning.trainer.max_steps=1"])
+
+
+def test_a_loop_training_on_two_ddp_processes_runs_each_step_once(tmp_path):
+    """Lightning starts rank 1 by running again the command rank 0 was started with. The loop runs its verbs in its
+    own process, so a loop that trained in-process was rerun whole on rank 1: every step twice, and in round 2 rank
+    1's `pairs` ran before rank 0's `score` had written its scores, and the run died. The loop now starts
+    `videotuna train` in a process of its own when training takes several processes."""
+    import sys
+
+    from tests.conftest import ROOT, ddp_env, run_ddp
+
+    proc = run_ddp(
+        [sys.executable, "-m", "videotuna_dpo", "loop", "--config", str(DEMO_CONFIG), "--prompts",
+         str(_prompts(tmp_path)), "--rounds", "2", "--out", str(tmp_path / "out"), *TINY,
+         "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp", "lightning.trainer.accelerator=cpu"],
+        env=ddp_env(PYTHONPATH=str(ROOT)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = ["generate", "score", "pairs", "cache", "train", "weights", "eval", "compare"]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("== loop round")] == [
+        f"== loop round {r}/2: {step} ==" for r in (1, 2) for step in steps]
+    assert proc.stderr.count("[rank: 1] Seed set to") == 2  # each round's training had its rank 1
+    for r in (1, 2):
+        assert json.loads((tmp_path / "out" / f"round_{r}" / "run" / "run.json").read_text())["global_step"] == 4
+    assert json.loads((tmp_path / "out" / "report" / "loop.json").read_text())["rounds_done"] == 2
+
+
+def test_a_loop_that_cannot_start_training_apart_refuses_several_processes(tmp_path):
+    with pytest.raises(UserError, match=r"training runs on 2 processes, and this loop has no way to start "):
+        run_loop(DEMO_CONFIG, _prompts(tmp_path), tmp_path / "out", rounds=1, run=main,
+                 overrides=[*TINY, "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp",
+                            "lightning.trainer.accelerator=cpu"], progress=lambda line: None)
+    assert not (tmp_path / "out").exists()

@@ -289,11 +289,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_apart(argv: list[str]) -> int:
+    """``videotuna <argv>`` in a process of its own (the loop's training on several processes); its exit status."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "videotuna_dpo", *argv])
+
+
 def _cmd_loop(args: argparse.Namespace) -> int:
     from videotuna_dpo.pipeline.loop import HACKING_EXIT, run_loop
     from videotuna_dpo.pipeline.loop_report import summary_line
 
-    s = run_loop(args.config, args.prompts, args.out, rounds=args.rounds, overrides=args.overrides, run=main)
+    s = run_loop(args.config, args.prompts, args.out, rounds=args.rounds, overrides=args.overrides, run=main,
+                 run_apart=_run_apart)
     for warning in s["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"\n{summary_line(s)}")

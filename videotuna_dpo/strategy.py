@@ -430,8 +430,6 @@ def check_engine(trainer_kwargs: dict[str, Any], model_cfg: Any, dpo: Any, sourc
     """The distributed engine the config asks for, checked before any model loads: a strategy the machine
     cannot run (FSDP or DeepSpeed without a GPU, DeepSpeed not installed) or a reference that a sharded
     strategy would replicate whole on every GPU is refused by name, not after minutes of loading."""
-    import logging
-
     strategy = trainer_kwargs.get("strategy", "auto")
     name = strategy if isinstance(strategy, str) else type(strategy).__name__
     sharded = name.startswith(SHARDED) or name in ("FSDPStrategy", "DeepSpeedStrategy")
@@ -442,8 +440,18 @@ def check_engine(trainer_kwargs: dict[str, Any], model_cfg: Any, dpo: Any, sourc
                         f"{name} shards the model to avoid. Set dpo.precompute_reference=true (the reference's errors "
                         f"are computed once before training and no copy is held), or model.reference_on_cpu=false "
                         f"(the copy stays on the GPUs, sharded with the policy)")
-    # Lightning checks accelerator, strategy, precision and the engine's package when a Trainer is made; made
-    # here with the run's settings (nothing launches before fit), its refusal comes before the model loads.
+    trainer, settings = probe_trainer(trainer_kwargs, source)
+    check_launch_environment(trainer.num_devices * trainer.num_nodes, f"{source}: lightning.trainer ({settings})")
+
+
+def probe_trainer(trainer_kwargs: dict[str, Any], source: str = "<config>") -> tuple[L.Trainer, str]:
+    """A Trainer made with the run's engine settings, and those settings as text.
+
+    Lightning checks accelerator, strategy, precision and the engine's package when a Trainer is made; made with the
+    run's settings (nothing launches before fit), its refusal comes before any model loads, and it resolves how many
+    processes the run will have (``devices: auto`` or ``-1`` count the GPUs)."""
+    import logging
+
     probe = {k: v for k, v in trainer_kwargs.items() if k in ("accelerator", "strategy", "devices", "num_nodes",
                                                              "precision", "plugins")}
     quiet = logging.getLogger("lightning.pytorch")
@@ -457,7 +465,15 @@ def check_engine(trainer_kwargs: dict[str, Any], model_cfg: Any, dpo: Any, sourc
         raise UserError(f"{source}: lightning.trainer ({settings}) cannot run here: {first_line(exc, 400)}") from None
     finally:
         quiet.setLevel(level)
-    check_launch_environment(trainer.num_devices * trainer.num_nodes, f"{source}: lightning.trainer ({settings})")
+    return trainer, settings
+
+
+def training_processes(cfg: Any, source: str = "<config>") -> int:
+    """How many processes ``videotuna train`` with ``cfg`` runs (devices x nodes, as Lightning resolves them)."""
+    trainer_cfg = OmegaConf.select(cfg, "lightning.trainer", default=None) or {}
+    kwargs = check_trainer_kwargs(OmegaConf.to_container(OmegaConf.create(trainer_cfg), resolve=True), source)
+    trainer, _ = probe_trainer(kwargs, source)
+    return trainer.num_devices * trainer.num_nodes
 
 
 def wrap_blocks(backend: Any, trainer_kwargs: dict[str, Any]) -> None:

@@ -228,23 +228,32 @@ def _scorer_args(names: Sequence[str], options: dict, weights: dict) -> list[str
 
 
 def run_loop(config: str | Path, prompts: str | Path, out: str | Path, rounds: int | None = None,
-             overrides: Sequence[str] = (), *, run: Callable[[list[str]], int], registry: Any = None,
+             overrides: Sequence[str] = (), *, run: Callable[[list[str]], int],
+             run_apart: Callable[[list[str]], int] | None = None, registry: Any = None,
              progress: Callable[[str], None] = print) -> dict:
     """Run (or resume) the rounds; returns the loop summary (also ``OUT/report/loop.json``).
 
     ``run`` runs one ``videotuna`` command line and returns its exit status (the CLI passes its ``main``).
+    ``run_apart`` runs one in a process of its own (the CLI: ``python -m videotuna_dpo``); training on several
+    processes goes through it, since Lightning starts the other ranks by running again the command that this
+    process was started with: a loop run in-process would be rerun whole on every rank, each redoing its steps.
     """
     from videotuna_dpo.eval_callback import eval_settings
     from videotuna_dpo.pipeline.evaluate import compare_scores
     from videotuna_dpo.scoring.omniscore import NO_WEIGHTS_DIMENSIONS
     from videotuna_dpo.pipeline.loop_report import round_record, write_loop_report
     from videotuna_dpo.registry import Registry
+    from videotuna_dpo.strategy import training_processes
 
     source = str(config)
     cfg = load_config(config, overrides)
     registry = registry or Registry.load(cfg.get("plugins"))
     settings = loop_settings(cfg, rounds, source)
     train_cfg = training_config(cfg, settings, registry, source)
+    processes = training_processes(train_cfg, source)
+    if processes > 1 and run_apart is None:
+        raise UserError(f"{source}: training runs on {processes} processes, and this loop has no way to start "
+                        f"`videotuna train` in a process of its own (run_apart)")
     evals = eval_settings(train_cfg, source)
     scorers = list(evals.scorers or NO_WEIGHTS_DIMENSIONS)
     judges = [str(j) for j in evals.judges]
@@ -327,7 +336,7 @@ def run_loop(config: str | Path, prompts: str | Path, out: str | Path, rounds: i
             if callable(action):
                 action()
             else:
-                code = run(list(action))
+                code = (run_apart if name == "train" and processes > 1 else run)(list(action))
                 if code != 0:
                     raise UserError(f"loop round {r}: `videotuna {name}` failed (exit status {code}); fix the cause "
                                     f"and rerun the loop, which resumes at this step")
