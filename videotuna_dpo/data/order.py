@@ -52,10 +52,9 @@ class EpochOrder(DistributedSampler):
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        # DistributedSampler holds seed, shuffle, rank, num_replicas (the world size) and epoch (0).
         super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.size = size
         self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -65,9 +64,8 @@ class EpochOrder(DistributedSampler):
         """This rank's indices of the current epoch, in order."""
         order = (torch.randperm(self.size, generator=generator("order", self.seed, self.epoch)).tolist()
                  if self.shuffle else list(range(self.size)))
-        share = -(-self.size // self.world_size)
-        order += order[: share * self.world_size - self.size]
-        return order[self.rank :: self.world_size]
+        order += order[: len(self) * self.num_replicas - self.size]
+        return order[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         start, self.skip = self.skip, 0
@@ -75,4 +73,4 @@ class EpochOrder(DistributedSampler):
             yield index, self.epoch
 
     def __len__(self) -> int:
-        return -(-self.size // self.world_size)
+        return -(-self.size // self.num_replicas)
